@@ -1,0 +1,232 @@
+"""Typed, frozen run configuration loaded from `params/*.yaml`.
+
+A params file may name a `base:` file (relative to itself); keys are deep-merged over it.
+Every key must exist in the dataclasses below and have the declared type: a mistyped or
+unknown key raises `ConfigError` naming the key, the file and what was expected.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A params file or override has an unknown key or a value of the wrong type."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "synthetic"      # synthetic | teran | scan | images | store (use an existing store)
+    store: str = "outputs/data/synthetic_demo.h5"  # HDF5 store written by prepare, read by train/eval
+    root: str = ""                 # source folder (teran: data root; scan: precomp dir; images: image folder)
+    dataset: str = "coco"          # teran layout: coco | f30k
+    captions: str = ""             # images source: Karpathy JSON or CSV `filename,caption`
+    features_dir: str = ""         # teran layout: folder holding bu_att/ and bu_box/ (default root/features_36)
+    restval: bool = True           # COCO: add Karpathy `restval` images to train
+    splits: tuple[str, ...] = ("train", "val", "test")  # scan: which {split}_ims.npy to convert
+    n_images: int = 1200           # synthetic: number of scenes
+    seed: int = 0                  # synthetic: generator seed
+    image_size: int = 224          # images/synthetic: CNN input side (224 -> 7x7 grid regions)
+    batch_size: int = 32           # images: CNN batch size
+    on_bad_image: str = "fail"     # images: fail | skip (skipped files are reported)
+    text_model: str = "minilm"     # "minilm" (offline all-MiniLM-L6-v2 from PyPI), a HF name or a local dir
+    text_layer: int = -1           # hidden layer whose states are cached (-1 = last)
+    max_words: int = 32            # token budget per caption (incl. special tokens)
+    relevance: tuple[str, ...] = ("rougeL",)  # relevance matrices to compute for the test split
+    spice: str = ""                # optional TERAN SPICE relevance .npy to import (test captions x images)
+    force: bool = False            # rebuild the store even if it exists
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    local_pool: str = "sum"        # MrSw pooling over words: sum (TERAN) | mean
+    bands: int = 16                # G spectral bands; 1 = first-order (scalar cross-attention)
+    temperature: float = 10.0      # lambda in softmax(lambda * G * rho)
+    direction: str = "t2i"         # t2i (image from caption) | i2t | both
+    w_local: float = 1.0           # weight of the TERAN local score s_l
+    w_high: float = 4.0            # alpha_h, weight of the high-order score s_h (in [-1, 1])
+    w_global: float = 4.0          # alpha_g, weight of the global score s_g (in [-1, 1])
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    embed: int = 256               # d, joint embedding size (TERAN: 1024)
+    heads: int = 4                 # attention heads
+    ff: int = 512                  # feed-forward size (TERAN: 2048)
+    dropout: float = 0.1
+    image_layers: int = 1          # image-only transformer layers (TERAN: 4)
+    text_layers: int = 1           # text-only transformer layers (TERAN: 4)
+    shared_layers: int = 0         # layers shared by both modalities after the private ones (TERAN sharedTE: 2)
+    box_geometry: bool = True      # append (x1, y1, x2, y2, area) to region features
+    text_finetune: bool = False    # False: train on cached backbone states; True: run and tune the backbone
+    text_lr_scale: float = 0.1     # backbone learning rate = lr * this (fine-tune only)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    margin: float = 0.2
+    max_violation: bool = True     # hardest negatives after warm-up
+    warmup_steps: int = 200        # steps summing over all negatives before hardest negatives
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 2e-4
+    lr_warmup_steps: int = 100     # linear warm-up of the learning rate
+    lr_decay_epochs: tuple[int, ...] = (8,)  # step decay x lr_decay at these epochs
+    lr_decay: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 2.0
+    seed: int = 0
+    workers: int = 0               # DataLoader workers
+    device: str = "auto"           # auto | cpu | cuda | cuda:N
+    amp: bool = True               # bf16 autocast on CUDA where supported (never on CPU)
+    val_images: int = 0            # 0 = whole val split
+    log_every: int = 10
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    protocol: str = "all"          # all | coco_1k | coco_5k | f30k_1k
+    split: str = "test"
+    max_elems: int = 1 << 22       # elements per scoring chunk tensor (bounds peak memory)
+    shortlist: int = 0             # >0: re-rank the top-K by global score with full HOSA
+    ndcg_k: int = 25
+
+
+@dataclass(frozen=True)
+class AblationConfig:
+    grid: str = "params/ablations/demo.yaml"  # file declaring variants and seeds
+    seeds: tuple[int, ...] = (0,)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "run"              # run id prefix; outputs go to outputs/<run_id>/
+    output_root: str = "outputs"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    ablation: AblationConfig = field(default_factory=AblationConfig)
+
+
+CHOICES = {
+    "data.source": ("synthetic", "teran", "scan", "images", "store"),
+    "data.dataset": ("coco", "f30k"),
+    "data.on_bad_image": ("fail", "skip"),
+    "scoring.local_pool": ("sum", "mean"),
+    "scoring.direction": ("t2i", "i2t", "both"),
+    "eval.protocol": ("all", "coco_1k", "coco_5k", "f30k_1k"),
+}
+
+
+def _coerce(value, tp, key: str, where: str):
+    """Check `value` against the annotation `tp`; ints are accepted for floats, lists for tuples."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if arg is type(None) and value is None:
+                return None
+            try:
+                return _coerce(value, arg, key, where)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{where}: key '{key}' = {value!r}: expected {tp}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: key '{key}' = {value!r}: expected a list")
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        return tuple(_coerce(v, item_tp, f"{key}[{i}]", where) for i, v in enumerate(value))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+        raise ConfigError(f"{where}: key '{key}' = {value!r}: expected {tp.__name__}, got {type(value).__name__}")
+    return value
+
+
+def build(cls, raw: dict, where: str, prefix: str = ""):
+    """Build dataclass `cls` from a nested dict, strictly."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: section '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key '{prefix}{unknown[0]}' (known keys: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in raw.items():
+        tp = hints[name]
+        key = prefix + name
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = build(tp, value, where, key + ".")
+        else:
+            kwargs[name] = _coerce(value, tp, key, where)
+            if key in CHOICES and kwargs[name] not in CHOICES[key]:
+                raise ConfigError(f"{where}: key '{key}' = {value!r}: expected one of {CHOICES[key]}")
+    return cls(**kwargs)
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_params(path: str | Path) -> dict:
+    """The merged raw dict of a params file and its `base:` chain."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    base = raw.pop("base", None)
+    if base:
+        raw = deep_merge(read_params(path.parent / base), raw)
+    return raw
+
+
+def load(path: str | Path, overrides: dict | None = None) -> RunConfig:
+    """Load a params file (with its base chain) plus optional nested overrides, strictly typed."""
+    raw = read_params(path)
+    if overrides:
+        raw = deep_merge(raw, overrides)
+    return build(RunConfig, raw, str(path))
+
+
+def from_dict(raw: dict, where: str = "<dict>") -> RunConfig:
+    return build(RunConfig, raw, where)
+
+
+def to_dict(cfg) -> dict:
+    """Plain nested dict (tuples as lists) for YAML/JSON and checkpoints."""
+    def conv(x):
+        if isinstance(x, tuple):
+            return [conv(v) for v in x]
+        if isinstance(x, dict):
+            return {k: conv(v) for k, v in x.items()}
+        return x
+    return conv(dataclasses.asdict(cfg))
+
+
+def replace(cfg: RunConfig, overrides: dict) -> RunConfig:
+    """A new config with nested overrides applied (strictly checked)."""
+    return from_dict(deep_merge(to_dict(cfg), overrides), "<overrides>")
+
+
+def params_hash(cfg) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:12]

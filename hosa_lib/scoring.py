@@ -1,0 +1,264 @@
+"""HOSA scoring: global, TERAN local (MrSw) and high-order (t-product reconstruction) scores.
+
+Notation (DESIGN.md, Scoring): an image has regions V (m, d), a caption has words T (l, d),
+rows L2-normalised, padding masked. F = d//2 + 1 real-FFT bins, split into G contiguous
+bands b(f) = floor(f*G/F). The band share of a region-word affinity is
+    rho_rk(b) = (1/d) sum_{f in b} w_f Re(V_r(f) conj T_k(f)),   sum_b rho_rk(b) = <v_r, t_k>.
+H_rk(f) = softmax_k(lambda * G * rho_rk(b(f))) and V~ = H * T (t-product). The fast form never
+builds V~: with alpha_rk(b) the softmax and Gamma(b) the caption's per-band Gram matrix,
+    <v_r, v~_r> = sum_b sum_k alpha_rk(b) rho_rk(b),
+    |v~_r|^2    = sum_b alpha_r(b)^T Gamma(b) alpha_r(b).
+The band shares of all pairs are one batched real matrix product over bands of
+[Re, Im] * sqrt(w_f/d) features ("band features"), the FLOPs of TERAN's alignment matrix.
+
+Score matrices are (images, captions), as TERAN's.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as nnf
+
+from .config import ScoringConfig
+from .tproduct import t_product_reference
+
+TERMS = ("global", "local", "high")
+
+
+@dataclass
+class Side:
+    """One side (images or captions) ready for scoring.
+
+    glob: (N, d) normalised global vectors; local: (N, n, d) normalised, zero at padding;
+    mask: (N, n) bool; bands: (G, N, n, 2P) band features or None; gram: (G, N, n, n) or None.
+    """
+    glob: torch.Tensor
+    local: torch.Tensor
+    mask: torch.Tensor
+    bands: torch.Tensor | None = None
+    gram: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.local.shape[0]
+
+    def slice(self, start: int, stop: int) -> "Side":
+        return Side(self.glob[start:stop], self.local[start:stop], self.mask[start:stop],
+                    None if self.bands is None else self.bands[:, start:stop],
+                    None if self.gram is None else self.gram[:, start:stop])
+
+
+def check_tensor(name: str, x: torch.Tensor, dims: int) -> None:
+    """Raise a clear error for a wrong rank or non-finite values in a scoring input."""
+    if x.dim() != dims:
+        raise ValueError(f"{name}: expected a {dims}-d tensor, got shape {tuple(x.shape)}")
+    if x.is_floating_point() and not torch.isfinite(x).all():
+        bad = (~torch.isfinite(x)).nonzero()[0].tolist()
+        raise ValueError(f"{name}: non-finite value (NaN/Inf) at index {bad} of shape {tuple(x.shape)}")
+
+
+def band_index(d: int, bands: int) -> torch.Tensor:
+    """(G, P) indices of the rFFT bins in each band; the pad value F points at an all-zero bin."""
+    n_bins = d // 2 + 1
+    if not 1 <= bands <= n_bins:
+        raise ValueError(f"scoring.bands={bands}: must be between 1 and d//2+1={n_bins} for d={d}")
+    owner = torch.arange(n_bins) * bands // n_bins  # b(f)
+    size = int(torch.bincount(owner, minlength=bands).max())
+    idx = torch.full((bands, size), n_bins, dtype=torch.long)
+    for b in range(bands):  # G small, runs once per call
+        members = (owner == b).nonzero().flatten()
+        idx[b, : len(members)] = members
+    return idx
+
+
+def parseval_weights(d: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """w_f / d with w_f = 1 at DC (and Nyquist for even d), 2 elsewhere."""
+    w = torch.full((d // 2 + 1,), 2.0, device=device, dtype=dtype)
+    w[0] = 1.0
+    if d % 2 == 0:
+        w[-1] = 1.0
+    return w / d
+
+
+def band_features(x: torch.Tensor, bands: int) -> torch.Tensor:
+    """x (..., n, d) real -> (G, ..., n, 2P) real, so that band dot products are rho(b)."""
+    d = x.shape[-1]
+    spec = torch.fft.rfft(x, dim=-1) * parseval_weights(d, x.device, x.dtype).sqrt()  # (..., n, F)
+    spec = torch.cat([spec, torch.zeros_like(spec[..., :1])], dim=-1)  # pad bin
+    idx = band_index(d, bands).to(x.device)
+    gathered = spec[..., idx]  # (..., n, G, P) complex
+    feats = torch.view_as_real(gathered).flatten(-2)  # (..., n, G, 2P)
+    return feats.movedim(-2, 0).contiguous()
+
+
+def make_side(glob: torch.Tensor, local: torch.Tensor, mask: torch.Tensor, cfg: ScoringConfig,
+              name: str = "side", need_gram: bool = True) -> Side:
+    """Normalise, validate and precompute band features (and Gram matrices) for one side."""
+    check_tensor(f"{name}.glob", glob, 2)
+    check_tensor(f"{name}.local", local, 3)
+    if mask.shape != local.shape[:2]:
+        raise ValueError(f"{name}.mask: shape {tuple(mask.shape)} does not match local {tuple(local.shape[:2])}")
+    if glob.shape[0] != local.shape[0] or glob.shape[1] != local.shape[2]:
+        raise ValueError(f"{name}: glob {tuple(glob.shape)} and local {tuple(local.shape)} disagree on N or d")
+    mask = mask.bool()
+    empty = (~mask.any(dim=1)).nonzero().flatten()
+    if len(empty):
+        raise ValueError(f"{name}.mask: item(s) {empty[:5].tolist()} have no valid (unpadded) position")
+    local = nnf.normalize(local, dim=-1) * mask.unsqueeze(-1)
+    side = Side(nnf.normalize(glob, dim=-1), local, mask)
+    if cfg.w_high != 0:
+        side.bands = band_features(local, cfg.bands)  # (G, N, n, 2P)
+        if need_gram:
+            side.gram = side.bands @ side.bands.transpose(-1, -2)  # (G, N, n, n)
+    return side
+
+
+def _check_pair(img: Side, cap: Side) -> None:
+    if img.local.shape[-1] != cap.local.shape[-1]:
+        raise ValueError(f"feature dims differ: images d={img.local.shape[-1]}, captions d={cap.local.shape[-1]}")
+
+
+def mrsw(align: torch.Tensor, vmask: torch.Tensor, tmask: torch.Tensor, pool: str) -> torch.Tensor:
+    """TERAN local score. align (Nc, L, Ni, M) -> (Nc, Ni): max over regions, sum/mean over words."""
+    best = align.masked_fill(~vmask[None, None], float("-inf")).amax(dim=-1)  # (Nc, L, Ni)
+    tm = tmask.to(best.dtype).unsqueeze(-1)
+    s = (best * tm).sum(dim=1)  # (Nc, Ni)
+    return s / tm.sum(dim=1) if pool == "mean" else s
+
+
+def _reconstruct_t2i(rho, img: Side, cap: Side, scale: float) -> torch.Tensor:
+    """Image from caption. rho (G, Nc, L, Ni, M) -> mean_r cos(v_r, v~_r), (Nc, Ni)."""
+    G, Nc, L, Ni, M = rho.shape
+    logits = (rho * scale).masked_fill(~cap.mask[None, :, :, None, None], float("-inf"))
+    alpha = torch.softmax(logits, dim=2)  # over words
+    num = (alpha * rho).sum(dim=(0, 2))  # (Nc, Ni, M)
+    beta = (cap.gram @ alpha.reshape(G, Nc, L, Ni * M)).view_as(alpha)  # Gamma alpha, contracted over k
+    norm = (beta * alpha).sum(dim=(0, 2)).clamp_min(1e-12).sqrt()  # |v~_r|
+    vm = img.mask.to(rho.dtype)
+    return ((num / norm) * vm).sum(-1) / vm.sum(-1)
+
+
+def _reconstruct_i2t(rho, img: Side, cap: Side, scale: float) -> torch.Tensor:
+    """Caption from image. rho (G, Nc, L, Ni, M) -> mean_k cos(t_k, t~_k), (Nc, Ni)."""
+    logits = (rho * scale).masked_fill(~img.mask[None, None, None], float("-inf"))
+    alpha = torch.softmax(logits, dim=4)  # over regions
+    num = (alpha * rho).sum(dim=(0, 4))  # (Nc, L, Ni)
+    beta = torch.einsum("gclir,girs->gclis", alpha, img.gram)
+    norm = (beta * alpha).sum(dim=(0, 4)).clamp_min(1e-12).sqrt()
+    tm = cap.mask.to(rho.dtype).unsqueeze(-1)
+    return ((num / norm) * tm).sum(1) / tm.sum(1)
+
+
+def pair_scores(img: Side, cap: Side, cfg: ScoringConfig) -> dict[str, torch.Tensor]:
+    """All (image, caption) pair scores of two sides: dict of (Ni, Nc) tensors, terms and 'total'.
+
+    Terms whose weight is 0 are not computed. Differentiable; used for the B x B training matrix
+    and, through `score_all_pairs`, for chunked evaluation.
+    """
+    _check_pair(img, cap)
+    Ni, M = img.mask.shape
+    Nc, L = cap.mask.shape
+    out: dict[str, torch.Tensor] = {}
+    if cfg.w_global != 0:
+        out["global"] = img.glob @ cap.glob.T
+    rho = None
+    if cfg.w_high != 0:
+        G = img.bands.shape[0]
+        rho = torch.matmul(cap.bands.reshape(G, Nc * L, -1),
+                           img.bands.reshape(G, Ni * M, -1).transpose(1, 2)).view(G, Nc, L, Ni, M)
+    if cfg.w_local != 0:
+        d = img.local.shape[-1]
+        align = (rho.sum(0) if rho is not None else
+                 (cap.local.reshape(Nc * L, d) @ img.local.reshape(Ni * M, d).T).view(Nc, L, Ni, M))
+        out["local"] = mrsw(align, img.mask, cap.mask, cfg.local_pool).T
+    if rho is not None:
+        scale = cfg.temperature * rho.shape[0]  # lambda * G
+        parts = []
+        if cfg.direction in ("t2i", "both"):
+            parts.append(_reconstruct_t2i(rho, img, cap, scale))
+        if cfg.direction in ("i2t", "both"):
+            parts.append(_reconstruct_i2t(rho, img, cap, scale))
+        out["high"] = (sum(parts) / len(parts)).T
+    weights = {"global": cfg.w_global, "local": cfg.w_local, "high": cfg.w_high}
+    out["total"] = sum(weights[k] * v for k, v in out.items())
+    return out
+
+
+def chunk_sizes(n_img: int, n_cap: int, m: int, l: int, cfg: ScoringConfig, max_elems: int) -> tuple[int, int]:
+    """Image and caption chunk sizes so that one (G, Cc, L, Ci, M) tensor stays under max_elems."""
+    per_pair = m * l * (cfg.bands if cfg.w_high != 0 else 1)
+    pairs = max(1, max_elems // per_pair)
+    cc = max(1, min(n_cap, int(math.sqrt(pairs) * 2)))
+    ci = max(1, min(n_img, pairs // cc))
+    return ci, cc
+
+
+@torch.no_grad()
+def score_all_pairs(img: dict, cap: dict, cfg: ScoringConfig, max_elems: int = 1 << 22,
+                    terms: tuple[str, ...] = ("total",), device: str | torch.device = "cpu",
+                    progress: bool = False) -> dict[str, torch.Tensor]:
+    """Score every image against every caption, chunked so peak memory is bounded.
+
+    img / cap: dicts with 'glob' (N, d), 'local' (N, n, d), 'mask' (N, n) on any device (CPU
+    memory is fine; chunks move to `device`). Returns (N_img, N_cap) float32 CPU tensors.
+    """
+    from tqdm.auto import tqdm
+
+    n_img, m = img["mask"].shape
+    n_cap, l = cap["mask"].shape
+    ci, cc = chunk_sizes(n_img, n_cap, m, l, cfg, max_elems)
+    out = {t: torch.empty(n_img, n_cap) for t in terms}
+    steps = [(c0, i0) for c0 in range(0, n_cap, cc) for i0 in range(0, n_img, ci)]
+    cap_side = None
+    for c0, i0 in tqdm(steps, desc="scoring", disable=not progress, mininterval=2):
+        if i0 == 0:  # new caption chunk: band features and Gram once per chunk
+            cap_side = make_side(*(cap[k][c0:c0 + cc].to(device) for k in ("glob", "local", "mask")),
+                                 cfg, name="captions", need_gram=cfg.direction != "i2t")
+        img_side = make_side(*(img[k][i0:i0 + ci].to(device) for k in ("glob", "local", "mask")),
+                             cfg, name="images", need_gram=cfg.direction != "t2i")
+        res = pair_scores(img_side, cap_side, cfg)
+        for t in terms:
+            out[t][i0:i0 + ci, c0:c0 + cc] = res[t].float().cpu()
+    return out
+
+
+# ----------------------------------------------------------------------------- slow references
+def high_order_reference(v: torch.Tensor, t: torch.Tensor, bands: int, temperature: float,
+                         direction: str = "t2i") -> torch.Tensor:
+    """One pair, explicit: builds H in the Fourier domain, goes back to tubes, and reconstructs
+    with the block-circulant t-product. v (m, d), t (l, d) unpadded, any norm. Returns s_h."""
+    v = nnf.normalize(v.double(), dim=-1)
+    t = nnf.normalize(t.double(), dim=-1)
+    if direction == "both":
+        return (high_order_reference(v, t, bands, temperature, "t2i")
+                + high_order_reference(v, t, bands, temperature, "i2t")) / 2
+    if direction == "i2t":
+        v, t = t, v  # reconstruct the words from the regions
+    d = v.shape[-1]
+    n_bins = d // 2 + 1
+    owner = torch.arange(n_bins) * bands // n_bins
+    w = parseval_weights(d, dtype=torch.float64)
+    cross = (torch.fft.rfft(v)[:, None, :] * torch.fft.rfft(t)[None, :, :].conj()).real * w  # (m, l, F)
+    rho = torch.stack([cross[..., owner == b].sum(-1) for b in range(bands)], dim=-1)  # (m, l, G)
+    h_hat = torch.softmax(temperature * bands * rho, dim=1)[..., owner]  # (m, l, F), softmax over words
+    h = torch.fft.irfft(h_hat.to(torch.complex128), n=d)  # (m, l, d) real tubes
+    v_rec = t_product_reference(h, t.unsqueeze(1))[:, 0, :]  # (m, d) = H * T
+    return nnf.cosine_similarity(v, v_rec, dim=-1).mean()
+
+
+def pair_scores_reference(img: dict, cap: dict, cfg: ScoringConfig) -> dict[str, torch.Tensor]:
+    """All terms by explicit loops over pairs, regions and words (float64). For tests."""
+    n_img, n_cap = img["mask"].shape[0], cap["mask"].shape[0]
+    out = {k: torch.zeros(n_img, n_cap, dtype=torch.float64) for k in (*TERMS, "total")}
+    for i in range(n_img):
+        v = img["local"][i][img["mask"][i].bool()].double()
+        for c in range(n_cap):
+            t = cap["local"][c][cap["mask"][c].bool()].double()
+            out["global"][i, c] = nnf.cosine_similarity(img["glob"][i].double(), cap["glob"][c].double(), dim=0)
+            a = nnf.normalize(v, dim=-1) @ nnf.normalize(t, dim=-1).T  # (m, l)
+            best = a.max(dim=0).values
+            out["local"][i, c] = best.mean() if cfg.local_pool == "mean" else best.sum()
+            out["high"][i, c] = high_order_reference(v, t, cfg.bands, cfg.temperature, cfg.direction)
+    out["total"] = cfg.w_global * out["global"] + cfg.w_local * out["local"] + cfg.w_high * out["high"]
+    return out

@@ -1,0 +1,109 @@
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as nnf
+
+from hosa_lib.config import ScoringConfig
+from hosa_lib.scoring import (band_features, make_side, pair_scores, pair_scores_reference,
+                              score_all_pairs)
+
+
+def random_side(n, length, d, seed, min_len=1):
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(min_len, length + 1, (n,), generator=g)
+    mask = torch.arange(length)[None] < lens[:, None]
+    local = torch.randn(n, length, d, generator=g, dtype=torch.float64)
+    local = local * mask[..., None] + 7.0 * ~mask[..., None]  # garbage in padding must not matter
+    return {"glob": torch.randn(n, d, generator=g, dtype=torch.float64), "local": local, "mask": mask}
+
+
+def fast(img, cap, cfg):
+    return pair_scores(make_side(**img, cfg=cfg), make_side(**cap, cfg=cfg), cfg)
+
+
+@pytest.mark.parametrize("d", [16, 17])
+@pytest.mark.parametrize("bands,direction,pool", [(1, "t2i", "sum"), (4, "t2i", "sum"), (3, "i2t", "mean"),
+                                                  (9, "both", "sum")])
+def test_fast_equals_explicit_reference(d, bands, direction, pool):
+    cfg = ScoringConfig(bands=bands, direction=direction, local_pool=pool, temperature=3.0,
+                        w_local=1.0, w_high=2.0, w_global=0.5)
+    img, cap = random_side(3, 5, d, seed=d + bands), random_side(4, 6, d, seed=2 * d + bands)
+    got, ref = fast(img, cap, cfg), pair_scores_reference(img, cap, cfg)
+    for k in ("global", "local", "high", "total"):
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-9, atol=1e-9, msg=k)
+
+
+def test_band_shares_sum_to_cosine():
+    x = nnf.normalize(torch.randn(5, 32, dtype=torch.float64), dim=-1)
+    y = nnf.normalize(torch.randn(6, 32, dtype=torch.float64), dim=-1)
+    rho = band_features(x, 7) @ band_features(y, 7).transpose(-1, -2)  # (G, 5, 6)
+    torch.testing.assert_close(rho.sum(0), x @ y.T)
+
+
+def test_g1_is_scalar_cross_attention():
+    cfg = ScoringConfig(bands=1, temperature=5.0, w_local=0, w_global=0, w_high=1)
+    img, cap = random_side(2, 4, 12, seed=3), random_side(3, 5, 12, seed=4)
+    got = fast(img, cap, cfg)["high"]
+    for i in range(2):
+        v = nnf.normalize(img["local"][i][img["mask"][i]], dim=-1)
+        for c in range(3):
+            t = nnf.normalize(cap["local"][c][cap["mask"][c]], dim=-1)
+            attn = torch.softmax(5.0 * (v @ t.T), dim=1)  # each region attends over words
+            expect = nnf.cosine_similarity(v, attn @ t, dim=-1).mean()
+            torch.testing.assert_close(got[i, c], expect)
+
+
+def test_permutation_and_padding_invariance():
+    cfg = ScoringConfig(bands=4, direction="both")
+    img, cap = random_side(3, 5, 16, seed=5, min_len=5), random_side(3, 4, 16, seed=6, min_len=4)
+    base = fast(img, cap, cfg)["total"]
+    perm = torch.randperm(5)
+    img_p = dict(img, local=img["local"][:, perm], mask=img["mask"][:, perm])
+    torch.testing.assert_close(fast(img_p, cap, cfg)["total"], base)
+    pad = lambda s, k: dict(s, local=torch.cat([s["local"], torch.randn(len(s["mask"]), k, 16, dtype=torch.float64)], 1),
+                             mask=torch.cat([s["mask"], torch.zeros(len(s["mask"]), k, dtype=torch.bool)], 1))
+    torch.testing.assert_close(fast(pad(img, 3), pad(cap, 2), cfg)["total"], base)
+
+
+def test_chunked_all_pairs_equals_unchunked():
+    cfg = ScoringConfig(bands=4, direction="both")
+    img, cap = random_side(13, 5, 16, seed=7), random_side(17, 6, 16, seed=8)
+    full = fast(img, cap, cfg)
+    chunked = score_all_pairs(img, cap, cfg, max_elems=4 * 5 * 6 * 7, terms=("total", "high", "local"))
+    for k in ("total", "high", "local"):
+        torch.testing.assert_close(chunked[k].double(), full[k], rtol=1e-5, atol=1e-5)
+
+
+def test_zero_weight_terms_are_skipped_and_local_path_matches():
+    cfg = ScoringConfig(bands=4)
+    img, cap = random_side(3, 5, 16, seed=9), random_side(4, 6, 16, seed=10)
+    with_high = fast(img, cap, cfg)["local"]
+    no_high = fast(img, cap, dataclasses.replace(cfg, w_high=0))
+    assert "high" not in no_high
+    torch.testing.assert_close(no_high["local"], with_high)
+
+
+def test_gradients_flow_and_are_finite():
+    cfg = ScoringConfig(bands=4, direction="both")
+    img, cap = random_side(3, 5, 16, seed=11), random_side(3, 6, 16, seed=12)
+    img["local"].requires_grad_(True)
+    fast(img, cap, cfg)["total"].sum().backward()
+    assert torch.isfinite(img["local"].grad).all() and img["local"].grad.abs().sum() > 0
+
+
+def test_bad_inputs_have_clear_errors():
+    cfg = ScoringConfig(bands=4)
+    img, cap = random_side(2, 5, 16, seed=1), random_side(2, 5, 16, seed=2)
+    with pytest.raises(ValueError, match="feature dims differ"):
+        fast(img, random_side(2, 5, 12, seed=3), cfg)
+    nan = dict(img, local=img["local"].clone())
+    nan["local"][1, 0, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"images.local|side.local"):
+        fast(nan, cap, cfg)
+    empty = dict(cap, mask=cap["mask"].clone())
+    empty["mask"][1] = False
+    with pytest.raises(ValueError, match="no valid"):
+        fast(img, empty, cfg)
+    with pytest.raises(ValueError, match="bands"):
+        fast(img, cap, ScoringConfig(bands=100))
