@@ -28,6 +28,7 @@ class DataConfig:
     captions: str = ""             # images source: Karpathy JSON or CSV `filename,caption`
     features_dir: str = ""         # teran layout: folder holding bu_att/ and bu_box/ (default root/features_36)
     restval: bool = True           # COCO: add Karpathy `restval` images to train
+    image_sizes: str = ""          # teran layout without COCO caption JSONs: TERAN sizes.pkl or the image folder
     splits: tuple[str, ...] = ("train", "val", "test")  # scan: which {split}_ims.npy to convert
     n_images: int = 1200           # synthetic: number of scenes
     seed: int = 0                  # synthetic: generator seed

@@ -1,0 +1,100 @@
+"""Build the HDF5 store of a params file: `python -m hosa_lib.prepare PARAMS [--force]`.
+
+Converts the configured source, then adds the text-feature cache and the test split's
+relevance matrices. A store that exists is reused (missing caches are added) unless forced.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from .config import DataConfig, load
+from .store import Store, StoreError
+
+
+def build_store(dc: DataConfig, progress: bool = True) -> dict:
+    """Convert the source named by `dc.source` into `dc.store`; returns a report."""
+    store = Path(dc.store)
+    if dc.source == "store":
+        if not store.is_file():
+            raise StoreError(f"data.source is 'store' but {store} does not exist")
+        return {"reused": True}
+    if store.is_file() and not dc.force:
+        return {"reused": True}
+    if dc.source == "synthetic":
+        from .sources.imagefolder import convert_image_folder
+        from .sources.synthetic import generate
+
+        raw = store.with_suffix("")  # outputs/data/<name>/ : images + dataset.json
+        ds_json = generate(raw, dc.n_images, seed=dc.seed, size=dc.image_size, progress=progress)
+        pairs = json.loads((raw / "swap_pairs.json").read_text())
+
+        def swap_pairs(kept):
+            pos = {f: i for i, f in enumerate(kept)}
+            return [[pos[a], pos[b]] for a, b in pairs if a in pos and b in pos]
+
+        return convert_image_folder(raw / "images", ds_json, store, image_size=dc.image_size,
+                                    batch_size=dc.batch_size, on_bad_image=dc.on_bad_image,
+                                    extras={"swap_pairs": swap_pairs}, source=f"synthetic(seed={dc.seed})",
+                                    progress=progress)
+    if dc.source == "images":
+        from .sources.imagefolder import convert_image_folder
+
+        return convert_image_folder(dc.root, dc.captions, store, image_size=dc.image_size,
+                                    batch_size=dc.batch_size, on_bad_image=dc.on_bad_image, progress=progress)
+    if dc.source == "teran":
+        from .sources.teran import convert_teran
+
+        return convert_teran(dc.root, dc.dataset, store, features_dir=dc.features_dir, restval=dc.restval,
+                             image_sizes=dc.image_sizes, progress=progress)
+    if dc.source == "scan":
+        from .sources.scan import convert_scan
+
+        return convert_scan(dc.root, store, dc.splits, progress=progress)
+    raise StoreError(f"data.source: unknown source '{dc.source}'")
+
+
+def prepare(dc: DataConfig, progress: bool = True) -> dict:
+    """Store + text cache + relevance. Returns timings and the store summary."""
+    from .features import add_text_cache
+    from .relevance import add_relevance
+
+    t0 = time.perf_counter()
+    report = build_store(dc, progress)
+    t1 = time.perf_counter()
+    key = add_text_cache(dc.store, dc.text_model, dc.text_layer, dc.max_words, progress=progress)
+    t2 = time.perf_counter()
+    with Store(dc.store, check_values=False) as s:
+        has_test = "test" in s.split_names
+    if has_test and (dc.relevance or dc.spice):
+        add_relevance(dc.store, "test", dc.relevance, dc.spice, progress=progress)
+    t3 = time.perf_counter()
+    with Store(dc.store) as s:
+        summary = s.summary()
+    return {"report": report, "text_key": key, "summary": summary,
+            "seconds": {"store": t1 - t0, "text_cache": t2 - t1, "relevance": t3 - t2, "total": t3 - t0}}
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("params")
+    ap.add_argument("--force", action="store_true", help="rebuild the store even if it exists")
+    args = ap.parse_args(argv)
+    cfg = load(args.params, {"data": {"force": True}} if args.force else None)
+    try:
+        out = prepare(cfg.data)
+    except StoreError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for k, v in out["summary"].items():
+        print(f"{k:>26}: {v}")
+    print(f"{'time (s)':>26}: " + ", ".join(f"{k} {v:.1f}" for k, v in out["seconds"].items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""A folder of images + a captions file -> store, images encoded by a pretrained CNN into grid cells.
+
+Captions file: Karpathy JSON ({"images": [{"filename", "split", "sentences": [{"raw"}]}]}) or a
+CSV with a header `filename,caption[,split]` (one row per caption; split defaults to "all").
+Encoding is batched, shows progress, holds one batch in memory, and is resumable: the partial
+store `.<name>.partial` survives a Ctrl-C and the next run with the same inputs continues there.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+from ..store import StoreError, StoreWriter
+from . import canonical_split
+
+
+def read_captions(path) -> list[dict]:
+    """-> [{"filename", "split", "captions": [str]}] in file order, validated."""
+    path = Path(path)
+    if not path.is_file():
+        raise StoreError(f"captions file not found: {path}")
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(path.read_text())
+            items = [{"filename": im.get("filepath", "") and f"{im['filepath']}/{im['filename']}" or im["filename"],
+                      "split": canonical_split(im.get("split", "all"), f"{path} image '{im['filename']}'"),
+                      "captions": [s["raw"] for s in im["sentences"]]} for im in data["images"]]
+        except (KeyError, TypeError, json.JSONDecodeError) as e:
+            raise StoreError(f"{path}: not a Karpathy-format JSON (need images[].filename and "
+                             f"images[].sentences[].raw): {e!r}") from None
+    else:
+        by_file: dict[str, dict] = {}
+        with path.open(newline="") as fh:
+            reader = csv.DictReader(fh)
+            if not reader.fieldnames or not {"filename", "caption"} <= set(reader.fieldnames):
+                raise StoreError(f"{path}: CSV header must have 'filename,caption[,split]', got {reader.fieldnames}")
+            for row_no, row in enumerate(reader, start=2):
+                item = by_file.setdefault(row["filename"], {
+                    "filename": row["filename"], "captions": [],
+                    "split": canonical_split(row.get("split") or "all", f"{path} line {row_no}")})
+                item["captions"].append(row["caption"] or "")
+        items = list(by_file.values())
+    for it in items:
+        for k, c in enumerate(it["captions"]):
+            if not c or not c.strip():
+                raise StoreError(f"{path}: empty caption #{k} for image '{it['filename']}'")
+        if not it["captions"]:
+            raise StoreError(f"{path}: image '{it['filename']}' has no captions")
+    return items
+
+
+def _inputs_hash(items, image_root: Path, size: int) -> str:
+    h = hashlib.sha256(f"{image_root.resolve()}|{size}".encode())
+    for it in items:
+        h.update(it["filename"].encode())
+    return h.hexdigest()[:16]
+
+
+def convert_image_folder(image_root, captions_file, store_path, *, image_size: int = 224, batch_size: int = 32,
+                         on_bad_image: str = "fail", extras: dict | None = None, source: str = "images",
+                         device: str = "cpu", progress: bool = True) -> dict:
+    """Encode every image with EfficientNet-Lite0 into a grid of regions; write the store.
+
+    extras: optional {name: callable(kept_filenames) -> array} evaluated after skipping bad images.
+    Returns a report dict (images, captions, skipped files).
+    """
+    from ..cnn import grid_regions, load_pretrained, preprocess
+
+    image_root, store_path = Path(image_root), Path(store_path)
+    items = read_captions(captions_file)
+    missing = [it["filename"] for it in items if not (image_root / it["filename"]).is_file()]
+    if missing:
+        raise StoreError(f"{image_root}: {len(missing)} image file(s) named in {captions_file} are missing, "
+                         f"first: '{missing[0]}'")
+    model = load_pretrained().to(device)
+    grid = (image_size + 31) // 32
+    k, dim = grid * grid, 1280
+    partial = store_path.with_name(f".{store_path.name}.partial")
+    digest = _inputs_hash(items, image_root, image_size)
+    resume = partial.exists()
+    if resume:
+        import h5py
+        with h5py.File(partial, "r") as f:
+            resume = f.attrs.get("inputs_hash") == digest
+    writer = StoreWriter(store_path, len(items), k, dim, source=source, pooled=True,
+                         feature_extractor=f"efficientnet-lite0 imagenet grid {grid}x{grid} @ {image_size}px",
+                         tmp_path=partial, resume=resume)
+    writer.keep_partial = True  # a Ctrl-C keeps the partial store for the next run to resume
+    with writer as w:
+        w.f.attrs["inputs_hash"] = digest
+        start = int(w.f.attrs["images_written"])
+        bad = json.loads(w.f.attrs.get("bad_images", "[]"))
+        bar = tqdm(total=len(items), initial=start, desc="encode images", unit="img", disable=not progress,
+                   mininterval=2)
+        for s in range(start, len(items), batch_size):
+            batch, ok = [], []
+            for j, it in enumerate(items[s:s + batch_size]):
+                try:
+                    with Image.open(image_root / it["filename"]) as im:
+                        batch.append(im.convert("RGB"))
+                        ok.append(j)
+                except (UnidentifiedImageError, OSError) as e:
+                    if on_bad_image == "fail":
+                        raise StoreError(f"{image_root / it['filename']}: cannot decode image ({e}); "
+                                         "set data.on_bad_image: skip to leave it out") from None
+                    bad.append(it["filename"])
+            n = len(items[s:s + batch_size])
+            feats = np.zeros((n, k, dim), np.float32)
+            pooled = np.zeros((n, dim), np.float32)
+            if batch:
+                f, boxes, p = grid_regions(model, preprocess(batch, image_size).to(device))
+                feats[ok], pooled[ok] = f.cpu().numpy(), p.cpu().numpy()
+            w.write_images(s, feats, np.broadcast_to(boxes.numpy(), (n, k, 4)), np.full(n, k), pooled)
+            w.f.attrs["bad_images"] = json.dumps(bad)
+            bar.update(n)
+        bar.close()
+        if bad:  # drop skipped images: rewrite the kept ones (rare path)
+            print(f"skipped {len(bad)} undecodable image(s): {bad[:10]}")
+            keep = [i for i, it in enumerate(items) if it["filename"] not in set(bad)]
+            items_kept = [items[i] for i in keep]
+            for key in ("features", "boxes", "n_regions", "pooled"):
+                data = w.f[f"images/{key}"][keep]
+                del w.f[f"images/{key}"]
+                w.f.create_dataset(f"images/{key}", data=data,
+                                   chunks=(1, k, dim) if key == "features" and len(keep) else None)
+            items = items_kept
+        _finish(w, items, image_root, extras)
+    return {"images": len(items), "captions": sum(len(it["captions"]) for it in items), "skipped": bad}
+
+
+def _finish(w: StoreWriter, items, image_root: Path, extras) -> None:
+    texts, owner, splits = [], [], {}
+    for i, it in enumerate(items):
+        texts += it["captions"]
+        owner += [i] * len(it["captions"])
+        splits.setdefault(it["split"], []).append(i)
+    w.set_images([Path(it["filename"]).stem for it in items], [it["filename"] for it in items],
+                 image_root=str(image_root.resolve()))
+    w.set_captions(texts, owner)
+    w.set_splits(splits)
+    for name, fn in (extras or {}).items():
+        w.set_extra(name, fn([it["filename"] for it in items]))
