@@ -91,6 +91,7 @@ class TrainConfig:
     amp: bool = True               # bf16 autocast on CUDA where supported (never on CPU)
     val_images: int = 0            # 0 = whole val split
     log_every: int = 10
+    checkpoint_every: int = 0      # also save last.pt every N steps mid-epoch (0 = end of epoch only)
 
 
 @dataclass(frozen=True)

@@ -291,7 +291,8 @@ class CaptionDataset(torch.utils.data.Dataset):
     word_mask (T,), image (store index), caption (store index)).
     """
 
-    def __init__(self, path, split: str, text_key: str | None):
+    def __init__(self, path, split: str, text_key: str | None, with_image: bool = True):
+        self.with_image = with_image
         with Store(path, check_values=False) as s:
             self.captions = s.split_captions(split)
             self.caption_image = s.caption_image
@@ -315,15 +316,36 @@ class CaptionDataset(torch.utils.data.Dataset):
         f = self._file()
         c = int(self.captions[i])
         img = int(self.caption_image[c])
-        item = {"regions": torch.from_numpy(f["images/features"][img].astype(np.float32)),
-                "boxes": torch.from_numpy(f["images/boxes"][img]),
-                "n_regions": int(f["images/n_regions"][img]), "image": img, "caption": c}
+        item = {"image": img, "caption": c}
+        if self.with_image:
+            item.update(image_item(f, img))
         if self.text_key is not None:
             g = f[f"text/{self.text_key}"]
             item["text"] = torch.from_numpy(g["hidden"][c].astype(np.float32))
             item["text_mask"] = torch.from_numpy(g["mask"][c])
             item["word_mask"] = torch.from_numpy(g["words"][c])
         return item
+
+
+def image_item(f: h5py.File, img: int) -> dict:
+    return {"regions": torch.from_numpy(f["images/features"][img].astype(np.float32)),
+            "boxes": torch.from_numpy(f["images/boxes"][img]), "n_regions": int(f["images/n_regions"][img]),
+            "image": img}
+
+
+class ImageDataset(CaptionDataset):
+    """One item per image of a split (for encoding galleries)."""
+
+    def __init__(self, path, split: str):
+        with Store(path, check_values=False) as s:
+            self.images = s.split_images(split)
+        self.path, self._f = str(path), None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        return image_item(self._file(), int(self.images[i]))
 
 
 def region_mask(n_regions: torch.Tensor, k: int) -> torch.Tensor:

@@ -1,0 +1,63 @@
+"""TERAN-shaped encoders: regions and words -> projection -> transformer layers -> d.
+
+The first output token is global (a learned [CLS]-like token for images, the backbone's [CLS]
+for text); the rest are local. Padding (and, for text, special tokens) is excluded from the
+local set through the returned mask.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .config import ModelConfig
+
+
+def transformer(cfg: ModelConfig, layers: int) -> nn.TransformerEncoder | None:
+    if layers == 0:
+        return None
+    layer = nn.TransformerEncoderLayer(cfg.embed, cfg.heads, cfg.ff, cfg.dropout, activation="relu",
+                                       batch_first=True)
+    return nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+
+
+def _run(stack, x, pad):
+    return x if stack is None else stack(x, src_key_padding_mask=pad)
+
+
+class ImageEncoder(nn.Module):
+    """regions (B, K, D) + boxes (B, K, 4) + n_regions -> glob (B, d), local (B, K, d), mask (B, K)."""
+
+    def __init__(self, cfg: ModelConfig, feat_dim: int):
+        super().__init__()
+        self.box_geometry = cfg.box_geometry
+        self.proj = nn.Linear(feat_dim + (5 if cfg.box_geometry else 0), cfg.embed)
+        self.cls = nn.Parameter(torch.zeros(1, 1, cfg.embed))
+        self.layers = transformer(cfg, cfg.image_layers)
+
+    def forward(self, regions, boxes, mask, shared=None):
+        if self.box_geometry:  # (x1, y1, x2, y2, area), TERAN's concat-and-process
+            area = ((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])).unsqueeze(-1)
+            regions = torch.cat([regions, boxes, area], dim=-1)
+        x = torch.cat([self.cls.expand(len(regions), -1, -1), self.proj(regions)], dim=1)  # (B, 1+K, d)
+        pad = torch.cat([mask.new_zeros(len(mask), 1), ~mask], dim=1)
+        x = _run(shared, _run(self.layers, x, pad), pad)
+        return x[:, 0], x[:, 1:], mask
+
+
+class TextEncoder(nn.Module):
+    """Cached backbone states (B, T, H) or token ids -> glob (B, d), local (B, T, d), word mask (B, T)."""
+
+    def __init__(self, cfg: ModelConfig, hidden_dim: int, backbone: nn.Module | None = None, layer: int = -1):
+        super().__init__()
+        self.backbone, self.layer = backbone, layer
+        self.proj = nn.Linear(hidden_dim, cfg.embed)
+        self.layers = transformer(cfg, cfg.text_layers)
+
+    def forward(self, text_mask, word_mask, hidden=None, input_ids=None, shared=None):
+        if self.backbone is not None:
+            out = self.backbone(input_ids=input_ids, attention_mask=text_mask.long(), output_hidden_states=True)
+            hidden = out.hidden_states[self.layer]
+        x = self.proj(hidden)
+        pad = ~text_mask
+        x = _run(shared, _run(self.layers, x, pad), pad)
+        return x[:, 0], x, word_mask

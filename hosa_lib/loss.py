@@ -1,0 +1,35 @@
+"""VSE++ hinge triplet loss on a score matrix (images x captions), both directions."""
+from __future__ import annotations
+
+import torch
+
+from .config import LossConfig
+
+
+def triplet_loss(scores: torch.Tensor, positives: torch.Tensor, cfg: LossConfig, step: int) -> dict[str, torch.Tensor]:
+    """scores (B_img, B_cap); positives (B_img, B_cap) bool, True where the caption describes the image.
+
+    Every column (caption) needs at least one positive row (several when one image appears twice,
+    e.g. gathered from two ranks; the weakest positive is used). Negatives exclude every positive,
+    so a batch holding two captions of one image has no false negatives. Hardest negatives
+    (`max_violation`) start after `cfg.warmup_steps`; before, the sum over all negatives.
+    Returns {"loss", "i2t", "t2i", "hardest": 0/1}.
+    """
+    if scores.shape != positives.shape:
+        raise ValueError(f"scores {tuple(scores.shape)} and positives {tuple(positives.shape)} differ")
+    if not positives.any(0).all():
+        raise ValueError("positives: every caption (column) needs a positive image")
+    inf = torch.full_like(scores, float("inf"))
+    pos = torch.where(positives, scores, inf).amin(0)  # (B_cap,) score of each caption with its image
+    cost_t2i = (cfg.margin + scores - pos[None, :]).clamp(min=0).masked_fill(positives, 0)  # caption query, neg images
+    img_pos = torch.where(positives, scores, inf).amin(1)  # hardest positive per image
+    has_pos = positives.any(1)
+    cost_i2t = (cfg.margin + scores - img_pos[:, None]).clamp(min=0).masked_fill(positives, 0)
+    cost_i2t = cost_i2t.masked_fill(~has_pos[:, None], 0)
+    hardest = cfg.max_violation and step >= cfg.warmup_steps
+    if hardest:
+        i2t, t2i = cost_i2t.amax(1).sum(), cost_t2i.amax(0).sum()
+    else:
+        i2t, t2i = cost_i2t.sum(), cost_t2i.sum()
+    return {"loss": i2t + t2i, "i2t": i2t.detach(), "t2i": t2i.detach(),
+            "hardest": torch.tensor(float(hardest))}

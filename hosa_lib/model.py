@@ -1,0 +1,37 @@
+"""HOSA model: image and text encoders tied to the scoring of `hosa_lib.scoring`."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .config import ModelConfig, ScoringConfig
+from .encoders import ImageEncoder, TextEncoder, transformer
+from .scoring import make_side, pair_scores
+
+
+class HOSA(nn.Module):
+    def __init__(self, mcfg: ModelConfig, scfg: ScoringConfig, feat_dim: int, text_dim: int,
+                 backbone: nn.Module | None = None, text_layer: int = -1):
+        super().__init__()
+        self.mcfg, self.scfg = mcfg, scfg
+        self.image = ImageEncoder(mcfg, feat_dim)
+        self.text = TextEncoder(mcfg, text_dim, backbone if mcfg.text_finetune else None, text_layer)
+        self.shared = transformer(mcfg, mcfg.shared_layers)
+
+    def encode_images(self, batch: dict) -> dict[str, torch.Tensor]:
+        """-> glob (B, d), local (B, K, d), mask (B, K): what evaluation caches."""
+        glob, local, mask = self.image(batch["regions"], batch["boxes"], batch["region_mask"], self.shared)
+        return {"glob": glob, "local": local, "mask": mask}
+
+    def encode_captions(self, batch: dict) -> dict[str, torch.Tensor]:
+        glob, local, mask = self.text(batch["text_mask"], batch["word_mask"], hidden=batch.get("text"),
+                                      input_ids=batch.get("input_ids"), shared=self.shared)
+        return {"glob": glob, "local": local, "mask": mask}
+
+    def score(self, img: dict, cap: dict, cfg: ScoringConfig | None = None) -> dict[str, torch.Tensor]:
+        """All pairs of the two encoded sets: dict of (N_img, N_cap) score terms and 'total'."""
+        cfg = cfg or self.scfg
+        return pair_scores(make_side(**img, cfg=cfg, name="images"), make_side(**cap, cfg=cfg, name="captions"), cfg)
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        return self.score(self.encode_images(batch["images"]), self.encode_captions(batch["captions"]))

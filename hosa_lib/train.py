@@ -1,0 +1,297 @@
+"""Training: `python -m hosa_lib.train PARAMS [--run-dir DIR]`, or under torchrun for DDP.
+
+The run folder holds params.yaml, code_version.txt, metrics.jsonl (loss terms per step,
+validation metrics per epoch) and checkpoints/{last,best}.pt, written atomically. A run whose
+folder has checkpoints/last.pt resumes from it (model, optimizer, scheduler, RNG states, epoch
+and batch position), reaching the same weights as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from tqdm.auto import tqdm
+
+from . import code_version
+from .config import RunConfig, from_dict, load, params_hash, to_dict
+from .data import EpochSampler, collate, dataset, to_device
+from .features import cache_key
+from .loss import triplet_loss
+from .model import HOSA
+from .store import Store
+
+
+def run_dir_for(cfg: RunConfig) -> Path:
+    """outputs/<name>-<params hash>: the same params always map to the same folder."""
+    return Path(cfg.output_root) / f"{cfg.name}-{params_hash(cfg)}"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={name!r} but CUDA is not available")
+    return torch.device(name)
+
+
+def build_model(cfg: RunConfig, device) -> tuple[HOSA, str]:
+    key = cache_key(cfg.data.text_model, cfg.data.text_layer)
+    with Store(cfg.data.store, check_values=False) as s:
+        feat_dim = s.feature_dim
+        if key not in s.text_keys():
+            raise ValueError(f"{cfg.data.store}: no text cache '{key}'; run prepare first")
+        text_dim = s.f[f"text/{key}/hidden"].shape[-1]
+    backbone = None
+    if cfg.model.text_finetune:
+        raise NotImplementedError("model.text_finetune: fine-tuning the text backbone is not implemented yet; "
+                                  "train on cached states (text_finetune: false)")
+    torch.manual_seed(cfg.train.seed)
+    model = HOSA(cfg.model, cfg.scoring, feat_dim, text_dim, backbone, cfg.data.text_layer).to(device)
+    return model, key
+
+
+def lr_lambda(cfg: RunConfig, steps_per_epoch: int):
+    tc = cfg.train
+
+    def f(step: int) -> float:
+        warm = min(1.0, (step + 1) / tc.lr_warmup_steps) if tc.lr_warmup_steps else 1.0
+        epoch = step // max(1, steps_per_epoch)
+        return warm * tc.lr_decay ** sum(epoch >= e for e in tc.lr_decay_epochs)
+    return f
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Atomic: write a temporary file in the same folder, then rename over the target."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def load_model(checkpoint, cfg: RunConfig | None = None, device="cpu"):
+    """Rebuild the model from a checkpoint's own config (strict load). Returns model, checkpoint, text key."""
+    ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    run_cfg = from_dict(ck["config"], f"{checkpoint}:config")
+    if cfg is not None:  # evaluate against the caller's store
+        run_cfg = from_dict({**to_dict(run_cfg), "data": to_dict(cfg)["data"]})
+    model, key = build_model(run_cfg, device)
+    model.load_state_dict(ck["model"], strict=True)
+    return model.eval(), ck, key
+
+
+def _gather(batch_out: dict, positives_index: tuple) -> tuple[dict, dict, torch.Tensor]:
+    """DDP: gather encoded images/captions of all ranks (autograd-aware), dedupe images globally."""
+    from torch.distributed.nn.functional import all_gather
+
+    img, cap, (img_idx, cap_img_idx) = batch_out["img"], batch_out["cap"], positives_index
+    world = dist.get_world_size()
+    sizes = torch.tensor([len(img_idx), cap["local"].shape[1]], device=img_idx.device)
+    all_sizes = [torch.zeros_like(sizes) for _ in range(world)]
+    dist.all_gather(all_sizes, sizes)
+    n_max, t_max = max(int(s[0]) for s in all_sizes), max(int(s[1]) for s in all_sizes)
+
+    def pad_rows(x, n):
+        return torch.nn.functional.pad(x, (0, 0) * (x.dim() - 1) + (0, n - x.shape[0]))
+
+    def pad_t(x):
+        return torch.nn.functional.pad(x, (0, 0, 0, t_max - x.shape[1]) if x.dim() == 3 else (0, t_max - x.shape[1]))
+
+    g_img = {k: torch.cat([t[:int(s[0])] for t, s in zip(all_gather(pad_rows(v.float() if v.dtype == torch.bool else v, n_max)), all_sizes)])
+             for k, v in img.items()}
+    g_img["mask"] = g_img["mask"].bool()
+    g_img_idx = torch.cat([t[:int(s[0])] for t, s in zip(all_gather(pad_rows(img_idx, n_max)), all_sizes)])
+    g_cap = {k: torch.cat(all_gather(pad_t(v.float() if v.dtype == torch.bool else v))) for k, v in cap.items()}
+    g_cap["mask"] = g_cap["mask"].bool()
+    g_cap_img = torch.cat(all_gather(cap_img_idx))
+    keep = torch.tensor([i for i, x in enumerate(g_img_idx.tolist()) if x not in g_img_idx.tolist()[:i]],
+                        device=g_img_idx.device)
+    g_img = {k: v[keep] for k, v in g_img.items()}
+    positives = g_img_idx[keep][:, None] == g_cap_img[None, :]
+    return g_img, g_cap, positives
+
+
+def train_step(model, batch, cfg: RunConfig, step: int, device, amp: bool) -> dict:
+    """Forward + loss (+ gather across ranks under DDP). Returns the loss dict (not yet backpropagated)."""
+    batch = to_device(batch, device)
+    core = model.module if hasattr(model, "module") else model
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        img = model(batch["images"], mode="images") if hasattr(model, "module") else core.encode_images(batch["images"])
+        cap = model(batch["captions"], mode="captions") if hasattr(model, "module") else core.encode_captions(batch["captions"])
+    img = {k: v.float() if v.is_floating_point() else v for k, v in img.items()}
+    cap = {k: v.float() if v.is_floating_point() else v for k, v in cap.items()}
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        cap_img = batch["images"]["index"][batch["positives"].float().argmax(0)]
+        img, cap, positives = _gather({"img": img, "cap": cap}, (batch["images"]["index"], cap_img))
+    else:
+        positives = batch["positives"]
+    scores = core.score(img, cap)
+    return {**triplet_loss(scores["total"], positives, cfg.loss, step), "n_pairs": torch.tensor(float(scores["total"].numel()))}
+
+
+class _DDPWrapper(torch.nn.Module):
+    """Routes forward(mode=...) to the encoders so DistributedDataParallel sees forward calls."""
+
+    def __init__(self, core: HOSA):
+        super().__init__()
+        self.core = core
+
+    def forward(self, batch, mode: str):
+        return self.core.encode_images(batch) if mode == "images" else self.core.encode_captions(batch)
+
+
+def validate(core: HOSA, cfg: RunConfig, text_key: str, device) -> dict:
+    from .evaluate import encode_split, evaluate_embeddings
+
+    img, cap, cap_img = encode_split(core, cfg.data.store, "val", text_key, device)
+    if cfg.train.val_images and cfg.train.val_images < len(img["glob"]):
+        keep_img = np.arange(cfg.train.val_images)
+        keep_cap = np.nonzero(cap_img < cfg.train.val_images)[0]
+        img = {k: v[keep_img] for k, v in img.items()}
+        cap = {k: v[keep_cap] for k, v in cap.items()}
+        cap_img = cap_img[keep_cap]
+    ecfg = dataclasses.replace(cfg.eval, protocol="all", shortlist=0)
+    m, _ = evaluate_embeddings(img, cap, cap_img, cfg.scoring, ecfg, device=device)
+    core.train()
+    return m
+
+
+def train(cfg: RunConfig, run_dir: str | Path | None = None, progress: bool = True,
+          stop_after_steps: int | None = None) -> dict:
+    """Train (or resume) a run. Returns {"run_dir", "best_rsum", "steps", "seconds", "last_val"}."""
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    device = resolve_device(cfg.train.device)
+    if distributed and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    amp = cfg.train.amp and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    run_dir = Path(run_dir) if run_dir else run_dir_for(cfg)
+    ck_dir = run_dir / "checkpoints"
+    if rank == 0:
+        ck_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "params.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        (run_dir / "code_version.txt").write_text(code_version() + "\n")
+
+    core, text_key = build_model(cfg, device)
+    data = dataset(cfg.data.store, "train", text_key)
+    sampler = EpochSampler(len(data), cfg.train.batch_size, cfg.train.seed, rank, world)
+    spe = sampler.batches_per_epoch()
+    if spe == 0:
+        raise ValueError(f"train split has {len(data)} captions, fewer than one batch of "
+                         f"{cfg.train.batch_size * world}")
+    opt = torch.optim.AdamW(core.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, spe))
+    step, epoch, start_batch, best = 0, 0, 0, -1.0
+    last = ck_dir / "last.pt"
+    if last.is_file():
+        ck = torch.load(last, map_location="cpu", weights_only=False)
+        core.load_state_dict(ck["model"], strict=True)
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        step, epoch, start_batch, best = ck["step"], ck["epoch"], ck["batch_in_epoch"], ck["best_rsum"]
+        set_rng_state(ck["rng"])
+        if rank == 0:
+            print(f"resuming {run_dir} at epoch {epoch}, batch {start_batch}, step {step}, best rsum {best:.2f}")
+    model = core
+    if distributed:
+        model = torch.nn.parallel.DistributedDataParallel(_DDPWrapper(core), device_ids=[device] if device.type == "cuda" else None)
+
+    def checkpoint(name: str, batch_in_epoch: int, ep: int):
+        if rank == 0:
+            save_checkpoint(ck_dir / name, {
+                "model": core.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "step": step, "epoch": ep, "batch_in_epoch": batch_in_epoch, "best_rsum": best,
+                "rng": rng_state(), "config": to_dict(cfg), "code_version": code_version()})
+
+    log = (run_dir / "metrics.jsonl").open("a") if rank == 0 else None
+    t_start, last_val = time.perf_counter(), {}
+    core.train()
+    every = cfg.train.checkpoint_every
+    while epoch < cfg.train.epochs:
+        sampler.set_epoch(epoch, start_batch)
+        loader = torch.utils.data.DataLoader(data, batch_sampler=sampler, collate_fn=collate,
+                                             num_workers=cfg.train.workers)
+        bar = tqdm(loader, desc=f"epoch {epoch}", disable=not progress or rank != 0, mininterval=2,
+                   initial=start_batch, total=spe)
+        t0 = time.perf_counter()
+        for b, batch in enumerate(bar, start=start_batch):
+            out = train_step(model, batch, cfg, step, device, amp)
+            opt.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            if cfg.train.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(core.parameters(), cfg.train.grad_clip)
+            opt.step()
+            sched.step()
+            step += 1
+            if log and (step % cfg.train.log_every == 0 or b == spe - 1):
+                rate = (b + 1 - start_batch) * cfg.train.batch_size * world / (time.perf_counter() - t0)
+                rec = {"step": step, "epoch": epoch, **{k: v.item() for k, v in out.items()},
+                       "lr": sched.get_last_lr()[0], "pairs_per_s": rate}
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", pairs_s=f"{rate:.0f}")
+            if every and step % every == 0 and b + 1 < spe:
+                checkpoint("last.pt", b + 1, epoch)
+            if stop_after_steps is not None and step >= stop_after_steps:
+                return {"run_dir": str(run_dir), "steps": step, "stopped": True}
+        start_batch = 0
+        epoch += 1
+        if rank == 0:
+            last_val = validate(core, cfg, text_key, device)
+            improved = last_val["rsum"] > best
+            best = max(best, last_val["rsum"])
+            log.write(json.dumps({"step": step, "epoch": epoch - 1, "split": "val", **last_val}) + "\n")
+            log.flush()
+            checkpoint("last.pt", 0, epoch)
+            if improved:
+                save_checkpoint(ck_dir / "best.pt", torch.load(ck_dir / "last.pt", weights_only=False))
+            print(f"epoch {epoch - 1}: val rsum {last_val['rsum']:.2f} (best {best:.2f})")
+        if distributed:
+            dist.barrier()
+    if log:
+        log.close()
+    return {"run_dir": str(run_dir), "best_rsum": best, "steps": step,
+            "seconds": time.perf_counter() - t_start, "last_val": last_val}
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("params")
+    ap.add_argument("--run-dir", default=None, help="default: outputs/<name>-<params hash>")
+    args = ap.parse_args(argv)
+    cfg = load(args.params)
+    out = train(cfg, args.run_dir)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: v for k, v in out.items() if k != "last_val"}))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
