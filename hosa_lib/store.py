@@ -160,7 +160,7 @@ def validate(path, label: str | None = None, check_values: bool = True) -> None:
     with f:
         ver = f.attrs.get("schema_version")
         if ver != SCHEMA_VERSION:
-            raise StoreError(f"{label}: schema_version {ver!r}, expected {SCHEMA_VERSION}")
+            raise StoreError(f"{label}: schema_version {ver if ver is None else int(ver)}, expected {SCHEMA_VERSION}")
         for key in REQUIRED:
             if key not in f:
                 raise StoreError(f"{label}: missing dataset '{key}'")

@@ -1,0 +1,292 @@
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from hosa_lib.config import ConfigError, load
+from hosa_lib.sources.imagefolder import convert_image_folder
+from hosa_lib.sources.scan import convert_scan
+from hosa_lib.sources.teran import convert_teran
+from hosa_lib.store import CaptionDataset, Store, StoreError, StoreWriter
+
+RNG = np.random.default_rng(0)
+
+
+def write_teran(root, dataset="f30k", n=4, k=36, dim=2048, layout="karpathy"):
+    """TERAN layout: annotations + features_36/bu_att/<id>.npz (feat) + bu_box/<id>.npy (pixels)."""
+    ann = root / dataset / "annotations"
+    ann.mkdir(parents=True)
+    feats = root / dataset / "features_36"
+    (feats / "bu_att").mkdir(parents=True)
+    (feats / "bu_box").mkdir(parents=True)
+    splits = ["train", "restval", "val", "test"][:n] + ["test"] * max(0, n - 4)
+    images, ids = [], []
+    for i in range(n):
+        fid = 1000 + i if dataset == "coco" else i
+        ids.append(fid)
+        images.append({"filename": f"im{i}.jpg", "imgid": i, "split": splits[i], "cocoid": fid,
+                       "sentences": [{"raw": f"caption {j} of image {i}", "tokens": []} for j in range(5)]})
+        np.savez(feats / "bu_att" / f"{fid}.npz", feat=RNG.random((k, dim), dtype=np.float32))
+        np.save(feats / "bu_box" / f"{fid}.npy", np.tile([10.0, 20.0, 300.0, 200.0], (k, 1)))
+    if layout == "karpathy":
+        name = "dataset_coco.json" if dataset == "coco" else "dataset_flickr30k.json"
+        (ann / name).write_text(json.dumps({"images": images, "dataset": dataset}))
+    if dataset == "coco":  # caption JSONs give sizes (and captions for the ids variant)
+        for part, members in (("train", [0]), ("val", list(range(1, n)))):
+            js = {"images": [{"id": ids[i], "width": 640, "height": 400} for i in members],
+                  "annotations": [{"id": ids[i] * 10 + j, "image_id": ids[i], "caption": f"cap {j} img {i}"}
+                                  for i in members for j in range(5)]}
+            (ann / f"captions_{part}2014.json").write_text(json.dumps(js))
+        if layout == "ids":
+            for split, members in (("train", [0]), ("restval", [1]), ("dev", [2]), ("test", list(range(3, n)))):
+                np.save(ann / f"coco_{split}_ids.npy", np.array([ids[i] * 10 + j for i in members for j in range(5)]))
+    return root, ids
+
+
+@pytest.mark.parametrize("dataset,layout", [("f30k", "karpathy"), ("coco", "karpathy"), ("coco", "ids")])
+def test_teran_layout(tmp_path, dataset, layout):
+    root, ids = write_teran(tmp_path, dataset, layout=layout)
+    sizes = ""
+    if dataset == "f30k":  # TERAN's sizes.pkl: (w, h) per Karpathy index
+        import pickle
+        (tmp_path / "sizes.pkl").write_bytes(pickle.dumps([(640, 400)] * 4))
+        sizes = str(tmp_path / "sizes.pkl")
+    out = tmp_path / "s.h5"
+    convert_teran(root, dataset, out, image_sizes=sizes, progress=False)
+    with Store(out) as s:
+        assert s.n_images == 4 and len(s.caption_image) == 20
+        got = s.image_ids()
+        assert sorted(got) == sorted(str(i) for i in ids)
+        np.testing.assert_allclose(s.f["images/boxes"][0, 0], [10 / 640, 20 / 400, 300 / 640, 200 / 400], rtol=1e-6)
+        assert s.f["images/features"].dtype == np.float16 and s.f["images/features"].shape == (4, 36, 2048)
+        by_split = lambda name: sorted(got[i] for i in s.split_images(name))
+        assert by_split("train") == [str(ids[0]), str(ids[1])]  # restval joins train
+        assert by_split("test") == [str(ids[3])]
+        feat_file = root / dataset / "features_36" / "bu_att" / f"{got[2]}.npz"
+        np.testing.assert_allclose(s.f["images/features"][2], np.load(feat_file)["feat"], rtol=1e-3, atol=1e-3)
+        assert np.bincount(s.caption_image).tolist() == [5, 5, 5, 5]
+
+
+def test_teran_restval_off(tmp_path):
+    root, _ = write_teran(tmp_path, "coco")
+    convert_teran(root, "coco", tmp_path / "s.h5", restval=False, progress=False)
+    with Store(tmp_path / "s.h5") as s:
+        assert s.split_images("train").tolist() == [0]
+        assert s.split_images("restval").tolist() == [1]
+
+
+@pytest.mark.parametrize("damage,match", [
+    ("missing", "missing feature file"), ("shape", "expected"), ("truncated", "truncated"),
+    ("nan", "NaN"), ("dtype", "float"), ("split", "unknown split name")])
+def test_teran_bad_input(tmp_path, damage, match):
+    root, ids = write_teran(tmp_path, "coco")
+    att = root / "coco" / "features_36" / "bu_att" / f"{ids[2]}.npz"
+    if damage == "missing":
+        att.unlink()
+    elif damage == "shape":
+        np.savez(att, feat=np.zeros((36, 1024), np.float32))
+    elif damage == "truncated":
+        att.write_bytes(att.read_bytes()[:200])
+    elif damage == "nan":
+        bad = np.zeros((36, 2048), np.float32)
+        bad[3, 3] = np.nan
+        np.savez(att, feat=bad)
+    elif damage == "dtype":
+        np.savez(att, feat=np.zeros((36, 2048), np.int64))
+    else:
+        p = root / "coco" / "annotations" / "dataset_coco.json"
+        js = json.loads(p.read_text())
+        js["images"][1]["split"] = "holdout"
+        p.write_text(json.dumps(js))
+    out = tmp_path / "s.h5"
+    with pytest.raises(StoreError, match=match):
+        convert_teran(root, "coco", out, progress=False)
+    assert not out.exists() and not list(tmp_path.glob(".s.h5*"))
+
+
+def write_scan(root, split="test", n=3, k=36, dim=64, lines=None):
+    np.save(root / f"{split}_ims.npy", RNG.random((n, k, dim), dtype=np.float32))
+    caps = [f"a caption {i}" for i in range(lines if lines is not None else 5 * n)]
+    (root / f"{split}_caps.txt").write_text("\n".join(caps) + "\n")
+
+
+def test_scan_arrays(tmp_path):
+    write_scan(tmp_path, "test", 3)
+    write_scan(tmp_path, "dev", 2)
+    convert_scan(tmp_path, tmp_path / "s.h5", splits=("dev", "test"), progress=False)
+    with Store(tmp_path / "s.h5") as s:
+        assert s.n_images == 5 and s.split_images("val").tolist() == [0, 1]
+        assert s.caption_image.tolist() == [0] * 5 + [1] * 5 + [2] * 5 + [3] * 5 + [4] * 5
+        assert s.captions([12, 7]) == ["a caption 2", "a caption 7"]  # test line 2, dev line 7
+
+
+def test_scan_wrong_line_count(tmp_path):
+    write_scan(tmp_path, "test", 3, lines=14)
+    with pytest.raises(StoreError, match=r"test_caps.txt: 14 lines, expected 5 x 3"):
+        convert_scan(tmp_path, tmp_path / "s.h5", splits=("test",), progress=False)
+    assert not (tmp_path / "s.h5").exists()
+
+
+def test_scan_unknown_split(tmp_path):
+    write_scan(tmp_path, "test", 1)
+    with pytest.raises(StoreError, match="unknown split name 'holdout'"):
+        convert_scan(tmp_path, tmp_path / "s.h5", splits=("holdout",), progress=False)
+
+
+def make_image_folder(root, n=3, bad=None):
+    (root / "img").mkdir()
+    rows = []
+    for i in range(n):
+        Image.fromarray((RNG.random((40, 50, 3)) * 255).astype(np.uint8)).save(root / "img" / f"{i}.png")
+        rows += [(f"{i}.png", f"photo number {i} version {j}", "test" if i else "train") for j in range(2)]
+    if bad is not None:
+        (root / "img" / f"{bad}.png").write_bytes(b"not an image")
+    with (root / "caps.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["filename", "caption", "split"])
+        w.writerows(rows)
+    return root / "img", root / "caps.csv"
+
+
+def test_image_folder_csv(tmp_path):
+    img, caps = make_image_folder(tmp_path)
+    rep = convert_image_folder(img, caps, tmp_path / "s.h5", image_size=64, progress=False)
+    assert rep == {"images": 3, "captions": 6, "skipped": []}
+    with Store(tmp_path / "s.h5") as s:
+        assert s.f["images/features"].shape == (3, 4, 1280) and s.f["images/pooled"].shape == (3, 1280)
+        assert s.split_images("test").tolist() == [1, 2]
+        assert s.f["images/boxes"][0, -1].tolist() == [0.5, 0.5, 1.0, 1.0]
+        assert s.image_file(1).name == "1.png"
+
+
+def test_image_folder_bad_image_fail_or_skip(tmp_path):
+    img, caps = make_image_folder(tmp_path, bad=1)
+    with pytest.raises(StoreError, match=r"1.png: cannot decode"):
+        convert_image_folder(img, caps, tmp_path / "s.h5", image_size=64, progress=False)
+    assert not (tmp_path / "s.h5").exists() and not list(tmp_path.glob(".s.h5*"))
+    rep = convert_image_folder(img, caps, tmp_path / "s.h5", image_size=64, on_bad_image="skip", progress=False)
+    assert rep["skipped"] == ["1.png"] and rep["images"] == 2
+    with Store(tmp_path / "s.h5") as s:
+        assert s.image_ids() == ["0", "2"] and s.caption_image.tolist() == [0, 0, 1, 1]
+
+
+def test_image_folder_empty_caption(tmp_path):
+    img, caps = make_image_folder(tmp_path)
+    caps.write_text("filename,caption\n0.png,a cat\n1.png,  \n")
+    with pytest.raises(StoreError, match="empty caption #0 for image '1.png'"):
+        convert_image_folder(img, caps, tmp_path / "s.h5", image_size=64, progress=False)
+
+
+def test_pretrained_cnn_classifies_chelsea():
+    import skimage.data
+    import torch
+
+    from hosa_lib.cnn import load_pretrained, preprocess
+
+    logits = load_pretrained()(preprocess([Image.fromarray(skimage.data.chelsea())], 224))
+    top = logits.softmax(-1)[0].topk(3)
+    assert top.indices[0].item() in (281, 282, 285)  # tabby / tiger cat / Egyptian cat
+    assert top.values[0] > 0.5
+
+
+def test_kill_mid_write_leaves_previous_store(tmp_path):
+    path = tmp_path / "s.h5"
+    with StoreWriter(path, 1, 2, 3, source="t", feature_extractor="x") as w:
+        w.write_images(0, np.ones((1, 2, 3)), np.zeros((1, 2, 4)), np.array([2]))
+        w.set_images(["old"]); w.set_captions(["old caption"], [0])
+    before = path.read_bytes()
+    script = textwrap.dedent(f"""
+        import numpy as np, os, signal, sys
+        from hosa_lib.store import StoreWriter
+        with StoreWriter({str(path)!r}, 400, 36, 2048, source="t", feature_extractor="x") as w:
+            for i in range(400):
+                w.write_images(i, np.ones((1, 36, 2048)), np.zeros((1, 36, 4)), np.array([36]))
+                if i == 50:
+                    print("writing", flush=True)
+                    os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL and "writing" in proc.stdout
+    assert path.read_bytes() == before  # final name untouched
+    with Store(path) as s:
+        assert s.image_ids() == ["old"]
+
+
+def test_ctrl_c_mid_write_removes_temp(tmp_path):
+    path = tmp_path / "s.h5"
+    with pytest.raises(KeyboardInterrupt):
+        with StoreWriter(path, 2, 2, 3, source="t", feature_extractor="x"):
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_validation_errors(tmp_path):
+    path = tmp_path / "s.h5"
+    with pytest.raises(StoreError, match="captions/image' index out of range"):
+        with StoreWriter(path, 1, 2, 3, source="t", feature_extractor="x") as w:
+            w.write_images(0, np.ones((1, 2, 3)), np.zeros((1, 2, 4)), np.array([2]))
+            w.set_images(["a"]); w.set_captions(["c"], [3])
+    with pytest.raises(StoreError, match=r"NaN/Inf for image 0 \(id a\)"):
+        with StoreWriter(path, 1, 2, 3, source="t", feature_extractor="x") as w:
+            w.write_images(0, np.full((1, 2, 3), np.nan), np.zeros((1, 2, 4)), np.array([2]))
+            w.set_images(["a"]); w.set_captions(["c"], [0])
+    assert not path.exists()
+    with StoreWriter(path, 1, 2, 3, source="t", feature_extractor="x") as w:
+        w.write_images(0, np.ones((1, 2, 3)), np.zeros((1, 2, 4)), np.array([2]))
+        w.set_images(["a"]); w.set_captions(["c"], [0])
+    with h5py.File(path, "r+") as f:
+        f.attrs["schema_version"] = 99
+    with pytest.raises(StoreError, match="schema_version 99, expected 1"):
+        Store(path)
+
+
+def test_synthetic_store_and_dataloader_workers(smoke_store):
+    import torch
+
+    from hosa_lib.data import collate
+    with Store(smoke_store.store) as s:
+        summ = s.summary()
+        assert summ["images"] == 40 and summ["captions"] == 200
+        pairs = s.extra("swap_pairs")
+        assert len(pairs) >= 2 and set(pairs.flatten()) <= set(s.split_images("test").tolist())
+        a, b = pairs[0]
+        assert not np.array_equal(s.f["images/features"][a], s.f["images/features"][b])
+        rel = s.relevance("test")["rougeL"]
+        assert rel.shape == (len(s.split_captions("test")), len(s.split_images("test")))
+        key = s.text_keys()[0]
+    ds = CaptionDataset(smoke_store.store, "train", key)
+    loader = torch.utils.data.DataLoader(ds, batch_size=8, collate_fn=collate, num_workers=2)
+    batches = list(loader)
+    assert sum(b["captions"]["text"].shape[0] for b in batches) == len(ds)
+    assert all(b["positives"].sum(0).eq(1).all() for b in batches)
+
+
+def test_params_errors(tmp_path):
+    p = tmp_path / "p.yaml"
+    p.write_text("data:\n  n_imagez: 3\n")
+    with pytest.raises(ConfigError, match="unknown key 'data.n_imagez'"):
+        load(p)
+    p.write_text("train:\n  epochs: ten\n")
+    with pytest.raises(ConfigError, match="'train.epochs' = 'ten': expected int"):
+        load(p)
+    p.write_text("scoring:\n  direction: sideways\n")
+    with pytest.raises(ConfigError, match="expected one of"):
+        load(p)
+    (tmp_path / "child.yaml").write_text("base: p.yaml\nscoring:\n  bands: 4\n")
+    p.write_text("scoring:\n  bands: 8\n  temperature: 2\n")
+    cfg = load(tmp_path / "child.yaml")
+    assert cfg.scoring.bands == 4 and cfg.scoring.temperature == 2.0
+
+
+def test_every_params_file_loads():
+    from pathlib import Path
+    for p in sorted(Path("params").glob("*.yaml")):
+        load(p)
