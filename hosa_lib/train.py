@@ -102,7 +102,14 @@ def load_model(checkpoint, cfg: RunConfig | None = None, device="cpu"):
 
 def _gather(batch_out: dict, positives_index: tuple) -> tuple[dict, dict, torch.Tensor]:
     """DDP: gather encoded images/captions of all ranks (autograd-aware), dedupe images globally."""
-    from torch.distributed.nn.functional import all_gather
+    import warnings
+
+    from torch.distributed.nn.functional import all_gather as _all_gather
+
+    def all_gather(x):  # autograd-aware; its deprecation points at a private API, so keep it quiet
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return _all_gather(x)
 
     img, cap, (img_idx, cap_img_idx) = batch_out["img"], batch_out["cap"], positives_index
     world = dist.get_world_size()
@@ -121,7 +128,8 @@ def _gather(batch_out: dict, positives_index: tuple) -> tuple[dict, dict, torch.
              for k, v in img.items()}
     g_img["mask"] = g_img["mask"].bool()
     g_img_idx = torch.cat([t[:int(s[0])] for t, s in zip(all_gather(pad_rows(img_idx, n_max)), all_sizes)])
-    g_cap = {k: torch.cat(all_gather(pad_t(v.float() if v.dtype == torch.bool else v))) for k, v in cap.items()}
+    g_cap = {k: torch.cat(all_gather(v if k == "glob" else pad_t(v.float() if v.dtype == torch.bool else v)))
+             for k, v in cap.items()}
     g_cap["mask"] = g_cap["mask"].bool()
     g_cap_img = torch.cat(all_gather(cap_img_idx))
     keep = torch.tensor([i for i, x in enumerate(g_img_idx.tolist()) if x not in g_img_idx.tolist()[:i]],
@@ -134,7 +142,7 @@ def _gather(batch_out: dict, positives_index: tuple) -> tuple[dict, dict, torch.
 def train_step(model, batch, cfg: RunConfig, step: int, device, amp: bool) -> dict:
     """Forward + loss (+ gather across ranks under DDP). Returns the loss dict (not yet backpropagated)."""
     batch = to_device(batch, device)
-    core = model.module if hasattr(model, "module") else model
+    core = model.module.core if hasattr(model, "module") else model
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         img = model(batch["images"], mode="images") if hasattr(model, "module") else core.encode_images(batch["images"])
         cap = model(batch["captions"], mode="captions") if hasattr(model, "module") else core.encode_captions(batch["captions"])

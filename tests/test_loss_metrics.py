@@ -1,0 +1,95 @@
+import numpy as np
+import pytest
+import torch
+
+from hosa_lib.config import LossConfig
+from hosa_lib.loss import triplet_loss
+from hosa_lib.metrics import evaluate_scores, folds, ndcg_at_k, recall_metrics, swap_accuracy
+
+S = torch.tensor([[0.9, 0.2, 0.6], [0.5, 0.8, 0.1], [0.6, 0.75, 0.7]])
+
+
+def test_triplet_hand_computed():
+    eye = torch.eye(3, dtype=torch.bool)
+    warm = triplet_loss(S, eye, LossConfig(margin=0.2, warmup_steps=10), step=0)  # sum over negatives
+    torch.testing.assert_close(warm["i2t"], torch.tensor(0.35))  # row 2: (.2+.6-.7) + (.2+.75-.7)
+    torch.testing.assert_close(warm["t2i"], torch.tensor(0.25))  # col 1: .15, col 2: .1
+    hard = triplet_loss(S, eye, LossConfig(margin=0.2, warmup_steps=10), step=10)  # hardest negatives
+    torch.testing.assert_close(hard["i2t"], torch.tensor(0.25))
+    torch.testing.assert_close(hard["loss"], torch.tensor(0.5))
+    assert hard["hardest"] == 1 and warm["hardest"] == 0
+
+
+def test_triplet_two_captions_one_image_no_false_negative():
+    scores = torch.tensor([[0.9, 0.85], [0.1, 0.2]])
+    pos = torch.tensor([[True, True], [False, False]])
+    out = triplet_loss(scores, pos, LossConfig(margin=0.2), step=1000)
+    torch.testing.assert_close(out["loss"], torch.tensor(0.0))  # its own second caption is no negative
+
+
+def brute_ranks(scores, cap_img):
+    i2t, t2i = [], []
+    for i in range(scores.shape[0]):
+        order = sorted(range(scores.shape[1]), key=lambda c: -scores[i, c])
+        i2t.append(min(order.index(c) for c in range(scores.shape[1]) if cap_img[c] == i))
+    for c in range(scores.shape[1]):
+        order = sorted(range(scores.shape[0]), key=lambda i: -scores[i, c])
+        t2i.append(order.index(cap_img[c]))
+    return np.array(i2t), np.array(t2i)
+
+
+def test_recalls_match_brute_force_ranker():
+    rng = np.random.default_rng(0)
+    cap_img = np.array([0, 0, 1, 2, 2, 2, 3, 4, 4])  # uneven captions per image
+    scores = rng.random((5, 9))
+    i2t, t2i = brute_ranks(scores, cap_img)
+    m = recall_metrics(scores, cap_img)
+    for k in (1, 5, 10):
+        assert m[f"i2t_r{k}"] == pytest.approx(100 * (i2t < k).mean())
+        assert m[f"t2i_r{k}"] == pytest.approx(100 * (t2i < k).mean())
+    assert m["t2i_meanr"] == pytest.approx(t2i.mean() + 1)
+    assert m["i2t_medr"] == np.floor(np.median(i2t)) + 1
+
+
+def test_hand_made_recalls():
+    cap_img = np.array([0, 0, 1, 1])
+    perfect = np.array([[1.0, 0.9, 0.1, 0.0], [0.0, 0.2, 0.8, 0.7]])
+    assert recall_metrics(perfect, cap_img)["rsum"] == 600
+    swapped = perfect[::-1].copy()  # every query ranks the wrong item first
+    m = recall_metrics(swapped, cap_img)
+    assert m["i2t_r1"] == 0 and m["t2i_r1"] == 0 and m["i2t_r5"] == 100 and m["t2i_medr"] == 2
+
+
+def test_ndcg_matches_definition():
+    rng = np.random.default_rng(1)
+    scores, rel = rng.random((4, 6)), rng.random((6, 4))
+    got = ndcg_at_k(scores, rel, k=3)
+    def ndcg(rel_row, order):
+        gain = lambda r: (2 ** r - 1) / np.log2(np.arange(len(r)) + 2)
+        return gain(rel_row[order[:3]]).sum() / gain(np.sort(rel_row)[::-1][:3]).sum()
+    expect_t2i = np.mean([ndcg(rel[c], np.argsort(-scores[:, c])) for c in range(6)])
+    expect_i2t = np.mean([ndcg(rel[:, i], np.argsort(-scores[i])) for i in range(4)])
+    assert got["t2i"] == pytest.approx(expect_t2i) and got["i2t"] == pytest.approx(expect_i2t)
+    perfect = ndcg_at_k(rel.T.copy(), rel, k=3)
+    assert perfect["i2t"] == pytest.approx(1.0) and perfect["t2i"] == pytest.approx(1.0)
+
+
+def test_coco_1k_folds_use_their_own_images_and_captions():
+    n = 5000
+    cap_img = np.repeat(np.arange(n), 5)
+    scores = np.full((n, 5 * n), -1.0)
+    scores[cap_img, np.arange(5 * n)] = 1.0  # perfect within the whole set ...
+    scores[0, 5 * 1000:5 * 1001] = 5.0  # ... except image 0 beats image 1000 on its captions (another fold)
+    assert evaluate_scores(scores, cap_img, "coco_5k")["t2i_r1"] < 100
+    m = evaluate_scores(scores, cap_img, "coco_1k")  # folds never mix: fold 1 is unaffected
+    assert m["t2i_r1"] == 100 and m["rsum"] == 600
+    assert [f[0] for f in folds(n, "coco_1k")] == [0, 1000, 2000, 3000, 4000]
+    with pytest.raises(ValueError, match="coco_5k needs 5000"):
+        evaluate_scores(scores[:10, :50], cap_img[:50], "coco_5k")
+
+
+def test_swap_accuracy():
+    cap_img = np.array([0, 0, 1, 1])
+    scores = np.array([[1.0, 1.0, 0.0, 0.5], [0.0, 0.0, 1.0, 0.9]])
+    assert swap_accuracy(scores, cap_img, np.array([[0, 1]])) == 100.0
+    assert swap_accuracy(scores[::-1], cap_img, np.array([[0, 1]])) == 0.0
