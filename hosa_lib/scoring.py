@@ -121,7 +121,9 @@ def _check_pair(img: Side, cap: Side) -> None:
 
 def mrsw(align: torch.Tensor, vmask: torch.Tensor, tmask: torch.Tensor, pool: str) -> torch.Tensor:
     """TERAN local score. align (Nc, L, Ni, M) -> (Nc, Ni): max over regions, sum/mean over words."""
-    best = align.masked_fill(~vmask[None, None], float("-inf")).amax(dim=-1)  # (Nc, L, Ni)
+    if not vmask.all():
+        align = align.masked_fill(~vmask[None, None], float("-inf"))
+    best = align.amax(dim=-1)  # (Nc, L, Ni)
     tm = tmask.to(best.dtype).unsqueeze(-1)
     s = (best * tm).sum(dim=1)  # (Nc, Ni)
     return s / tm.sum(dim=1) if pool == "mean" else s
@@ -130,7 +132,9 @@ def mrsw(align: torch.Tensor, vmask: torch.Tensor, tmask: torch.Tensor, pool: st
 def _reconstruct_t2i(rho, img: Side, cap: Side, scale: float) -> torch.Tensor:
     """Image from caption. rho (G, Nc, L, Ni, M) -> mean_r cos(v_r, v~_r), (Nc, Ni)."""
     G, Nc, L, Ni, M = rho.shape
-    logits = (rho * scale).masked_fill(~cap.mask[None, :, :, None, None], float("-inf"))
+    logits = rho * scale
+    if not cap.mask.all():
+        logits = logits.masked_fill(~cap.mask[None, :, :, None, None], float("-inf"))
     alpha = torch.softmax(logits, dim=2)  # over words
     num = (alpha * rho).sum(dim=(0, 2))  # (Nc, Ni, M)
     beta = (cap.gram @ alpha.reshape(G, Nc, L, Ni * M)).view_as(alpha)  # Gamma alpha, contracted over k
@@ -141,7 +145,9 @@ def _reconstruct_t2i(rho, img: Side, cap: Side, scale: float) -> torch.Tensor:
 
 def _reconstruct_i2t(rho, img: Side, cap: Side, scale: float) -> torch.Tensor:
     """Caption from image. rho (G, Nc, L, Ni, M) -> mean_k cos(t_k, t~_k), (Nc, Ni)."""
-    logits = (rho * scale).masked_fill(~img.mask[None, None, None], float("-inf"))
+    logits = rho * scale
+    if not img.mask.all():
+        logits = logits.masked_fill(~img.mask[None, None, None], float("-inf"))
     alpha = torch.softmax(logits, dim=4)  # over regions
     num = (alpha * rho).sum(dim=(0, 4))  # (Nc, L, Ni)
     beta = torch.einsum("gclir,girs->gclis", alpha, img.gram)
@@ -167,10 +173,9 @@ def pair_scores(img: Side, cap: Side, cfg: ScoringConfig) -> dict[str, torch.Ten
         G = img.bands.shape[0]
         rho = torch.matmul(cap.bands.reshape(G, Nc * L, -1),
                            img.bands.reshape(G, Ni * M, -1).transpose(1, 2)).view(G, Nc, L, Ni, M)
-    if cfg.w_local != 0:
+    if cfg.w_local != 0:  # one more d-wide matmul is cheaper than summing the G band shares
         d = img.local.shape[-1]
-        align = (rho.sum(0) if rho is not None else
-                 (cap.local.reshape(Nc * L, d) @ img.local.reshape(Ni * M, d).T).view(Nc, L, Ni, M))
+        align = (cap.local.reshape(Nc * L, d) @ img.local.reshape(Ni * M, d).T).view(Nc, L, Ni, M)
         out["local"] = mrsw(align, img.mask, cap.mask, cfg.local_pool).T
     if rho is not None:
         scale = cfg.temperature * rho.shape[0]  # lambda * G

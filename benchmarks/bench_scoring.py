@@ -1,0 +1,132 @@
+"""Scoring benchmark (issue: model core). Same random inputs for every variant, measured in one run.
+
+    python benchmarks/bench_scoring.py [--images 200 --captions 1000 --d 1024 --bands 16]
+
+(a) fp32 matmul peak; (b) TERAN's evaluation pattern for MrSw (per query image, caption batches
+through the alignment tensor expanded to pairs x regions x words); (c) our chunked MrSw;
+(d) our chunked full HOSA score; (e) one training step (forward + backward of the loss on a
+B x B batch) with MrSw only and with full HOSA. Ratios are printed last.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import resource
+import threading
+import time
+
+import psutil
+import torch
+
+from hosa_lib.config import LossConfig, ScoringConfig
+from hosa_lib.loss import triplet_loss
+from hosa_lib.scoring import make_side, pair_scores, score_all_pairs
+
+
+class PeakRSS:
+    """Peak resident memory above the baseline while the block runs (sampled every 5 ms)."""
+
+    def __enter__(self):
+        self.proc, self.base, self.peak, self.run = psutil.Process(), psutil.Process().memory_info().rss, 0, True
+        self.t = threading.Thread(target=self._poll, daemon=True)
+        self.t.start()
+        return self
+
+    def _poll(self):
+        while self.run:
+            self.peak = max(self.peak, self.proc.memory_info().rss - self.base)
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        self.run = False
+        self.t.join()
+
+
+def timed(fn, repeat=1):
+    fn()  # warm-up
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        for _ in range(repeat):
+            fn()
+        dt = (time.perf_counter() - t0) / repeat
+    return dt, mem.peak / 2**20
+
+
+def inputs(n, length, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    return {"glob": torch.randn(n, d, generator=g), "local": torch.randn(n, length, d, generator=g),
+            "mask": torch.ones(n, length, dtype=torch.bool)}
+
+
+def teran_mrsw(img, cap, batch=250):
+    """TERAN AlignmentContrastiveLoss(return_similarity_mat=True) pattern, per query image."""
+    im_l = torch.nn.functional.normalize(img["local"], dim=-1)
+    s_l = torch.nn.functional.normalize(cap["local"], dim=-1)
+    out = torch.empty(len(im_l), len(s_l))
+    for i in range(len(im_l)):
+        for c0 in range(0, len(s_l), batch):
+            caps = s_l[c0:c0 + batch]  # (B, L, d)
+            ims = im_l[i:i + 1].expand(len(caps), -1, -1)  # query image repeated per caption
+            align = torch.matmul(ims, caps.transpose(1, 2))  # (B, M, L) pairs x regions x words
+            out[i, c0:c0 + batch] = align.max(dim=1).values.sum(dim=1)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", type=int, default=200)
+    ap.add_argument("--captions", type=int, default=1000)
+    ap.add_argument("--d", type=int, default=1024)
+    ap.add_argument("--regions", type=int, default=36)
+    ap.add_argument("--words", type=int, default=12)
+    ap.add_argument("--bands", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=128)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    print(f"threads={torch.get_num_threads()} images={args.images} captions={args.captions} d={args.d} "
+          f"M={args.regions} L={args.words} G={args.bands}")
+    img, cap = inputs(args.images, args.regions, args.d, 1), inputs(args.captions, args.words, args.d, 2)
+    align_flops = 2.0 * args.images * args.captions * args.regions * args.words * args.d
+    a = torch.randn(2048, 2048)
+    t_mm, _ = timed(lambda: a @ a, repeat=5)
+    peak = 2 * 2048**3 / t_mm / 1e9
+    res = {"(a) matmul 2048^2": (t_mm, peak, 0.0)}
+    t, m = timed(lambda: teran_mrsw(img, cap))
+    res["(b) TERAN MrSw eval pattern"] = (t, align_flops / t / 1e9, m)
+    mrsw_cfg = ScoringConfig(w_high=0, w_global=0)
+    t, m = timed(lambda: score_all_pairs(img, cap, mrsw_cfg))
+    res["(c) ours chunked MrSw"] = (t, align_flops / t / 1e9, m)
+    hosa_cfg = ScoringConfig(bands=args.bands)
+    t, m = timed(lambda: score_all_pairs(img, cap, hosa_cfg))
+    res[f"(d) ours chunked HOSA G={args.bands}"] = (t, align_flops / t / 1e9, m)
+    check = score_all_pairs({k: v[:20] for k, v in img.items()}, {k: v[:50] for k, v in cap.items()}, mrsw_cfg)
+    torch.testing.assert_close(check["total"], teran_mrsw({k: v[:20] for k, v in img.items()},
+                                                          {k: v[:50] for k, v in cap.items()}), rtol=1e-4, atol=1e-4)
+    b = args.batch
+    bi, bc = inputs(b, args.regions, args.d, 3), inputs(b, args.words, args.d, 4)
+    step_flops = 3 * 2.0 * b * b * args.regions * args.words * args.d
+
+    def step(cfg):
+        li = bi["local"].clone().requires_grad_(True)
+        lc = bc["local"].clone().requires_grad_(True)
+        s = pair_scores(make_side(bi["glob"], li, bi["mask"], cfg), make_side(bc["glob"], lc, bc["mask"], cfg), cfg)
+        triplet_loss(s["total"], torch.eye(b, dtype=torch.bool), LossConfig(), step=10**6)["loss"].backward()
+    t, m = timed(lambda: step(dataclasses.replace(mrsw_cfg, w_global=1.0)), repeat=2)
+    res[f"(e1) train step MrSw B={b}"] = (t, step_flops / t / 1e9, m)
+    t, m = timed(lambda: step(hosa_cfg), repeat=2)
+    res[f"(e2) train step HOSA G={args.bands} B={b}"] = (t, step_flops / t / 1e9, m)
+    print(f"{'variant':40s} {'time s':>9s} {'GFLOP/s*':>9s} {'peak MiB':>9s}")
+    for k, (t, gf, m) in res.items():
+        print(f"{k:40s} {t:9.3f} {gf:9.1f} {m:9.0f}")
+    print("* alignment-matrix FLOPs (2*pairs*M*L*d; x3 for a training step) per second")
+    r = {k[:3]: v for k, v in res.items()}
+    print("ratios:")
+    print(f"  (c) GFLOP/s / (a) peak           = {r['(c)'][1] / peak:.2f}   (target >= 0.70)")
+    print(f"  (b) time / (c) time              = {r['(b)'][0] / r['(c)'][0]:.2f}   (target >= 2.5)")
+    print(f"  (d) time / (c) time              = {r['(d)'][0] / r['(c)'][0]:.2f}   (target <= 1.5)")
+    print(f"  (e2) time / (e1) time            = {r['(e2'][0] / r['(e1'][0]:.2f}   (target <= 1.5)")
+    print(f"  (d) peak memory                  = {r['(d)'][2]:.0f} MiB (target < 2048)")
+
+
+if __name__ == "__main__":
+    main()
