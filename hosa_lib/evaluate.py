@@ -14,7 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain tqdm: widget bars render blank in offline HTML
 
 from .config import EvalConfig, ScoringConfig, load
 from .data import collate_captions, collate_images, to_device

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain tqdm: widget bars render blank in offline HTML
 
 from .store import Store, updating
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain tqdm: widget bars render blank in offline HTML
 
 from .store import Store, StoreError, updating
 

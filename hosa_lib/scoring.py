@@ -208,7 +208,7 @@ def score_all_pairs(img: dict, cap: dict, cfg: ScoringConfig, max_elems: int = 1
     img / cap: dicts with 'glob' (N, d), 'local' (N, n, d), 'mask' (N, n) on any device (CPU
     memory is fine; chunks move to `device`). Returns (N_img, N_cap) float32 CPU tensors.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # plain tqdm: widget bars render blank in offline HTML
 
     n_img, m = img["mask"].shape
     n_cap, l = cap["mask"].shape

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain tqdm: widget bars render blank in offline HTML
 
 from . import code_version
 from .config import RunConfig, from_dict, load, params_hash, to_dict

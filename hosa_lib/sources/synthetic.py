@@ -16,7 +16,7 @@ import random
 from pathlib import Path
 
 from PIL import Image, ImageDraw
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain tqdm: widget bars render blank in offline HTML
 
 SHAPES = ("square", "circle", "triangle", "diamond")
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 80, 220),

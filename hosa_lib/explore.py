@@ -1,0 +1,78 @@
+"""Explorer behind notebooks/40_explore: free-text queries, image queries, live score weights."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .evaluate import evaluate_checkpoint
+from .features import load_backbone, tokenize
+from .scoring import score_all_pairs
+from .store import Store
+from .train import load_model
+
+
+class Explorer:
+    def __init__(self, cfg, checkpoint):
+        self.cfg = cfg
+        self.model, _, self.text_key = load_model(checkpoint, cfg)
+        _, _, emb = evaluate_checkpoint(cfg, checkpoint, progress=False)  # cached embeddings of the test split
+        self.img, self.cap, self.cap_img = emb["img"], emb["cap"], emb["cap_img"]
+        with Store(cfg.data.store, check_values=False) as s:
+            self.images = s.split_images(cfg.eval.split)
+            self.captions = s.captions(s.split_captions(cfg.eval.split))
+        self.tokenizer, self.backbone = load_backbone(cfg.data.text_model)
+        self.scoring, self.last_result = cfg.scoring, []
+
+    @torch.no_grad()
+    def encode_text(self, text: str) -> dict:
+        if not text.strip():
+            raise ValueError("query: empty text")
+        enc = tokenize(self.tokenizer, [text], self.cfg.data.max_words)
+        words = enc.pop("words")
+        hidden = self.backbone(**enc, output_hidden_states=True).hidden_states[self.cfg.data.text_layer]
+        return {k: v.float() if v.is_floating_point() else v for k, v in self.model.encode_captions(
+            {"text": hidden, "text_mask": enc["attention_mask"].bool(), "word_mask": words}).items()}
+
+    def set_weights(self, w_local: float, w_high: float, w_global: float) -> None:
+        self.scoring = dataclasses.replace(self.scoring, w_local=w_local, w_high=w_high, w_global=w_global)
+
+    def text_query(self, text: str, k: int = 5, show: bool = True):
+        cap = self.encode_text(text)
+        scores = score_all_pairs(self.img, cap, self.scoring, terms=("total",))["total"][:, 0].numpy()
+        order = np.argsort(-scores)[:k]
+        self.last_result = [int(self.images[j]) for j in order]
+        if show:
+            from .viz import show_images
+            show_images(self.cfg.data.store, self.last_result, [f"{scores[j]:.2f}" for j in order], title=text)
+        return pd.DataFrame({"image": self.last_result, "score": scores[order]})
+
+    def image_query(self, position: int, k: int = 5) -> pd.DataFrame:
+        one = {key: v[position:position + 1] for key, v in self.img.items()}
+        scores = score_all_pairs(one, self.cap, self.scoring, terms=("total",))["total"][0].numpy()
+        order = np.argsort(-scores)[:k]
+        return pd.DataFrame({"caption": [self.captions[c] for c in order], "score": scores[order],
+                             "own image": [bool(self.cap_img[c] == position) for c in order]})
+
+    def widget(self, query: str, k: int = 5):
+        import ipywidgets as W
+        from IPython.display import display
+
+        box = W.Text(value=query, description="caption", layout=W.Layout(width="60%"))
+        sliders = [W.FloatSlider(value=getattr(self.scoring, n), min=0, max=10, step=0.5, description=n)
+                   for n in ("w_local", "w_high", "w_global")]
+        out = W.Output()
+
+        def refresh(_=None):
+            self.set_weights(*(s.value for s in sliders))
+            with out:
+                out.clear_output(wait=True)
+                display(self.text_query(box.value, k))
+
+        box.on_submit(refresh)
+        for s in sliders:
+            s.observe(refresh, names="value")
+        refresh()
+        return W.VBox([box, W.HBox(sliders), out])
