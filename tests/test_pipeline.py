@@ -1,0 +1,67 @@
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+import yaml
+
+NOTEBOOKS = sorted(Path("notebooks").glob("*.ipynb"))
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_conventions(nb):
+    cells = nbformat.read(nb, as_version=4).cells
+    code = [c for c in cells if c.cell_type == "code"]
+    assert "parameters" in code[0].metadata.get("tags", []), "first code cell must be tagged 'parameters'"
+    assert all(not c.get("outputs") and c.get("execution_count") is None for c in code), "stored outputs"
+    src = "\n".join(c.source for c in code)
+    assert not re.search(r"^\s*(def|class)\s", src, re.M), "notebooks hold no def/class"
+    assert sum(len(c.source.splitlines()) for c in code) < 120
+    assert "write_metrics" in code[-1].source, "last cell writes the stage's metrics json"
+
+
+def test_pipeline_rejects_unknown_parameter(tmp_path):
+    from hosa_lib.pipeline import PipelineError, check_parameters
+    with pytest.raises(PipelineError, match="unknown parameter 'epochz'"):
+        check_parameters(Path("notebooks/10_train.ipynb"), {"params": "x", "epochz": 3})
+
+
+@pytest.mark.slow
+def test_smoke_pipeline_end_to_end(tmp_path):
+    """The whole notebook pipeline through papermill on tiny synthetic data; second run skips."""
+    raw = yaml.safe_load(Path("params/smoke.yaml").read_text())
+    raw["base"] = str(Path("params/base.yaml").resolve())
+    raw["output_root"] = str(tmp_path / "out")
+    raw["data"]["store"] = str(tmp_path / "out" / "smoke.h5")
+    raw["ablation"]["grid"] = str(Path("params/ablations/smoke.yaml").resolve())
+    params = tmp_path / "smoke.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    proc = subprocess.run([sys.executable, "-m", "hosa_lib.pipeline", str(params)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    index = Path(proc.stdout.strip().splitlines()[-1].split("report: ")[1])
+    run = index.parent
+    page = index.read_text()
+    for stem in ("00_prepare_data", "10_train", "20_evaluate", "30_ablations"):
+        assert f'href="{stem}.html"' in page and (run / f"{stem}.html").stat().st_size > 10_000
+    m = json.loads((run / "evaluate_metrics.json").read_text())
+    assert {"rsum", "swap_acc", "t2i_ndcg_rougeL"} <= set(m)
+    csv = (run / "ablations.csv").read_text().splitlines()
+    assert len(csv) == 3 and csv[0].startswith("variant,seed")
+    assert "<img" in (run / "20_evaluate.html").read_text()  # seaborn figures embedded
+    again = subprocess.run([sys.executable, "-m", "hosa_lib.pipeline", str(params)], capture_output=True, text=True)
+    assert again.returncode == 0 and again.stdout.count("up to date, skipped") == 4
+
+
+@pytest.mark.slow
+def test_pipeline_failure_names_notebook_and_cell(tmp_path):
+    params = tmp_path / "bad.yaml"
+    params.write_text(yaml.safe_dump({"base": str(Path("params/smoke.yaml").resolve()), "output_root": str(tmp_path),
+                                      "data": {"source": "store", "store": str(tmp_path / "missing.h5")}}))
+    proc = subprocess.run([sys.executable, "-m", "hosa_lib.pipeline", str(params), "--stages", "prepare"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert "00_prepare_data.ipynb failed in cell" in proc.stderr and "missing.h5" in proc.stderr
+    assert list(tmp_path.glob("*/00_prepare_data.ipynb"))  # executed notebook kept for inspection
