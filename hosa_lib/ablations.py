@@ -20,10 +20,12 @@ from .train import run_dir_for, train
 
 def read_grid(path) -> tuple[list[dict], list[int] | None]:
     raw = yaml.safe_load(Path(path).read_text()) or {}
-    unknown = set(raw) - {"variants", "seeds"}
+    unknown = set(raw) - {"variants", "seeds", "common"}
     if unknown:
-        raise ConfigError(f"{path}: unknown key '{sorted(unknown)[0]}' (expected variants, seeds)")
-    variants = raw.get("variants") or []
+        raise ConfigError(f"{path}: unknown key '{sorted(unknown)[0]}' (expected variants, seeds, common)")
+    from .config import deep_merge
+    variants = [{**v, "overrides": deep_merge(raw.get("common") or {}, v.get("overrides") or {})}
+                for v in raw.get("variants") or []]
     for v in variants:
         if set(v) - {"name", "overrides"} or "name" not in v:
             raise ConfigError(f"{path}: each variant needs 'name' and optional 'overrides', got {v}")
