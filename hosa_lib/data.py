@@ -49,8 +49,8 @@ class EpochSampler(torch.utils.data.Sampler):
         return self.batches_per_epoch() - self.start_batch
 
 
-def dataset(store_path, split: str, text_key: str) -> CaptionDataset:
-    return CaptionDataset(store_path, split, text_key)
+def dataset(store_path, split: str, text) -> CaptionDataset:
+    return CaptionDataset(store_path, split, text)
 
 
 def collate_images(items: list[dict]) -> dict:
@@ -62,8 +62,9 @@ def collate_images(items: list[dict]) -> dict:
 
 
 def collate_captions(items: list[dict]) -> dict:
-    t = max(int(it["text_mask"].sum()) for it in items)
-    return {"text": torch.stack([it["text"][:t] for it in items]),
+    t = max(int(it["text_mask"].sum()) for it in items)  # padding trimmed to the longest caption
+    src = "text" if "text" in items[0] else "input_ids"
+    return {src: torch.stack([it[src][:t] for it in items]),
             "text_mask": torch.stack([it["text_mask"][:t] for it in items]),
             "word_mask": torch.stack([it["word_mask"][:t] for it in items]),
             "index": torch.tensor([it["caption"] for it in items])}

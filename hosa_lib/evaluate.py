@@ -24,13 +24,13 @@ from .store import CaptionDataset, ImageDataset, Store
 
 
 @torch.no_grad()
-def encode_split(model, store_path, split: str, text_key: str, device="cpu", batch_size: int = 128,
+def encode_split(model, store_path, split: str, text: str, device="cpu", batch_size: int = 128,
                  progress: bool = False) -> tuple[dict, dict, np.ndarray]:
     """-> images {glob, local, mask}, captions {glob, local, mask} (CPU float32), cap_img (split positions)."""
     model.eval()
     out = []
     for ds, coll, fn in ((ImageDataset(store_path, split), collate_images, model.encode_images),
-                         (CaptionDataset(store_path, split, text_key, with_image=False), collate_captions,
+                         (CaptionDataset(store_path, split, text, with_image=False), collate_captions,
                           model.encode_captions)):
         loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=coll)
         parts = [{k: v.float().cpu() for k, v in fn(to_device(b, device)).items()}
@@ -112,13 +112,13 @@ def evaluate_checkpoint(cfg, checkpoint, split: str | None = None, protocol: str
     split = split or cfg.eval.split
     ecfg = EvalConfig(**{**cfg.eval.__dict__, "protocol": protocol or cfg.eval.protocol})
     checkpoint = Path(checkpoint)
-    model, ck, text_key = load_model(checkpoint, cfg, device)
+    model, ck, text = load_model(checkpoint, cfg, device)
     tag = f"{checkpoint.resolve()}|{ck['step']}|{split}"
     emb_path = checkpoint.with_name(f"embeddings_{checkpoint.stem}_{split}.h5")
     t0 = time.perf_counter()
     cached = load_embeddings(emb_path, tag) if cache else None
     if cached is None:
-        cached = encode_split(model, cfg.data.store, split, text_key, device, progress=progress)
+        cached = encode_split(model, cfg.data.store, split, text, device, progress=progress)
         if cache:
             save_embeddings(emb_path, *cached, tag)
     img, cap, cap_img = cached

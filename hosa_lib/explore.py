@@ -17,7 +17,7 @@ from .train import load_model
 class Explorer:
     def __init__(self, cfg, checkpoint):
         self.cfg = cfg
-        self.model, _, self.text_key = load_model(checkpoint, cfg)
+        self.model, _, self.text = load_model(checkpoint, cfg)
         _, _, emb = evaluate_checkpoint(cfg, checkpoint, progress=False)  # cached embeddings of the test split
         self.img, self.cap, self.cap_img = emb["img"], emb["cap"], emb["cap_img"]
         with Store(cfg.data.store, check_values=False) as s:
@@ -31,10 +31,14 @@ class Explorer:
         if not text.strip():
             raise ValueError("query: empty text")
         enc = tokenize(self.tokenizer, [text], self.cfg.data.max_words)
-        words = enc.pop("words")
-        hidden = self.backbone(**enc, output_hidden_states=True).hidden_states[self.cfg.data.text_layer]
-        return {k: v.float() if v.is_floating_point() else v for k, v in self.model.encode_captions(
-            {"text": hidden, "text_mask": enc["attention_mask"].bool(), "word_mask": words}).items()}
+        batch = {"text_mask": enc["attention_mask"].bool(), "word_mask": enc["words"]}
+        if self.model.text.backbone is not None:  # fine-tuned backbone inside the model
+            batch["input_ids"] = enc["input_ids"]
+        else:
+            hidden = self.backbone(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                                   output_hidden_states=True).hidden_states[self.cfg.data.text_layer]
+            batch["text"] = hidden
+        return {k: v.float() if v.is_floating_point() else v for k, v in self.model.encode_captions(batch).items()}
 
     def set_weights(self, w_local: float, w_high: float, w_global: float) -> None:
         self.scoring = dataclasses.replace(self.scoring, w_local=w_local, w_high=w_high, w_global=w_global)

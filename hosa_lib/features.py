@@ -29,11 +29,19 @@ def cache_key(name: str, layer: int) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{base}-L{layer}")
 
 
-def load_backbone(name: str):
-    from transformers import AutoModel, AutoTokenizer
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
 
-    path = resolve_text_model(name)
-    return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(resolve_text_model(name))
+
+
+def load_backbone(name: str, layers: int | None = None):
+    """Tokenizer and encoder. layers=k keeps only the first k layers (hidden_states[-1] = layer k),
+    as TERAN does with `extraction-hidden-layer`: same outputs, less compute, same checkpoint keys."""
+    from transformers import AutoModel
+
+    kwargs = {"num_hidden_layers": layers} if layers else {}
+    return load_tokenizer(name), AutoModel.from_pretrained(resolve_text_model(name), **kwargs)
 
 
 def tokenize(tokenizer, texts: list[str], max_words: int) -> dict:

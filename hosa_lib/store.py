@@ -24,6 +24,7 @@ import contextlib
 import datetime as _dt
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -283,23 +284,34 @@ class Store:
 
 
 # ----------------------------------------------------------------------------- torch Dataset
-class CaptionDataset(torch.utils.data.Dataset):
-    """One item per caption of a split: the caption's image regions and cached text states.
+@dataclass(frozen=True)
+class TextInput:
+    """How captions reach the text encoder: cached backbone states, or tokens for a backbone that runs."""
+    cache_key: str | None = None   # text/<cache_key> in the store (frozen backbone)
+    tokenizer: str | None = None   # tokenizer name/dir: tokenise on the fly (fine-tuned backbone)
+    max_words: int = 32
 
-    h5py handles are opened lazily in each DataLoader worker (they cannot be pickled).
-    Item: dict(regions (K, D) f32, boxes (K, 4), n_regions, text (T, H) f32, text_mask (T,),
-    word_mask (T,), image (store index), caption (store index)).
+
+class CaptionDataset(torch.utils.data.Dataset):
+    """One item per caption of a split: the caption's image regions and its text input.
+
+    h5py handles (and tokenizers) are opened lazily in each DataLoader worker.
+    Item: dict(regions (K, D) f32, boxes (K, 4), n_regions, image, caption (store indices), and either
+    text (T, H) f32 cached states or input_ids (T,), plus text_mask (T,) and word_mask (T,)).
+    `text` may be a TextInput, a cache key string, or None (images only).
     """
 
-    def __init__(self, path, split: str, text_key: str | None, with_image: bool = True):
+    def __init__(self, path, split: str, text: "TextInput | str | None", with_image: bool = True):
         self.with_image = with_image
+        self.text = TextInput(cache_key=text) if isinstance(text, str) else text
         with Store(path, check_values=False) as s:
             self.captions = s.split_captions(split)
             self.caption_image = s.caption_image
-            if text_key is not None and text_key not in s.text_keys():
-                raise StoreError(f"{path}: no text cache '{text_key}' (have: {', '.join(s.text_keys()) or 'none'})")
-        self.path, self.split, self.text_key = str(path), split, text_key
-        self._f = None
+            key = self.text.cache_key if self.text else None
+            if key is not None and key not in s.text_keys():
+                raise StoreError(f"{path}: no text cache '{key}' (have: {', '.join(s.text_keys()) or 'none'})")
+        self.path, self.split = str(path), split
+        self._f, self._tok = None, None
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -310,7 +322,7 @@ class CaptionDataset(torch.utils.data.Dataset):
         return self._f
 
     def __getstate__(self):
-        return {**self.__dict__, "_f": None}
+        return {**self.__dict__, "_f": None, "_tok": None}
 
     def __getitem__(self, i: int) -> dict:
         f = self._file()
@@ -319,11 +331,18 @@ class CaptionDataset(torch.utils.data.Dataset):
         item = {"image": img, "caption": c}
         if self.with_image:
             item.update(image_item(f, img))
-        if self.text_key is not None:
-            g = f[f"text/{self.text_key}"]
+        if self.text is not None and self.text.cache_key is not None:
+            g = f[f"text/{self.text.cache_key}"]
             item["text"] = torch.from_numpy(g["hidden"][c].astype(np.float32))
             item["text_mask"] = torch.from_numpy(g["mask"][c])
             item["word_mask"] = torch.from_numpy(g["words"][c])
+        elif self.text is not None and self.text.tokenizer is not None:
+            from .features import load_tokenizer, tokenize
+            if self._tok is None:
+                self._tok = load_tokenizer(self.text.tokenizer)
+            enc = tokenize(self._tok, [f["captions/text"].asstr()[c]], self.text.max_words)
+            item.update(input_ids=enc["input_ids"][0], text_mask=enc["attention_mask"][0].bool(),
+                        word_mask=enc["words"][0])
         return item
 
 

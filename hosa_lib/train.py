@@ -24,10 +24,10 @@ from tqdm import tqdm  # plain tqdm: widget bars render blank in offline HTML
 from . import code_version
 from .config import RunConfig, from_dict, load, params_hash, to_dict
 from .data import EpochSampler, collate, dataset, to_device
-from .features import cache_key
+from .features import cache_key, load_backbone
 from .loss import triplet_loss
 from .model import HOSA
-from .store import Store
+from .store import Store, TextInput
 
 
 def run_dir_for(cfg: RunConfig) -> Path:
@@ -43,20 +43,24 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_model(cfg: RunConfig, device) -> tuple[HOSA, str]:
-    key = cache_key(cfg.data.text_model, cfg.data.text_layer)
-    with Store(cfg.data.store, check_values=False) as s:
+def build_model(cfg: RunConfig, device) -> tuple[HOSA, TextInput]:
+    """The model and how its captions are fed: cached backbone states, or tokens when fine-tuning."""
+    dc = cfg.data
+    with Store(dc.store, check_values=False) as s:
         feat_dim = s.feature_dim
-        if key not in s.text_keys():
-            raise ValueError(f"{cfg.data.store}: no text cache '{key}'; run prepare first")
-        text_dim = s.f[f"text/{key}/hidden"].shape[-1]
-    backbone = None
-    if cfg.model.text_finetune:
-        raise NotImplementedError("model.text_finetune: fine-tuning the text backbone is not implemented yet; "
-                                  "train on cached states (text_finetune: false)")
+        if not cfg.model.text_finetune:
+            key = cache_key(dc.text_model, dc.text_layer)
+            if key not in s.text_keys():
+                raise ValueError(f"{dc.store}: no text cache '{key}'; run prepare first")
+            text_dim = s.f[f"text/{key}/hidden"].shape[-1]
+    backbone, text = None, TextInput(cache_key=key) if not cfg.model.text_finetune else None
+    if cfg.model.text_finetune:  # the backbone runs inside the model, truncated at the extraction layer
+        _, backbone = load_backbone(dc.text_model, dc.text_layer if dc.text_layer > 0 else None)
+        text_dim = backbone.config.hidden_size
+        text = TextInput(tokenizer=dc.text_model, max_words=dc.max_words)
     torch.manual_seed(cfg.train.seed)
-    model = HOSA(cfg.model, cfg.scoring, feat_dim, text_dim, backbone, cfg.data.text_layer).to(device)
-    return model, key
+    model = HOSA(cfg.model, cfg.scoring, feat_dim, text_dim, backbone, -1).to(device)
+    return model, text
 
 
 def lr_lambda(cfg: RunConfig, steps_per_epoch: int):
@@ -168,10 +172,10 @@ class _DDPWrapper(torch.nn.Module):
         return self.core.encode_images(batch) if mode == "images" else self.core.encode_captions(batch)
 
 
-def validate(core: HOSA, cfg: RunConfig, text_key: str, device) -> dict:
+def validate(core: HOSA, cfg: RunConfig, text: str, device) -> dict:
     from .evaluate import encode_split, evaluate_embeddings
 
-    img, cap, cap_img = encode_split(core, cfg.data.store, "val", text_key, device)
+    img, cap, cap_img = encode_split(core, cfg.data.store, "val", text, device)
     if cfg.train.val_images and cfg.train.val_images < len(img["glob"]):
         keep_img = np.arange(cfg.train.val_images)
         keep_cap = np.nonzero(cap_img < cfg.train.val_images)[0]
@@ -203,14 +207,19 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, progress: bool = Tr
         (run_dir / "params.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         (run_dir / "code_version.txt").write_text(code_version() + "\n")
 
-    core, text_key = build_model(cfg, device)
-    data = dataset(cfg.data.store, "train", text_key)
+    core, text = build_model(cfg, device)
+    data = dataset(cfg.data.store, "train", text)
     sampler = EpochSampler(len(data), cfg.train.batch_size, cfg.train.seed, rank, world)
     spe = sampler.batches_per_epoch()
     if spe == 0:
         raise ValueError(f"train split has {len(data)} captions, fewer than one batch of "
                          f"{cfg.train.batch_size * world}")
-    opt = torch.optim.AdamW(core.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    backbone = list(core.text.backbone.parameters()) if core.text.backbone is not None else []
+    ids = {id(p) for p in backbone}
+    groups = [{"params": [p for p in core.parameters() if id(p) not in ids]}]
+    if backbone:  # separate (smaller) learning rate for the fine-tuned text backbone
+        groups.append({"params": backbone, "lr": cfg.train.lr * cfg.model.text_lr_scale})
+    opt = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, spe))
     step, epoch, start_batch, best = 0, 0, 0, -1.0
     last = ck_dir / "last.pt"
@@ -268,7 +277,7 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, progress: bool = Tr
         start_batch = 0
         epoch += 1
         if rank == 0:
-            last_val = validate(core, cfg, text_key, device)
+            last_val = validate(core, cfg, text, device)
             improved = last_val["rsum"] > best
             best = max(best, last_val["rsum"])
             log.write(json.dumps({"step": step, "epoch": epoch - 1, "split": "val", **last_val}) + "\n")

@@ -129,7 +129,7 @@ def top_images(store_path, split: str, scores, cap_img, n_queries: int = 3, k: i
     return fig
 
 
-def alignment_heatmap(model, store_path, image: int, caption: int, text_key: str, text_model: str = "minilm"):
+def alignment_heatmap(model, store_path, image: int, caption: int, text, text_model: str = "minilm"):
     """Region-word cosine matrix of one pair and its per-band high-order attention (up to 4 bands)."""
     import h5py
     import torch
@@ -144,7 +144,7 @@ def alignment_heatmap(model, store_path, image: int, caption: int, text_key: str
     with h5py.File(store_path, "r") as f:
         ib = collate_images([image_item(f, image)])
         text = f["captions/text"].asstr()[caption]
-    ds = CaptionDataset(store_path, "test", text_key, with_image=False)
+    ds = CaptionDataset(store_path, "test", text, with_image=False)
     cb = collate_captions([ds[int(np.nonzero(ds.captions == caption)[0][0])]])
     with torch.no_grad():
         vi, ci = model.encode_images(ib), model.encode_captions(cb)

@@ -45,7 +45,7 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, smoke_store):
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     step_at_kill = torch.load(ck, weights_only=False)["step"]
-    assert 0 < step_at_kill < 2 * 3  # killed in the first epoch (3 batches of 8 from 24 train captions)
+    assert 0 < step_at_kill < 160 // 8  # killed mid-way through the first epoch (20 batches)
     resumed = run_train(params, tmp_path / "killed")
     out = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, out
@@ -117,3 +117,23 @@ def test_evaluate_cli_writes_metrics(tmp_path, smoke_store):
     assert {"rsum", "i2t_r1", "t2i_ndcg_rougeL", "swap_acc"} <= set(m)
     assert "rsum" in proc.stdout
     assert list((Path(res["run_dir"]) / "checkpoints").glob("embeddings_best_test.h5"))
+
+
+def test_finetune_backbone_trains_with_its_own_lr(tmp_path, smoke_store):
+    """text_finetune: the (truncated) MiniLM runs inside the model on tokens and receives gradients."""
+    from hosa_lib.config import replace
+    from hosa_lib.train import train
+    cfg = replace(smoke_cfg(smoke_store.store, epochs=1, lr=1e-3, checkpoint_every=1),
+                  {"model": {"text_finetune": True, "text_lr_scale": 0.5}, "data": {"text_layer": 2}})
+    res = train(cfg, tmp_path / "ft", progress=False, stop_after_steps=2)
+    ck = torch.load(tmp_path / "ft" / "checkpoints" / "last.pt", weights_only=False)
+    assert len(ck["optimizer"]["param_groups"]) == 2
+    assert ck["optimizer"]["param_groups"][1]["lr"] == pytest.approx(0.5 * ck["optimizer"]["param_groups"][0]["lr"])
+    layers = {k.split(".")[4] for k in ck["model"] if k.startswith("text.backbone.encoder.layer.")}
+    assert layers == {"0", "1"}  # truncated at data.text_layer, like TERAN's extraction layer
+    from hosa_lib.features import load_backbone
+    _, fresh = load_backbone("minilm", 2)
+    moved = (ck["model"]["text.backbone.encoder.layer.1.output.dense.weight"]
+             - fresh.state_dict()["encoder.layer.1.output.dense.weight"]).abs().max()
+    assert moved > 0  # the backbone was updated
+    assert res["steps"] == 2 and ck["step"] == 2
