@@ -107,8 +107,10 @@ def evaluate_embeddings(img, cap, cap_img, scfg: ScoringConfig, ecfg: EvalConfig
 def evaluate_checkpoint(cfg, checkpoint, split: str | None = None, protocol: str | None = None,
                         device="cpu", progress=True, cache: bool = True) -> tuple[dict, torch.Tensor, dict]:
     """Load a checkpoint, encode (or load cached embeddings), score, compute metrics."""
+    from .perf import tune_cpu_allocator
     from .train import load_model
 
+    tune_cpu_allocator()
     split = split or cfg.eval.split
     ecfg = EvalConfig(**{**cfg.eval.__dict__, "protocol": protocol or cfg.eval.protocol})
     checkpoint = Path(checkpoint)

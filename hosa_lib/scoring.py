@@ -129,18 +129,59 @@ def mrsw(align: torch.Tensor, vmask: torch.Tensor, tmask: torch.Tensor, pool: st
     return s / tm.sum(dim=1) if pool == "mean" else s
 
 
+class _HighOrderT2I(torch.autograd.Function):
+    """s[c, i] = mean over valid regions r of <v_r, v~_r> / |v~_r| from the band shares rho.
+
+    Hand-written backward because autograd's version of this chain keeps ~8 full-size
+    intermediates and makes ~25 passes over (G, Nc, L, Ni, M); this one makes ~10, in place.
+    With alpha = softmax_k(lambda G rho), num = sum alpha rho, N2 = sum alpha^T Gamma alpha,
+    cos = num / sqrt(N2) and g = dL/dcos:
+        u = g / |v~|, w = -g num / (2 |v~|^3), a_k = u rho_k + 2 w (Gamma alpha)_k
+        dL/drho_k = u alpha_k + lambda G alpha_k (a_k - sum_j alpha_j a_j)
+        dL/dGamma  = sum_{i,r} w alpha alpha^T.
+    """
+
+    @staticmethod
+    def forward(ctx, rho, gram, cmask, vmask, scale):
+        # Big (G, Nc, L, Ni, M) buffers are few and reused: fresh large allocations page-fault on CPU.
+        G, Nc, L, Ni, M = rho.shape
+        alpha = rho * scale
+        if not cmask.all():
+            alpha.masked_fill_(~cmask[None, :, :, None, None], float("-inf"))
+        alpha.sub_(alpha.amax(dim=2, keepdim=True)).exp_()
+        alpha.div_(alpha.sum(dim=2, keepdim=True))  # softmax over words
+        tmp = torch.mul(alpha, rho)
+        num = tmp.sum(dim=(0, 2))  # (Nc, Ni, M)
+        beta = torch.bmm(gram.reshape(G * Nc, L, L), alpha.view(G * Nc, L, Ni * M)).view_as(alpha)
+        norm = torch.mul(beta, alpha, out=tmp).sum(dim=(0, 2)).clamp_min(1e-12).sqrt()  # |v~_r|
+        del tmp
+        weight = vmask.to(rho.dtype) / vmask.sum(-1, keepdim=True)  # (Ni, M): mean over valid regions
+        if any(ctx.needs_input_grad[:2]):
+            ctx.save_for_backward(rho, alpha, gram, num, norm, weight)
+            ctx.scale = scale
+        return (num / norm * weight).sum(-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rho, alpha, gram, num, norm, weight = ctx.saved_tensors
+        G, Nc, L, Ni, M = rho.shape
+        g = grad[..., None] * weight  # dL/dcos_r, (Nc, Ni, M)
+        u = (g / norm)[None, :, None]
+        w = (-g * num / (2 * norm ** 3))[None, :, None]
+        # beta = Gamma alpha is recomputed (one small bmm) into the buffer that becomes dL/dalpha
+        a = torch.bmm(gram.reshape(G * Nc, L, L), alpha.view(G * Nc, L, Ni * M)).view_as(alpha)
+        a.mul_(2 * w).addcmul_(rho, u)  # dL/dalpha
+        tmp = torch.mul(alpha, a)
+        a.sub_(tmp.sum(dim=2, keepdim=True)).mul_(alpha).mul_(ctx.scale)  # softmax backward
+        d_rho = a.addcmul_(alpha, u)
+        aw = torch.mul(alpha, w, out=tmp).view(G * Nc, L, Ni * M)
+        d_gram = torch.bmm(aw, alpha.view(G * Nc, L, Ni * M).transpose(1, 2)).view(G, Nc, L, L)
+        return d_rho, d_gram, None, None, None
+
+
 def _reconstruct_t2i(rho, img: Side, cap: Side, scale: float) -> torch.Tensor:
     """Image from caption. rho (G, Nc, L, Ni, M) -> mean_r cos(v_r, v~_r), (Nc, Ni)."""
-    G, Nc, L, Ni, M = rho.shape
-    logits = rho * scale
-    if not cap.mask.all():
-        logits = logits.masked_fill(~cap.mask[None, :, :, None, None], float("-inf"))
-    alpha = torch.softmax(logits, dim=2)  # over words
-    num = (alpha * rho).sum(dim=(0, 2))  # (Nc, Ni, M)
-    beta = (cap.gram @ alpha.reshape(G, Nc, L, Ni * M)).view_as(alpha)  # Gamma alpha, contracted over k
-    norm = (beta * alpha).sum(dim=(0, 2)).clamp_min(1e-12).sqrt()  # |v~_r|
-    vm = img.mask.to(rho.dtype)
-    return ((num / norm) * vm).sum(-1) / vm.sum(-1)
+    return _HighOrderT2I.apply(rho, cap.gram, cap.mask, img.mask, scale)
 
 
 def _reconstruct_i2t(rho, img: Side, cap: Side, scale: float) -> torch.Tensor:

@@ -27,6 +27,7 @@ from .data import EpochSampler, collate, dataset, to_device
 from .features import cache_key, load_backbone
 from .loss import triplet_loss
 from .model import HOSA
+from .perf import tune_cpu_allocator
 from .store import Store, TextInput
 
 
@@ -191,6 +192,7 @@ def validate(core: HOSA, cfg: RunConfig, text: str, device) -> dict:
 def train(cfg: RunConfig, run_dir: str | Path | None = None, progress: bool = True,
           stop_after_steps: int | None = None) -> dict:
     """Train (or resume) a run. Returns {"run_dir", "best_rsum", "steps", "seconds", "last_val"}."""
+    tune_cpu_allocator()
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
