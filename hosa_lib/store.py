@@ -317,39 +317,68 @@ class CaptionDataset(torch.utils.data.Dataset):
         return len(self.captions)
 
     def _file(self):
-        if self._f is None:
+        if self._f is None:  # per worker: open the file and keep the dataset handles
             self._f = h5py.File(self.path, "r")
+            self._ds = {k: self._f[k] for k in ("images/features", "images/boxes", "images/n_regions",
+                                                "captions/text")}
+            if self.text is not None and self.text.cache_key is not None:
+                g = self._f[f"text/{self.text.cache_key}"]
+                self._ds.update({"hidden": g["hidden"], "mask": g["mask"], "words": g["words"]})
         return self._f
 
     def __getstate__(self):
-        return {**self.__dict__, "_f": None, "_tok": None}
+        return {**self.__dict__, "_f": None, "_tok": None, "_ds": None}
 
     def __getitem__(self, i: int) -> dict:
-        f = self._file()
-        c = int(self.captions[i])
-        img = int(self.caption_image[c])
-        item = {"image": img, "caption": c}
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices) -> list[dict]:
+        """Batched fetch (DataLoader calls this with a whole batch): one sorted read per dataset."""
+        self._file()
+        caps = self.captions[np.asarray(indices, dtype=np.int64)]
+        imgs = self.caption_image[caps]
+        items = [{"image": int(im), "caption": int(c)} for im, c in zip(imgs, caps)]
         if self.with_image:
-            item.update(image_item(f, img))
+            for it, im in zip(items, read_images(self._ds, imgs)):
+                it.update(im)
         if self.text is not None and self.text.cache_key is not None:
-            g = f[f"text/{self.text.cache_key}"]
-            item["text"] = torch.from_numpy(g["hidden"][c].astype(np.float32))
-            item["text_mask"] = torch.from_numpy(g["mask"][c])
-            item["word_mask"] = torch.from_numpy(g["words"][c])
+            hidden, mask, words = (_read_rows(self._ds[k], caps) for k in ("hidden", "mask", "words"))
+            for j, it in enumerate(items):
+                it.update(text=torch.from_numpy(hidden[j].astype(np.float32)), text_mask=torch.from_numpy(mask[j]),
+                          word_mask=torch.from_numpy(words[j]))
         elif self.text is not None and self.text.tokenizer is not None:
             from .features import load_tokenizer, tokenize
             if self._tok is None:
                 self._tok = load_tokenizer(self.text.tokenizer)
-            enc = tokenize(self._tok, [f["captions/text"].asstr()[c]], self.text.max_words)
-            item.update(input_ids=enc["input_ids"][0], text_mask=enc["attention_mask"][0].bool(),
-                        word_mask=enc["words"][0])
-        return item
+            texts = [t.decode() if isinstance(t, bytes) else t for t in _read_rows(self._ds["captions/text"], caps)]
+            enc = tokenize(self._tok, texts, self.text.max_words)
+            for j, it in enumerate(items):
+                it.update(input_ids=enc["input_ids"][j], text_mask=enc["attention_mask"][j].bool(),
+                          word_mask=enc["words"][j])
+        return items
+
+
+def _read_rows(ds, rows: np.ndarray) -> np.ndarray:
+    """ds[rows] for any row order. One plain read per row: h5py's fancy (point) selection is
+    ~100x slower per row than a slice on these per-row-chunked datasets."""
+    out = np.empty((len(rows),) + ds.shape[1:], dtype=ds.dtype)
+    for j, r in enumerate(rows):
+        if ds.dtype == object:  # variable-length strings
+            out[j] = ds[int(r)]
+        else:
+            ds.read_direct(out, np.s_[int(r)], np.s_[j])
+    return out
+
+
+def read_images(ds: dict, imgs: np.ndarray) -> list[dict]:
+    feats, boxes, nreg = (_read_rows(ds[k], imgs) for k in ("images/features", "images/boxes", "images/n_regions"))
+    return [{"regions": torch.from_numpy(feats[j].astype(np.float32)), "boxes": torch.from_numpy(boxes[j]),
+             "n_regions": int(nreg[j]), "image": int(imgs[j])} for j in range(len(imgs))]
 
 
 def image_item(f: h5py.File, img: int) -> dict:
-    return {"regions": torch.from_numpy(f["images/features"][img].astype(np.float32)),
-            "boxes": torch.from_numpy(f["images/boxes"][img]), "n_regions": int(f["images/n_regions"][img]),
-            "image": img}
+    ds = {k: f[k] for k in ("images/features", "images/boxes", "images/n_regions")}
+    return read_images(ds, np.array([img]))[0]
 
 
 class ImageDataset(CaptionDataset):
@@ -358,13 +387,14 @@ class ImageDataset(CaptionDataset):
     def __init__(self, path, split: str):
         with Store(path, check_values=False) as s:
             self.images = s.split_images(split)
-        self.path, self._f = str(path), None
+        self.path, self._f, self.text, self.with_image = str(path), None, None, True
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int) -> dict:
-        return image_item(self._file(), int(self.images[i]))
+    def __getitems__(self, indices) -> list[dict]:
+        self._file()
+        return read_images(self._ds, self.images[np.asarray(indices, dtype=np.int64)])
 
 
 def region_mask(n_regions: torch.Tensor, k: int) -> torch.Tensor:
