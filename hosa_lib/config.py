@@ -56,6 +56,7 @@ class ScoringConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    arch: str = "hosa"             # hosa | teran (TERAN's exact module layout, for importing its checkpoints)
     embed: int = 256               # d, joint embedding size (TERAN: 1024)
     heads: int = 4                 # attention heads
     ff: int = 512                  # feed-forward size (TERAN: 2048)
@@ -66,6 +67,8 @@ class ModelConfig:
     box_geometry: bool = True      # append (x1, y1, x2, y2, area) to region features
     text_finetune: bool = False    # False: train on cached backbone states; True: run and tune the backbone
     text_lr_scale: float = 0.1     # backbone learning rate = lr * this (fine-tune only)
+    feat_layers: int = 0           # teran arch: transformer layers on region features before projection (TERAN: 4)
+    word_layers: int = 0           # teran arch: transformer layers on backbone states before projection (TERAN: 0)
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,7 @@ class RunConfig:
 
 CHOICES = {
     "data.source": ("synthetic", "teran", "scan", "images", "store"),
+    "model.arch": ("hosa", "teran"),
     "data.dataset": ("coco", "f30k"),
     "data.on_bad_image": ("fail", "skip"),
     "scoring.local_pool": ("sum", "mean"),

@@ -151,13 +151,24 @@ def main(argv=None) -> int:
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("params")
+    ap.add_argument("params", nargs="?", help="params file (omit for a TERAN/HOSA checkpoint with --size)")
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--protocol", default=None, choices=["all", "coco_1k", "coco_5k", "f30k_1k"])
     ap.add_argument("--split", default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=None, help="folder for metrics.json (default: the checkpoint's folder)")
+    teran = ap.add_argument_group("TERAN/HOSA checkpoints (seed-compatible test.py)")
+    teran.add_argument("--size", choices=["1k", "5k"], help="COCO 1K (5 folds) or 5K; Flickr30K: 1k")
+    teran.add_argument("--config", help="TERAN YAML config (default: the checkpoint's own)")
+    teran.add_argument("--data-root", help="TERAN data/ folder (default: the config's dataset.data)")
+    teran.add_argument("--text-model", help="local dir or HF name of the BERT tokenizer/config (default: the config's)")
+    teran.add_argument("--store", help="evaluate on an existing HDF5 store instead of converting data/")
     args = ap.parse_args(argv)
+    if args.size or not args.params:
+        from .reproduce import evaluate_teran
+        evaluate_teran(args.checkpoint, args.size or "1k", args.config, args.data_root, args.text_model,
+                       args.store, args.device, args.out, protocol=args.protocol)
+        return 0
     cfg = load(args.params)
     m, _, _ = evaluate_checkpoint(cfg, args.checkpoint, args.split, args.protocol, args.device)
     print(format_table(m))

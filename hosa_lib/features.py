@@ -35,13 +35,17 @@ def load_tokenizer(name: str):
     return AutoTokenizer.from_pretrained(resolve_text_model(name))
 
 
-def load_backbone(name: str, layers: int | None = None):
+def load_backbone(name: str, layers: int | None = None, pretrained: bool = True):
     """Tokenizer and encoder. layers=k keeps only the first k layers (hidden_states[-1] = layer k),
-    as TERAN does with `extraction-hidden-layer`: same outputs, less compute, same checkpoint keys."""
-    from transformers import AutoModel
+    as TERAN does with `extraction-hidden-layer`: same outputs, less compute, same checkpoint keys.
+    pretrained=False builds the architecture from its config only (weights come from a checkpoint)."""
+    from transformers import AutoConfig, AutoModel
 
     kwargs = {"num_hidden_layers": layers} if layers else {}
-    return load_tokenizer(name), AutoModel.from_pretrained(resolve_text_model(name), **kwargs)
+    path = resolve_text_model(name)
+    if not pretrained:
+        return load_tokenizer(name), AutoModel.from_config(AutoConfig.from_pretrained(path, **kwargs))
+    return load_tokenizer(name), AutoModel.from_pretrained(path, **kwargs)
 
 
 def tokenize(tokenizer, texts: list[str], max_words: int) -> dict:

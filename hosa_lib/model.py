@@ -14,8 +14,14 @@ class HOSA(nn.Module):
                  backbone: nn.Module | None = None, text_layer: int = -1):
         super().__init__()
         self.mcfg, self.scfg = mcfg, scfg
-        self.image = ImageEncoder(mcfg, feat_dim)
-        self.text = TextEncoder(mcfg, text_dim, backbone if mcfg.text_finetune else None, text_layer)
+        if mcfg.arch == "teran":  # TERAN's exact module layout (checkpoint import)
+            from .teran import TeranImageEncoder, TeranTextEncoder
+            if backbone is None:
+                raise ValueError("model.arch 'teran' runs its text backbone inside the model (text_finetune: true)")
+            self.image, self.text = TeranImageEncoder(mcfg, feat_dim), TeranTextEncoder(mcfg, text_dim, backbone)
+        else:
+            self.image = ImageEncoder(mcfg, feat_dim)
+            self.text = TextEncoder(mcfg, text_dim, backbone if mcfg.text_finetune else None, text_layer)
         self.shared = transformer(mcfg, mcfg.shared_layers)
 
     def encode_images(self, batch: dict) -> dict[str, torch.Tensor]:

@@ -246,26 +246,33 @@ def score_all_pairs(img: dict, cap: dict, cfg: ScoringConfig, max_elems: int = 1
                     progress: bool = False) -> dict[str, torch.Tensor]:
     """Score every image against every caption, chunked so peak memory is bounded.
 
-    img / cap: dicts with 'glob' (N, d), 'local' (N, n, d), 'mask' (N, n) on any device (CPU
-    memory is fine; chunks move to `device`). Returns (N_img, N_cap) float32 CPU tensors.
+    img / cap: dicts with 'glob' (N, d), 'local' (N, n, d), 'mask' (N, n) on any device and dtype
+    (float16 in CPU memory is fine; chunks move to `device` as float32). `cap` may also be a list
+    of such dicts with an 'index' entry (their columns), e.g. captions bucketed by length so that
+    short captions are not padded to the longest. Returns (N_img, N_cap) float32 CPU tensors.
     """
     from tqdm import tqdm  # plain tqdm: widget bars render blank in offline HTML
 
+    blocks = cap if isinstance(cap, list) else [dict(cap, index=torch.arange(len(cap["mask"])))]
     n_img, m = img["mask"].shape
-    n_cap, l = cap["mask"].shape
-    ci, cc = chunk_sizes(n_img, n_cap, m, l, cfg, max_elems)
+    n_cap = sum(len(b["index"]) for b in blocks)
     out = {t: torch.empty(n_img, n_cap) for t in terms}
-    steps = [(c0, i0) for c0 in range(0, n_cap, cc) for i0 in range(0, n_img, ci)]
+    take = lambda side, k, a, b: side[k][a:b].to(device, torch.float32 if k != "mask" else torch.bool)
+    steps = []
+    for blk in blocks:
+        ci, cc = chunk_sizes(n_img, len(blk["index"]), m, blk["mask"].shape[1], cfg, max_elems)
+        steps += [(blk, c0, cc, i0, ci) for c0 in range(0, len(blk["index"]), cc) for i0 in range(0, n_img, ci)]
     cap_side = None
-    for c0, i0 in tqdm(steps, desc="scoring", disable=not progress, mininterval=2):
+    for blk, c0, cc, i0, ci in tqdm(steps, desc="scoring", disable=not progress, mininterval=2):
         if i0 == 0:  # new caption chunk: band features and Gram once per chunk
-            cap_side = make_side(*(cap[k][c0:c0 + cc].to(device) for k in ("glob", "local", "mask")),
+            cap_side = make_side(*(take(blk, k, c0, c0 + cc) for k in ("glob", "local", "mask")),
                                  cfg, name="captions", need_gram=cfg.direction != "i2t")
-        img_side = make_side(*(img[k][i0:i0 + ci].to(device) for k in ("glob", "local", "mask")),
+        img_side = make_side(*(take(img, k, i0, i0 + ci) for k in ("glob", "local", "mask")),
                              cfg, name="images", need_gram=cfg.direction != "t2i")
         res = pair_scores(img_side, cap_side, cfg)
+        cols = blk["index"][c0:c0 + cc]
         for t in terms:
-            out[t][i0:i0 + ci, c0:c0 + cc] = res[t].float().cpu()
+            out[t][i0:i0 + ci, cols] = res[t].float().cpu()
     return out
 
 

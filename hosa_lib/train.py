@@ -44,8 +44,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_model(cfg: RunConfig, device) -> tuple[HOSA, TextInput]:
-    """The model and how its captions are fed: cached backbone states, or tokens when fine-tuning."""
+def build_model(cfg: RunConfig, device, pretrained: bool = True) -> tuple[HOSA, TextInput]:
+    """The model and how its captions are fed: cached backbone states, or tokens when fine-tuning.
+    pretrained=False skips loading backbone weights (a checkpoint will provide them)."""
     dc = cfg.data
     with Store(dc.store, check_values=False) as s:
         feat_dim = s.feature_dim
@@ -56,7 +57,7 @@ def build_model(cfg: RunConfig, device) -> tuple[HOSA, TextInput]:
             text_dim = s.f[f"text/{key}/hidden"].shape[-1]
     backbone, text = None, TextInput(cache_key=key) if not cfg.model.text_finetune else None
     if cfg.model.text_finetune:  # the backbone runs inside the model, truncated at the extraction layer
-        _, backbone = load_backbone(dc.text_model, dc.text_layer if dc.text_layer > 0 else None)
+        _, backbone = load_backbone(dc.text_model, dc.text_layer if dc.text_layer > 0 else None, pretrained)
         text_dim = backbone.config.hidden_size
         text = TextInput(tokenizer=dc.text_model, max_words=dc.max_words)
     torch.manual_seed(cfg.train.seed)

@@ -115,7 +115,8 @@ def load_region_file(feat_path: Path, box_path: Path, max_regions: int | None, d
 
 
 def convert_teran(root, dataset: str, store_path, *, features_dir: str = "", restval: bool = True,
-                  image_sizes: str = "", progress: bool = True) -> dict:
+                  image_sizes: str = "", only_splits: tuple[str, ...] | None = None, progress: bool = True) -> dict:
+    """Convert the TERAN layout; only_splits=("test",) converts just those splits (evaluation)."""
     root = Path(root)
     ann = root / dataset / "annotations"
     if (ann / KARPATHY[dataset]).is_file():
@@ -124,6 +125,10 @@ def convert_teran(root, dataset: str, store_path, *, features_dir: str = "", res
         items = _coco_ids(ann)
     else:
         raise StoreError(f"{ann}: expected {KARPATHY[dataset]}" + (" or coco_*_ids.npy" if dataset == "coco" else ""))
+    if only_splits:
+        items = [it for it in items if it["split"] in only_splits]
+        if not items:
+            raise StoreError(f"{ann}: no images in split(s) {only_splits}")
     feats_dir = Path(features_dir) if features_dir else root / dataset / "features_36"
     sizes = _coco_sizes(ann) if dataset == "coco" else {}
     if any(it["id"] not in sizes for it in items):

@@ -1,0 +1,168 @@
+"""TERAN/HOSA import: configs, checkpoints (exact TERAN key names and shapes), seed-compatible evaluation."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import yaml
+from transformers import BertConfig, BertModel, BertTokenizer
+
+from hosa_lib.config import ConfigError, RunConfig, build, deep_merge
+from hosa_lib.teran import import_config, map_state_dict
+
+# TERAN's published COCO config (configs/teran_coco_MrSw.yaml keys), and its shared-transformer variant
+TERAN_COCO = """
+dataset: {name: coco, images-path: data/coco/images, data: data, restval: true, pre-extracted-features: false}
+text-model: {name: bert, pretrain: bert-base-uncased, word-dim: 768, extraction-hidden-layer: 6, fine-tune: true,
+             pre-extracted: false, layers: 0, dropout: 0.1}
+image-model: {name: bottomup, pre-extracted-features-root: data/coco/features_36, transformer-layers: 4,
+              dropout: 0.1, pos-encoding: concat-and-process, crop-size: 224, fine-tune: false, feat-dim: 2048,
+              norm: true}
+model: {name: teran, embed-size: 1024, text-aggregation: first, image-aggregation: first, layers: 2,
+        exclude-stopwords: false, shared-transformer: false, dropout: 0.1}
+training: {lr: 0.00001, grad-clip: 2.0, max-violation: true, loss-type: alignment, alignment-mode: MrSw,
+           measure: dot, margin: 0.2, bs: 40, scheduler: steplr, gamma: 0.1, step-size: 20, warmup: null,
+           warmup-period: 1000}
+"""
+
+
+def te(width, n):  # TERAN's transformer stacks: nhead 4, FF 2048, sequence-first
+    return nn.TransformerEncoder(nn.TransformerEncoderLayer(width, 4, 2048, 0.1), n, enable_nested_tensor=False)
+
+
+def teran_state_dict(bert_cfg, feat=2048, embed=1024, img_layers=4, layers=2, word_layers=0, shared=False):
+    """A checkpoint['model'] with TERAN's exact key names (JointTextImageTransformerEncoder), random values."""
+    torch.manual_seed(0)
+    word = bert_cfg.hidden_size
+    parts = {"img_txt_enc.txt_enc.bert_model.": BertModel(bert_cfg),
+             "img_txt_enc.txt_enc.map.": nn.Linear(word, embed),
+             "img_txt_enc.img_enc.transformer_encoder.": te(feat, img_layers),
+             "img_txt_enc.img_enc.pos_encoding_image.map.": nn.Sequential(nn.Linear(feat + 5, feat), nn.ReLU(),
+                                                                          nn.Linear(feat, feat)),
+             "img_txt_enc.img_enc.fc.": nn.Linear(feat, embed),
+             "img_txt_enc.img_proj.": nn.Linear(feat, embed),
+             "img_txt_enc.cap_proj.": nn.Linear(word, embed),
+             "img_txt_enc.transformer_encoder_1.": te(embed, layers)}
+    if word_layers:
+        parts["img_txt_enc.txt_enc.transformer_encoder."] = te(word, word_layers)
+    if not shared:
+        parts["img_txt_enc.transformer_encoder_2."] = te(embed, layers)
+    sd = {p + k: v for p, m in parts.items() for k, v in m.state_dict().items()}
+    sd["img_txt_enc.txt_enc.bert_model.embeddings.position_ids"] = torch.arange(bert_cfg.max_position_embeddings)[None]
+    return sd
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    """A local 'pretrain' folder: bert-base-uncased's config (transformers defaults) and a small vocab."""
+    d = tmp_path_factory.mktemp("bert")
+    words = "a an the small large red green blue yellow purple white square circle triangle diamond left right " \
+            "of above below and there is picture with shapes including it on . ,".split()
+    (d / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words) + "\n")
+    BertTokenizer(str(d / "vocab.txt")).save_pretrained(d)
+    BertConfig().save_pretrained(d)
+    return d
+
+
+def test_config_import_maps_every_published_key():
+    teran = yaml.safe_load(TERAN_COCO)
+    over, report = import_config(teran)
+    assert {k for k, _ in report} == {f"{s}.{k}" for s, v in teran.items() for k in v}
+    cfg = build(RunConfig, over, "import")
+    m = cfg.model
+    assert (m.arch, m.embed, m.feat_layers, m.image_layers, m.text_layers, m.shared_layers) == ("teran", 1024, 4, 2, 2, 0)
+    assert (m.heads, m.ff, m.dropout, m.word_layers, m.text_lr_scale) == (4, 2048, 0.1, 0, 1.0)
+    assert (cfg.data.text_model, cfg.data.text_layer, cfg.data.dataset, cfg.data.restval) == ("bert-base-uncased", 6, "coco", True)
+    assert (cfg.loss.margin, cfg.loss.max_violation, cfg.train.batch_size, cfg.train.lr_decay_epochs) == (0.2, True, 40, (20,))
+    assert (cfg.scoring.local_pool, cfg.scoring.w_high, cfg.scoring.w_global) == ("sum", 0.0, 0.0)
+    shared = deep_merge(teran, {"model": {"shared-transformer": True}})
+    m2 = build(RunConfig, import_config(shared)[0], "import").model
+    assert (m2.shared_layers, m2.image_layers, m2.text_layers) == (2, 0, 0)
+    with pytest.raises(ConfigError, match="'model.exclude-stopwords' = True is not supported"):
+        import_config(deep_merge(teran, {"model": {"exclude-stopwords": True}}))
+    with pytest.raises(ConfigError, match="'training.new-key' has no equivalent"):
+        import_config(deep_merge(teran, {"training": {"new-key": 1}}))
+
+
+def teran_model(bert_dir, store, **model):
+    from hosa_lib.train import build_model
+    over, _ = import_config(yaml.safe_load(TERAN_COCO))
+    over = deep_merge(over, {"data": {"source": "store", "store": str(store), "text_model": str(bert_dir)},
+                             "model": model})
+    cfg = build(RunConfig, over, "test")
+    return build_model(cfg, torch.device("cpu"), pretrained=False)
+
+
+@pytest.fixture(scope="module")
+def teran_data(tmp_path_factory):
+    from hosa_lib.sources.teran import convert_teran
+    from tests.test_store_sources import write_teran
+    root = tmp_path_factory.mktemp("teran")
+    write_teran(root, "coco", n=6)
+    convert_teran(root, "coco", root / "store.h5", progress=False)
+    return root
+
+
+def test_coco_shaped_checkpoint_loads_strictly_and_embeds(bert_dir, teran_data):
+    from hosa_lib.data import collate_captions, collate_images
+    from hosa_lib.store import CaptionDataset, ImageDataset
+    model, text = teran_model(bert_dir, teran_data / "store.h5")
+    sd = teran_state_dict(BertConfig(num_hidden_layers=6))
+    model.load_state_dict(map_state_dict(sd, model, shared=False), strict=True)
+    ours = model.state_dict()
+    assert torch.equal(ours["image.proj.weight"], sd["img_txt_enc.img_proj.weight"])
+    assert torch.equal(ours["text.backbone.encoder.layer.5.output.dense.weight"],
+                       sd["img_txt_enc.txt_enc.bert_model.encoder.layer.5.output.dense.weight"])
+    model.eval()
+    with torch.no_grad():
+        img = model.encode_images(collate_images(ImageDataset(teran_data / "store.h5", "test").__getitems__([0])))
+        cap = model.encode_captions(collate_captions(CaptionDataset(teran_data / "store.h5", "test", text,
+                                                                    with_image=False).__getitems__([0, 1])))
+    assert img["glob"].shape == (1, 1024) and img["local"].shape == (1, 36, 1024)
+    assert cap["glob"].shape == (2, 1024) and cap["local"].shape[0] == 2 and cap["local"].shape[2] == 1024
+    assert all(torch.isfinite(t).all() for t in (*img.values(), *cap.values()) if t.is_floating_point())
+    lengths = collate_captions(CaptionDataset(teran_data / "store.h5", "test", text, with_image=False)
+                               .__getitems__([0]))["text_mask"].sum()
+    assert cap["mask"][0].sum() == lengths - 3  # TERAN's alignment words: drop [CLS], last piece, [SEP]
+
+
+def test_wrong_or_missing_keys_are_named(bert_dir, teran_data):
+    model, _ = teran_model(bert_dir, teran_data / "store.h5", feat_layers=1, embed=64, image_layers=1, text_layers=1)
+    sd = teran_state_dict(BertConfig(num_hidden_layers=6), embed=64, img_layers=1, layers=1)
+    sd["img_txt_enc.img_enc.extra.weight"] = torch.zeros(1)
+    del sd["img_txt_enc.cap_proj.bias"]
+    sd["img_txt_enc.img_proj.weight"] = torch.zeros(3, 3)
+    with pytest.raises(ConfigError) as e:
+        map_state_dict(sd, model, shared=False)
+    msg = str(e.value)
+    assert "unmapped checkpoint key 'img_txt_enc.img_enc.extra.weight'" in msg
+    assert "model key 'text.proj.bias' missing" in msg
+    assert "shape mismatch image.proj.weight: checkpoint (3, 3) vs model (64, 2048)" in msg
+
+
+def test_seed_compatible_command_on_teran_layout(tmp_path, bert_dir, teran_data):
+    """python -m hosa_lib.evaluate --checkpoint MODEL.pth ... on a generated TERAN data/ folder."""
+    import shutil
+    root = tmp_path / "data"
+    shutil.copytree(teran_data / "coco", root / "coco")
+    n_cap, n_img = 5 * 3, 3  # write_teran(n=6) puts images 3..5 in test
+    rel = root / "coco" / "relevances"
+    rel.mkdir()
+    torch.rand(n_cap, n_img).numpy().astype("float32").tofile(rel / "coco-test-rougeL.npy")  # raw memmap, as TERAN
+    torch.rand(n_cap, n_img).numpy().astype("float32").tofile(rel / "coco-test-spice.npy")
+    teran = deep_merge(yaml.safe_load(TERAN_COCO), {"model": {"embed-size": 64, "layers": 1},
+                                                    "image-model": {"transformer-layers": 1},
+                                                    "text-model": {"extraction-hidden-layer": 2}})
+    ck = tmp_path / "MODEL.pth"
+    torch.save({"model": teran_state_dict(BertConfig(num_hidden_layers=2), embed=64, img_layers=1, layers=1),
+                "config": teran, "epoch": 7}, ck)
+    proc = subprocess.run([sys.executable, "-m", "hosa_lib.evaluate", "--checkpoint", str(ck), "--size", "1k",
+                           "--protocol", "all", "--data-root", str(root), "--text-model", str(bert_dir),
+                           "--out", str(tmp_path / "ev")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Image to text" in proc.stdout and "NDCG-SPICE" in proc.stdout and "rsum" in proc.stdout
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert {"i2t_ndcg_rougeL", "t2i_ndcg_spice", "rsum"} <= set(m) and m["checkpoint_epoch"] == 7
+    assert (root / "coco" / "hosa_test.h5").is_file()
