@@ -121,3 +121,17 @@ def test_high_order_backward_matches_autograd_and_gradcheck():
     vmask = torch.tensor([[True] * 5, [True, True, False, False, False], [True] * 4 + [False]])
     f = lambda r, gm: _HighOrderT2I.apply(r, gm, cmask, vmask, 2.0)
     assert torch.autograd.gradcheck(f, (rho, gram))
+
+
+def test_bucketed_caption_blocks_equal_dense():
+    """Captions given as length-bucketed blocks (their own padding, float16) score like the dense set."""
+    cfg = ScoringConfig(bands=4)
+    img, cap = random_side(7, 5, 16, seed=13), random_side(9, 6, 16, seed=14)
+    dense = score_all_pairs(img, cap, cfg)["total"]
+    order = torch.argsort(cap["mask"].sum(1))
+    blocks = []
+    for idx in (order[:4], order[4:]):
+        width = int(cap["mask"][idx].sum(1).max())
+        blocks.append({"glob": cap["glob"][idx], "local": cap["local"][idx, :width], "mask": cap["mask"][idx, :width],
+                       "index": idx})
+    torch.testing.assert_close(score_all_pairs(img, blocks, cfg)["total"], dense, rtol=1e-5, atol=1e-5)
