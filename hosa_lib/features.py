@@ -40,7 +40,9 @@ def load_backbone(name: str, layers: int | None = None, pretrained: bool = True)
     as TERAN does with `extraction-hidden-layer`: same outputs, less compute, same checkpoint keys.
     pretrained=False builds the architecture from its config only (weights come from a checkpoint)."""
     from transformers import AutoConfig, AutoModel
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # its notebook widget renders blank in offline HTML reports
     kwargs = {"num_hidden_layers": layers} if layers else {}
     path = resolve_text_model(name)
     if not pretrained:
