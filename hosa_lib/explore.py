@@ -60,23 +60,42 @@ class Explorer:
         return pd.DataFrame({"caption": [self.captions[c] for c in order], "score": scores[order],
                              "own image": [bool(self.cap_img[c] == position) for c in order]})
 
+    def pair_view(self, position: int, caption: int):
+        """Region-word alignment heatmap and per-band attention of (test image position, test caption)."""
+        from .viz import alignment_heatmap
+        with Store(self.cfg.data.store, check_values=False) as s:
+            cap_store = int(s.split_captions(self.cfg.eval.split)[caption])
+        return alignment_heatmap(self.model, self.cfg.data.store, int(self.images[position]), cap_store,
+                                 self.text, self.cfg.data.text_model)
+
     def widget(self, query: str, k: int = 5):
+        """Caption box -> top images; image picker -> top captions and the heatmap with its best
+        caption; score-weight sliders re-rank both live."""
         import ipywidgets as W
         from IPython.display import display
 
         box = W.Text(value=query, description="caption", layout=W.Layout(width="60%"))
+        pick = W.IntSlider(value=0, min=0, max=len(self.images) - 1, description="image #")
         sliders = [W.FloatSlider(value=getattr(self.scoring, n), min=0, max=10, step=0.5, description=n)
                    for n in ("w_local", "w_high", "w_global")]
-        out = W.Output()
+        out_text, out_image = W.Output(), W.Output()
 
         def refresh(_=None):
             self.set_weights(*(s.value for s in sliders))
-            with out:
-                out.clear_output(wait=True)
+            with out_text:
+                out_text.clear_output(wait=True)
                 display(self.text_query(box.value, k))
+            with out_image:
+                out_image.clear_output(wait=True)
+                top = self.image_query(pick.value, k)
+                display(top)
+                best = int(np.nonzero([c == top["caption"][0] for c in self.captions])[0][0])
+                self.pair_view(pick.value, best)
+                import matplotlib.pyplot as plt
+                plt.show()
 
         box.on_submit(refresh)
-        for s in sliders:
-            s.observe(refresh, names="value")
+        for w in (pick, *sliders):
+            w.observe(refresh, names="value")
         refresh()
-        return W.VBox([box, W.HBox(sliders), out])
+        return W.VBox([box, W.HBox(sliders), out_text, pick, out_image])

@@ -143,7 +143,7 @@ def alignment_heatmap(model, store_path, image: int, caption: int, text, text_mo
 
     with h5py.File(store_path, "r") as f:
         ib = collate_images([image_item(f, image)])
-        text = f["captions/text"].asstr()[caption]
+        caption_text = f["captions/text"].asstr()[caption]
     ds = CaptionDataset(store_path, "test", text, with_image=False)
     cb = collate_captions([ds[int(np.nonzero(ds.captions == caption)[0][0])]])
     with torch.no_grad():
@@ -152,7 +152,7 @@ def alignment_heatmap(model, store_path, image: int, caption: int, text, text_mo
     v = nnf.normalize(vi["local"][0][vi["mask"][0]], dim=-1)
     t = nnf.normalize(ci["local"][0][words], dim=-1)
     tok = AutoTokenizer.from_pretrained(resolve_text_model(text_model))
-    ids = tok(text, truncation=True, max_length=len(words))["input_ids"]
+    ids = tok(caption_text, truncation=True, max_length=len(words))["input_ids"]
     labels = [tok.convert_ids_to_tokens(ids[k]) for k in np.nonzero(words.numpy())[0] if k < len(ids)]
     G = model.scfg.bands
     rho = band_features(v, G) @ band_features(t, G).transpose(-1, -2)  # (G, m, l)
@@ -165,7 +165,7 @@ def alignment_heatmap(model, store_path, image: int, caption: int, text, text_mo
     for b, ax in zip(shown, axes[1:]):
         sns.heatmap(attn[b].numpy(), ax=ax, cmap="magma", vmin=0, vmax=1, xticklabels=labels, yticklabels=False)
         ax.set_title(f"band {b}: attention over words")
-    fig.suptitle(_wrap(text, 100), fontsize=9)
+    fig.suptitle(_wrap(caption_text, 100), fontsize=9)
     fig.tight_layout()
     return fig
 
