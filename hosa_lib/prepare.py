@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import DataConfig, load
+from .config import ConfigError, DataConfig, load
 from .store import Store, StoreError
 
 
@@ -84,10 +84,10 @@ def main(argv=None) -> int:
     ap.add_argument("params")
     ap.add_argument("--force", action="store_true", help="rebuild the store even if it exists")
     args = ap.parse_args(argv)
-    cfg = load(args.params, {"data": {"force": True}} if args.force else None)
     try:
+        cfg = load(args.params, {"data": {"force": True}} if args.force else None)
         out = prepare(cfg.data)
-    except StoreError as e:
+    except (StoreError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for k, v in out["summary"].items():

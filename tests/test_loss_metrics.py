@@ -93,3 +93,20 @@ def test_swap_accuracy():
     scores = np.array([[1.0, 1.0, 0.0, 0.5], [0.0, 0.0, 1.0, 0.9]])
     assert swap_accuracy(scores, cap_img, np.array([[0, 1]])) == 100.0
     assert swap_accuracy(scores[::-1], cap_img, np.array([[0, 1]])) == 0.0
+
+
+def test_shortlist_with_full_k_equals_exhaustive_and_small_k_keeps_top():
+    from hosa_lib.config import ScoringConfig
+    from hosa_lib.evaluate import shortlist_scores
+    from hosa_lib.scoring import score_all_pairs
+    g = torch.Generator().manual_seed(0)
+    side = lambda n, l: {"glob": torch.randn(n, 16, generator=g), "local": torch.randn(n, l, 16, generator=g),
+                         "mask": torch.ones(n, l, dtype=torch.bool)}
+    img, cap = side(6, 4), side(10, 5)
+    cfg = ScoringConfig(bands=4)
+    full = score_all_pairs(img, cap, cfg)["total"]
+    torch.testing.assert_close(shortlist_scores(img, cap, cfg, k=6, max_elems=1 << 16), full)
+    short = shortlist_scores(img, cap, cfg, k=2, max_elems=1 << 16)
+    rescored = short > -1e5
+    assert rescored.sum(0).min() >= 2  # every caption re-ranks at least its top-2 images by global score
+    torch.testing.assert_close(short[rescored], full[rescored])

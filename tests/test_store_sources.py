@@ -290,3 +290,57 @@ def test_every_params_file_loads():
     from pathlib import Path
     for p in sorted(Path("params").glob("*.yaml")):
         load(p)
+
+
+def test_image_encoding_resumes_after_ctrl_c(tmp_path, monkeypatch):
+    """Ctrl-C mid-encoding keeps .<store>.partial; the next run encodes only the rest, same result."""
+    import hosa_lib.cnn as cnn
+    img, caps = make_image_folder(tmp_path, n=5)
+    clean = tmp_path / "clean.h5"
+    convert_image_folder(img, caps, clean, image_size=64, batch_size=2, progress=False)
+    real, calls = cnn.grid_regions, []
+
+    def interrupted(model, x):
+        calls.append(len(x))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(model, x)
+    monkeypatch.setattr(cnn, "grid_regions", interrupted)
+    out = tmp_path / "s.h5"
+    with pytest.raises(KeyboardInterrupt):
+        convert_image_folder(img, caps, out, image_size=64, batch_size=2, progress=False)
+    assert not out.exists() and (tmp_path / ".s.h5.partial").exists()
+    calls.clear()
+    monkeypatch.setattr(cnn, "grid_regions", lambda m, x: calls.append(len(x)) or real(m, x))
+    convert_image_folder(img, caps, out, image_size=64, batch_size=2, progress=False)
+    assert calls == [2, 1]  # images 0-1 were kept; only 2-3 and 4 were encoded again
+    assert not (tmp_path / ".s.h5.partial").exists()
+    with Store(out) as a, Store(clean) as b:
+        np.testing.assert_array_equal(a.f["images/features"][:], b.f["images/features"][:])
+
+
+def test_rouge_l_relevance_values():
+    from hosa_lib.relevance import load_teran_relevance, rouge_l_matrix
+    rel = rouge_l_matrix(["a red cube", "green dog runs"], [["a red cube", "a blue ball"], ["the cat sleeps"]],
+                         progress=False)
+    assert rel[0, 0] == pytest.approx(1.0)  # best reference is identical
+    assert rel[1, 1] == 0.0 and rel[1, 0] == 0.0
+    assert rel[0, 1] == 0.0
+
+
+def test_teran_relevance_file_formats(tmp_path):
+    from hosa_lib.relevance import load_teran_relevance
+    m = np.arange(6, dtype=np.float32).reshape(3, 2)
+    m.tofile(tmp_path / "raw.npy")  # TERAN writes raw memmaps with a .npy suffix
+    np.save(tmp_path / "real.npy", m)
+    np.testing.assert_array_equal(load_teran_relevance(tmp_path / "raw.npy", 3, 2), m)
+    np.testing.assert_array_equal(load_teran_relevance(tmp_path / "real.npy", 3, 2), m)
+    with pytest.raises(StoreError, match=r"raw.npy: 6 values, expected 4 captions x 2 images"):
+        load_teran_relevance(tmp_path / "raw.npy", 4, 2)
+
+
+def test_prepare_cli_reports_bad_params(tmp_path):
+    p = tmp_path / "p.yaml"
+    p.write_text("data:\n  sourse: synthetic\n")
+    proc = subprocess.run([sys.executable, "-m", "hosa_lib.prepare", str(p)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "unknown key 'data.sourse'" in proc.stderr and "Traceback" not in proc.stderr
