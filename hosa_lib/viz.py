@@ -14,15 +14,16 @@ from .store import Store
 sns.set_theme(style="whitegrid", context="notebook")
 
 
-def write_metrics(run_dir: str, stage: str, metrics: dict) -> Path | None:
-    """The last cell of every notebook: <run_dir>/<stage>_metrics.json (and metrics.json for evaluate)."""
+def write_metrics(run_dir: str, stage: str, metrics: dict) -> None:
+    """The last cell of every notebook: writes <run_dir>/<stage>_metrics.json and says where."""
     if not run_dir:
-        return None
+        print("no run_dir: metrics not written")
+        return
     out = Path(run_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{stage}_metrics.json"
     path.write_text(json.dumps(metrics, indent=2, default=str))
-    return path
+    print(f"metrics written to {path}")
 
 
 def summary_frame(summary: dict) -> pd.DataFrame:
