@@ -288,7 +288,8 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, progress: bool = Tr
             checkpoint("last.pt", 0, epoch)
             if improved:
                 save_checkpoint(ck_dir / "best.pt", torch.load(ck_dir / "last.pt", weights_only=False))
-            print(f"epoch {epoch - 1}: val rsum {last_val['rsum']:.2f} (best {best:.2f})")
+            if progress:
+                print(f"epoch {epoch - 1}: val rsum {last_val['rsum']:.2f} (best {best:.2f})")
         if distributed:
             dist.barrier()
     if log:
