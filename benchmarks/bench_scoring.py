@@ -52,10 +52,40 @@ def timed(fn, repeat=1):
     return (time.perf_counter() - t0) / repeat, mem.peak / 2**20
 
 
+def peak_in_fresh_process(expr: str, args) -> float:
+    """Peak RSS (MiB) that `expr` adds in a fresh interpreter, sampled by PeakRSS there: in-process
+    readings are hidden by the allocator reusing buffers freed by earlier variants, and ru_maxrss is
+    no use either (a child inherits its parent's high-water mark through fork)."""
+    import subprocess
+    import sys
+    code = f"""
+import torch
+from hosa_lib.config import ScoringConfig, LossConfig
+from hosa_lib.perf import tune_cpu_allocator
+import benchmarks.bench_scoring as b
+if {not args.no_tune}: tune_cpu_allocator()
+img, cap = b.inputs({args.images}, {args.regions}, {args.d}, 1), b.inputs({args.captions}, {args.words}, {args.d}, 2)
+bi, bc = b.inputs({args.batch}, {args.regions}, {args.d}, 3), b.inputs({args.batch}, {args.words}, {args.d}, 4)
+with b.PeakRSS() as mem:
+    {expr}
+print(mem.peak / 2**20)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 def inputs(n, length, d, seed):
     g = torch.Generator().manual_seed(seed)
     return {"glob": torch.randn(n, d, generator=g), "local": torch.randn(n, length, d, generator=g),
             "mask": torch.ones(n, length, dtype=torch.bool)}
+
+
+def train_step(bi, bc, cfg, b):
+    """Forward + backward of the hardest-negative loss on all B x B scores."""
+    li = bi["local"].clone().requires_grad_(True)
+    lc = bc["local"].clone().requires_grad_(True)
+    s = pair_scores(make_side(bi["glob"], li, bi["mask"], cfg), make_side(bc["glob"], lc, bc["mask"], cfg), cfg)
+    triplet_loss(s["total"], torch.eye(b, dtype=torch.bool), LossConfig(), step=10**6)["loss"].backward()
 
 
 def teran_mrsw(img, cap, batch=250):
@@ -108,19 +138,20 @@ def main():
     bi, bc = inputs(b, args.regions, args.d, 3), inputs(b, args.words, args.d, 4)
     step_flops = 3 * 2.0 * b * b * args.regions * args.words * args.d
 
-    def step(cfg):
-        li = bi["local"].clone().requires_grad_(True)
-        lc = bc["local"].clone().requires_grad_(True)
-        s = pair_scores(make_side(bi["glob"], li, bi["mask"], cfg), make_side(bc["glob"], lc, bc["mask"], cfg), cfg)
-        triplet_loss(s["total"], torch.eye(b, dtype=torch.bool), LossConfig(), step=10**6)["loss"].backward()
+    step = lambda cfg: train_step(bi, bc, cfg, b)
     t, m = timed(lambda: step(dataclasses.replace(mrsw_cfg, w_global=1.0)), repeat=2)
     res[f"(e1) train step MrSw B={b}"] = (t, step_flops / t / 1e9, m)
     t, m = timed(lambda: step(hosa_cfg), repeat=2)
     res[f"(e2) train step HOSA G={args.bands} B={b}"] = (t, step_flops / t / 1e9, m)
+    res[f"(d) ours chunked HOSA G={args.bands}"] = res[f"(d) ours chunked HOSA G={args.bands}"][:2] + (
+        peak_in_fresh_process(f"b.score_all_pairs(img, cap, ScoringConfig(bands={args.bands}))", args),)
+    res[f"(e2) train step HOSA G={args.bands} B={b}"] = res[f"(e2) train step HOSA G={args.bands} B={b}"][:2] + (
+        peak_in_fresh_process(f"b.train_step(bi, bc, ScoringConfig(bands={args.bands}), {b})", args),)
     print(f"{'variant':40s} {'time s':>9s} {'GFLOP/s*':>9s} {'peak MiB':>9s}")
     for k, (t, gf, m) in res.items():
         print(f"{k:40s} {t:9.3f} {gf:9.1f} {m:9.0f}")
-    print("* alignment-matrix FLOPs (2*pairs*M*L*d; x3 for a training step) per second")
+    print("* alignment-matrix FLOPs (2*pairs*M*L*d; x3 for a training step) per second; "
+          "peak = RSS growth of the first call ((d) and (e2): in a fresh process)")
     r = {k[:3]: v for k, v in res.items()}
     print("ratios:")
     print(f"  (c) GFLOP/s / (a) peak           = {r['(c)'][1] / peak:.2f}   (target >= 0.70)")
