@@ -48,14 +48,14 @@ def build_model(cfg: RunConfig, device, pretrained: bool = True) -> tuple[HOSA, 
     """The model and how its captions are fed: cached backbone states, or tokens when fine-tuning.
     pretrained=False skips loading backbone weights (a checkpoint will provide them)."""
     dc = cfg.data
+    backbone = None
     with Store(dc.store, check_values=False) as s:
         feat_dim = s.feature_dim
         if not cfg.model.text_finetune:
-            key = cache_key(dc.text_model, dc.text_layer)
-            if key not in s.text_keys():
-                raise ValueError(f"{dc.store}: no text cache '{key}'; run prepare first")
-            text_dim = s.f[f"text/{key}/hidden"].shape[-1]
-    backbone, text = None, TextInput(cache_key=key) if not cfg.model.text_finetune else None
+            text = TextInput(cache_key=cache_key(dc.text_model, dc.text_layer))
+            if text.cache_key not in s.text_keys():
+                raise ValueError(f"{dc.store}: no text cache '{text.cache_key}'; run prepare first")
+            text_dim = s.f[f"text/{text.cache_key}/hidden"].shape[-1]
     if cfg.model.text_finetune:  # the backbone runs inside the model, truncated at the extraction layer
         _, backbone = load_backbone(dc.text_model, dc.text_layer if dc.text_layer > 0 else None, pretrained)
         text_dim = backbone.config.hidden_size
