@@ -138,8 +138,10 @@ def _gather(batch_out: dict, positives_index: tuple) -> tuple[dict, dict, torch.
              for k, v in cap.items()}
     g_cap["mask"] = g_cap["mask"].bool()
     g_cap_img = torch.cat(all_gather(cap_img_idx))
-    keep = torch.tensor([i for i, x in enumerate(g_img_idx.tolist()) if x not in g_img_idx.tolist()[:i]],
-                        device=g_img_idx.device)
+    first = {}  # store image index -> first gathered row holding it
+    for row, x in enumerate(g_img_idx.tolist()):
+        first.setdefault(x, row)
+    keep = torch.tensor(sorted(first.values()), device=g_img_idx.device)
     g_img = {k: v[keep] for k, v in g_img.items()}
     positives = g_img_idx[keep][:, None] == g_cap_img[None, :]
     return g_img, g_cap, positives
