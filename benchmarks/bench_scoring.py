@@ -10,14 +10,13 @@ B x B batch) with MrSw only and with full HOSA. Ratios are printed last.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import threading
 import time
 
 import psutil
 import torch
 
-from hosa_lib.config import LossConfig, ScoringConfig
+from hosa_lib.config import LossConfig, ScoringConfig, override
 from hosa_lib.loss import triplet_loss
 from hosa_lib.perf import tune_cpu_allocator
 from hosa_lib.scoring import make_side, pair_scores, score_all_pairs
@@ -139,7 +138,7 @@ def main():
     step_flops = 3 * 2.0 * b * b * args.regions * args.words * args.d
 
     step = lambda cfg: train_step(bi, bc, cfg, b)
-    t, m = timed(lambda: step(dataclasses.replace(mrsw_cfg, w_global=1.0)), repeat=2)
+    t, m = timed(lambda: step(override(mrsw_cfg, {"w_global": 1.0})), repeat=2)
     res[f"(e1) train step MrSw B={b}"] = (t, step_flops / t / 1e9, m)
     t, m = timed(lambda: step(hosa_cfg), repeat=2)
     res[f"(e2) train step HOSA G={args.bands} B={b}"] = (t, step_flops / t / 1e9, m)

@@ -16,7 +16,8 @@ from PIL import Image
 
 from hosa_lib.cnn import grid_regions, load_pretrained, preprocess
 from hosa_lib.data import collate
-from hosa_lib.store import CaptionDataset, Store
+from hosa_lib.data import CaptionDataset, TextInput
+from hosa_lib.store import Store
 
 
 def main():
@@ -28,8 +29,8 @@ def main():
     args = ap.parse_args()
     with Store(args.store, check_values=False) as s:
         key = s.text_keys()[0]
-        feats = s.f["images/features"][:]  # baseline: whole array in memory
-    ds = CaptionDataset(args.store, "train", key)
+        feats = s.features()  # baseline: whole array in memory
+    ds = CaptionDataset(args.store, "train", TextInput(cache_key=key))
     t0 = time.perf_counter()
     for i in range(len(ds)):
         _ = feats[ds.caption_image[ds.captions[i]]].astype(np.float32)

@@ -20,7 +20,7 @@ import torch
 from transformers import BertConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from hosa_lib.features import resolve_text_model  # noqa: E402
+from hosa_lib.text import resolve_text_model  # noqa: E402
 from hosa_lib.store import Store  # noqa: E402
 from tests.test_teran import teran_state_dict  # noqa: E402  (TERAN's key layout, built from torch modules)
 

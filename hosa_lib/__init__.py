@@ -1,11 +1,14 @@
 """HOSA workbench library: model, t-product, scoring, loss, metrics, HDF5 store, sources,
-training, evaluation and the notebook pipeline driver."""
+training, evaluation and the notebook pipeline driver. `docs/architecture.md` maps the modules."""
+from functools import cache
 
 __version__ = "0.1.0"
 
 
+@cache
 def code_version() -> str:
-    """Package version plus the git commit when run from a checkout (for run folders and checkpoints)."""
+    """Package version plus the git commit when run from a checkout (for run folders and checkpoints).
+    Asked of git once per process."""
     import subprocess
     from pathlib import Path
 

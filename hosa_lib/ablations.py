@@ -7,15 +7,17 @@ evaluates only the cells that are missing; results are collected into one tidy C
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
-from .config import ConfigError, RunConfig, replace
+from .config import ConfigError, RunConfig, deep_merge, override
 from .evaluate import evaluate_checkpoint
-from .train import run_dir_for, train
+from .runs import format_seconds, log_progress, run_dir_for
+from .train import train
 
 
 def read_grid(path) -> tuple[list[dict], list[int] | None]:
@@ -23,7 +25,6 @@ def read_grid(path) -> tuple[list[dict], list[int] | None]:
     unknown = set(raw) - {"variants", "seeds", "common"}
     if unknown:
         raise ConfigError(f"{path}: unknown key '{sorted(unknown)[0]}' (expected variants, seeds, common)")
-    from .config import deep_merge
     variants = [{**v, "overrides": deep_merge(raw.get("common") or {}, v.get("overrides") or {})}
                 for v in raw.get("variants") or []]
     for v in variants:
@@ -37,12 +38,14 @@ def run_cell(cfg: RunConfig, progress: bool = False) -> dict:
     run_dir = run_dir_for(cfg)
     cached = run_dir / "ablation_result.json"
     if cached.is_file():
-        return json.loads(cached.read_text())
-    t0 = time.perf_counter()
+        return {**json.loads(cached.read_text()), "cached": True}
+    t0, load0 = time.perf_counter(), os.getloadavg()[0]
     res = train(cfg, run_dir, progress=progress)
     t_train = time.perf_counter() - t0
-    m, _, _ = evaluate_checkpoint(cfg, run_dir / "checkpoints" / "best.pt", progress=False)
-    out = {**m, "train_seconds": t_train, "steps": res["steps"], "run_dir": str(run_dir)}
+    m = evaluate_checkpoint(cfg, run_dir / "checkpoints" / "best.pt", progress=False)["metrics"]
+    # machine load while the cell trained: timings of cells run under different load do not compare
+    out = {**m, "train_seconds": t_train, "steps": res["steps"], "steps_per_s": res["steps"] / t_train,
+           "load_avg": (load0 + os.getloadavg()[0]) / 2, "run_dir": str(run_dir)}
     cached.write_text(json.dumps(out, indent=2))
     return out
 
@@ -54,11 +57,18 @@ def run_grid(cfg: RunConfig, grid_path=None, seeds=None, out_csv=None, progress:
     seeds = list(seeds or grid_seeds or cfg.ablation.seeds)
     cells = [(v, s) for v in variants for s in seeds]
     rows = []
-    for v, seed in tqdm(cells, desc="ablation grid", disable=not progress):
+    for n, (v, seed) in enumerate(tqdm(cells, desc="ablation grid", disable=not progress), start=1):
         over = dict(v.get("overrides") or {})
         over["train"] = {**over.get("train", {}), "seed": seed}
         over["name"] = f"{cfg.name}-abl-{v['name']}"
-        rows.append({"variant": v["name"], "seed": seed, **run_cell(replace(cfg, over))})
+        t0 = time.perf_counter()
+        res = run_cell(override(cfg, over, f"{grid_path or cfg.ablation.grid}: variant {v['name']}"))
+        cached = res.pop("cached", False)
+        rows.append({"variant": v["name"], "seed": seed, **res})
+        if out_csv:  # one progress line per cell into the run folder holding the table
+            log_progress(Path(out_csv).parent, f"ablation cell {n}/{len(cells)} {v['name']} seed {seed}: rsum "
+                         f"{res['rsum']:.1f}, {format_seconds(time.perf_counter() - t0)}"
+                         + (" (cached)" if cached else ""))
     df = pd.DataFrame(rows)
     if out_csv:
         Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
@@ -67,7 +77,13 @@ def run_grid(cfg: RunConfig, grid_path=None, seeds=None, out_csv=None, progress:
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
-    cols = [c for c in ("rsum", "i2t_r1", "t2i_r1", "swap_acc", "train_seconds") if c in df]
-    agg = df.groupby("variant", sort=False)[cols].agg(["mean", "std"])
-    agg.columns = [f"{a} {b}" for a, b in agg.columns]
+    """Mean (and, with several seeds, sd) per variant of the headline metrics and training speed.
+    `load differs` flags variants whose cells trained under a machine load 1 or more above the
+    grid's lowest: their speed does not compare."""
+    cols = [c for c in ("rsum", "i2t_r1", "t2i_r1", "swap_acc", "steps_per_s") if c in df]
+    several = df.groupby("variant", sort=False).size().max() > 1
+    agg = df.groupby("variant", sort=False)[cols].agg(["mean", "std"] if several else ["mean"])
+    agg.columns = [f"{a} {b}" if several else a for a, b in agg.columns]
+    if "load_avg" in df:
+        agg["load differs"] = df.groupby("variant", sort=False)["load_avg"].max() >= df["load_avg"].min() + 1
     return agg.round(2)

@@ -7,6 +7,7 @@ unknown key raises `ConfigError` naming the key, the file and what was expected.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -155,6 +156,11 @@ def _coerce(value, tp, key: str, where: str):
         return tuple(_coerce(v, item_tp, f"{key}[{i}]", where) for i, v in enumerate(value))
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # PyYAML reads `1e-3` (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is int and isinstance(value, bool) or not isinstance(value, tp):
         raise ConfigError(f"{where}: key '{key}' = {value!r}: expected {tp.__name__}, got {type(value).__name__}")
     return value
@@ -189,26 +195,78 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def read_params(path: str | Path) -> dict:
-    """The merged raw dict of a params file and its `base:` chain."""
+ROOT_ENV = "HOSA_ROOT"
+MARKER = Path("params") / "base.yaml"
+# Params keys holding file or folder paths: relative values resolve against the project root.
+PATH_KEYS = ("output_root", "data.store", "data.root", "data.captions", "data.features_dir", "data.image_sizes",
+             "data.spice", "ablation.grid")
+
+
+def project_root(start: str | Path | None = None) -> Path:
+    """The folder that relative params paths mean: $HOSA_ROOT if set, else the nearest folder at or
+    above `start` (a params file or folder; default: the working directory) that holds
+    params/base.yaml, else the working directory. JupyterLab kernels run in notebooks/, the CLIs
+    anywhere: both find the same root."""
+    if os.environ.get(ROOT_ENV):
+        return Path(os.environ[ROOT_ENV]).resolve()
+    for origin in ([Path(start)] if start else []) + [Path.cwd()]:
+        origin = origin.resolve()
+        for d in [origin, *origin.parents]:
+            if (d / MARKER).is_file():
+                return d
+    return Path.cwd().resolve()
+
+
+def find_params(path: str | Path) -> Path:
+    """A params file as given, or relative to the project root (so `params/demo.yaml` works from notebooks/)."""
+    path = Path(path)
+    if path.is_file() or path.is_absolute():
+        return path
+    return project_root() / path
+
+
+def read_params(path: str | Path, _seen: tuple = (), _referrer: str = "") -> dict:
+    """The merged raw dict of a params file and its `base:` chain (bases relative to the file)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"params file not found: {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
+        raise ConfigError(f"params file not found: {path}" + (f" (named by base: in {_referrer})" if _referrer else ""))
+    if path.resolve() in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, path.resolve()))
+        raise ConfigError(f"{path}: base: chain loops ({chain})")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if raw is None:
+        raise ConfigError(f"{path}: empty params file (name at least a base: file, e.g. `base: base.yaml`)")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     base = raw.pop("base", None)
     if base:
-        raw = deep_merge(read_params(path.parent / base), raw)
+        raw = deep_merge(read_params(path.parent / base, (*_seen, path.resolve()), str(path)), raw)
     return raw
 
 
+def resolve_paths(cfg: RunConfig, root: Path) -> RunConfig:
+    """Relative path keys made absolute against `root`; empty values stay empty."""
+    over: dict = {}
+    for key in PATH_KEYS:
+        *sections, name = key.split(".")
+        value = getattr(getattr(cfg, sections[0]) if sections else cfg, name)
+        if value and not Path(value).is_absolute():
+            target = over.setdefault(sections[0], {}) if sections else over
+            target[name] = str(root / value)
+    return override(cfg, over, "<paths>") if over else cfg
+
+
 def load(path: str | Path, overrides: dict | None = None) -> RunConfig:
-    """Load a params file (with its base chain) plus optional nested overrides, strictly typed."""
+    """Load a params file (with its base chain) plus optional nested overrides, strictly typed.
+    Relative paths inside resolve against the project root (`project_root`), wherever this runs."""
+    path = find_params(path)
     raw = read_params(path)
     if overrides:
         raw = deep_merge(raw, overrides)
-    return build(RunConfig, raw, str(path))
+    return resolve_paths(build(RunConfig, raw, str(path)), project_root(path.parent))
 
 
 def from_dict(raw: dict, where: str = "<dict>") -> RunConfig:
@@ -226,13 +284,7 @@ def to_dict(cfg) -> dict:
     return conv(dataclasses.asdict(cfg))
 
 
-def replace(cfg: RunConfig, overrides: dict) -> RunConfig:
-    """A new config with nested overrides applied (strictly checked)."""
-    return from_dict(deep_merge(to_dict(cfg), overrides), "<overrides>")
-
-
-def params_hash(cfg) -> str:
-    import hashlib
-    import json
-
-    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:12]
+def override(cfg, overrides: dict, where: str = "<overrides>"):
+    """The one way to derive a config: `cfg` (any config dataclass) with nested `overrides`
+    deep-merged over it, checked as strictly as a params file."""
+    return build(type(cfg), deep_merge(to_dict(cfg), overrides), where)

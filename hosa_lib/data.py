@@ -1,21 +1,118 @@
-"""Batching for training and encoding: collate captions with their (deduplicated) images."""
+"""Datasets and batching: store rows -> tensors, captions with their (deduplicated) images.
+
+The caption -> image index is the currency from the store to the loss: a training batch carries
+the store index of each of its images (`images["index"]`) and of each caption's image
+(`captions["image"]`); positives are `images["index"][:, None] == captions["image"][None]`, built
+once where the loss needs them (after gathering across ranks under DDP).
+"""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .store import CaptionDataset
+from .store import RowReader, Store, StoreError
+
+
+@dataclass(frozen=True)
+class TextInput:
+    """How captions reach the text encoder: cached backbone states, or tokens for a backbone that runs."""
+    cache_key: str | None = None   # text/<cache_key> in the store (frozen backbone)
+    tokenizer: str | None = None   # tokenizer name/dir: tokenise on the fly (fine-tuned backbone)
+    max_words: int = 32
+
+
+class CaptionDataset(torch.utils.data.Dataset):
+    """One item per caption of a split: the caption's image regions and its text input.
+
+    Item: dict(regions (K, D) f32, boxes (K, 4), n_regions, image, caption (store indices), and either
+    text (T, H) f32 cached states or input_ids (T,), plus text_mask (T,) and word_mask (T,)).
+    `text` may be a TextInput or None (images only). Rows are read lazily in each DataLoader worker.
+    """
+
+    def __init__(self, path, split: str, text: TextInput | None, with_image: bool = True):
+        self.with_image, self.text = with_image, text
+        with Store(path, check_values=False) as s:
+            self.captions = s.split_captions(split)
+            self.caption_image = s.caption_image
+            key = text.cache_key if text else None
+            if key is not None and key not in s.text_keys():
+                raise StoreError(f"{path}: no text cache '{key}' (have: {', '.join(s.text_keys()) or 'none'})")
+        self.rows = RowReader(path, text.cache_key if text else None)
+        self._tok = None
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_tok": None}
+
+    def __getitem__(self, i: int) -> dict:
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices) -> list[dict]:
+        """Batched fetch (DataLoader calls this with a whole batch)."""
+        caps = self.captions[np.asarray(indices, dtype=np.int64)]
+        imgs = self.caption_image[caps]
+        items = [{"image": int(im), "caption": int(c)} for im, c in zip(imgs, caps)]
+        if self.with_image:
+            for it, im in zip(items, image_items(self.rows, imgs)):
+                it.update(im)
+        if self.text is not None and self.text.cache_key is not None:
+            hidden, mask, words = self.rows.text_states(caps)
+            for j, it in enumerate(items):
+                it.update(text=torch.from_numpy(hidden[j].astype(np.float32)), text_mask=torch.from_numpy(mask[j]),
+                          word_mask=torch.from_numpy(words[j]))
+        elif self.text is not None and self.text.tokenizer is not None:
+            from .text import load_tokenizer, tokenize
+            if self._tok is None:
+                self._tok = load_tokenizer(self.text.tokenizer)
+            enc = tokenize(self._tok, self.rows.captions(caps), self.text.max_words)
+            for j, it in enumerate(items):
+                it.update(input_ids=enc["input_ids"][j], text_mask=enc["attention_mask"][j].bool(),
+                          word_mask=enc["words"][j])
+        return items
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """One item per image of a split (for encoding galleries)."""
+
+    def __init__(self, path, split: str):
+        with Store(path, check_values=False) as s:
+            self.images = s.split_images(split)
+        self.rows = RowReader(path)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices) -> list[dict]:
+        return image_items(self.rows, self.images[np.asarray(indices, dtype=np.int64)])
+
+
+def image_items(rows: RowReader, imgs: np.ndarray) -> list[dict]:
+    feats, boxes, nreg = rows.images(imgs)
+    return [{"regions": torch.from_numpy(feats[j].astype(np.float32)), "boxes": torch.from_numpy(boxes[j]),
+             "n_regions": int(nreg[j]), "image": int(imgs[j])} for j in range(len(imgs))]
 
 
 def collate(items: list[dict]) -> dict:
-    """Caption items -> {"images": unique images, "captions": captions, "positives": (B_img, B_cap)}."""
+    """Caption items -> {"images": the batch's unique images, "captions": captions with their image's
+    store index in captions["image"]}."""
     img_ids = [it["image"] for it in items]
-    uniq, inverse = np.unique(img_ids, return_inverse=True)
+    uniq = np.unique(img_ids)
     images = collate_images([items[img_ids.index(u)] for u in uniq])
     captions = collate_captions(items)  # padding trimmed to the longest caption of the batch
-    positives = torch.zeros(len(uniq), len(items), dtype=torch.bool)
-    positives[torch.as_tensor(inverse), torch.arange(len(items))] = True
-    return {"images": images, "captions": captions, "positives": positives}
+    captions["image"] = torch.tensor(img_ids)
+    return {"images": images, "captions": captions}
+
+
+def positives(image_index: torch.Tensor, caption_image: torch.Tensor) -> torch.Tensor:
+    """(B_img, B_cap) bool: caption c describes image i."""
+    return image_index[:, None] == caption_image[None, :]
 
 
 def to_device(batch, device):
@@ -47,10 +144,6 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return self.batches_per_epoch() - self.start_batch
-
-
-def dataset(store_path, split: str, text) -> CaptionDataset:
-    return CaptionDataset(store_path, split, text)
 
 
 def collate_images(items: list[dict]) -> dict:

@@ -12,15 +12,17 @@ import torch.nn as nn
 from .config import ModelConfig
 
 
-def transformer(cfg: ModelConfig, layers: int) -> nn.TransformerEncoder | None:
+def transformer(cfg: ModelConfig, layers: int, width: int | None = None) -> nn.TransformerEncoder | None:
+    """`layers` post-ReLU transformer layers of `width` (default: the joint embedding size), or None."""
     if layers == 0:
         return None
-    layer = nn.TransformerEncoderLayer(cfg.embed, cfg.heads, cfg.ff, cfg.dropout, activation="relu",
+    layer = nn.TransformerEncoderLayer(width or cfg.embed, cfg.heads, cfg.ff, cfg.dropout, activation="relu",
                                        batch_first=True)
     return nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
 
 
-def _run(stack, x, pad):
+def run_layers(stack: nn.TransformerEncoder | None, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    """x (B, T, w) through a stack (identity when None); pad (B, T) True at padding."""
     return x if stack is None else stack(x, src_key_padding_mask=pad)
 
 
@@ -40,24 +42,24 @@ class ImageEncoder(nn.Module):
             regions = torch.cat([regions, boxes, area], dim=-1)
         x = torch.cat([self.cls.expand(len(regions), -1, -1), self.proj(regions)], dim=1)  # (B, 1+K, d)
         pad = torch.cat([mask.new_zeros(len(mask), 1), ~mask], dim=1)
-        x = _run(shared, _run(self.layers, x, pad), pad)
+        x = run_layers(shared, run_layers(self.layers, x, pad), pad)
         return x[:, 0], x[:, 1:], mask
 
 
 class TextEncoder(nn.Module):
     """Cached backbone states (B, T, H) or token ids -> glob (B, d), local (B, T, d), word mask (B, T)."""
 
-    def __init__(self, cfg: ModelConfig, hidden_dim: int, backbone: nn.Module | None = None, layer: int = -1):
+    def __init__(self, cfg: ModelConfig, hidden_dim: int, backbone: nn.Module | None = None):
         super().__init__()
-        self.backbone, self.layer = backbone, layer
+        self.backbone = backbone  # truncated at the extraction layer: its last hidden state is used
         self.proj = nn.Linear(hidden_dim, cfg.embed)
         self.layers = transformer(cfg, cfg.text_layers)
 
     def forward(self, text_mask, word_mask, hidden=None, input_ids=None, shared=None):
         if self.backbone is not None:
             out = self.backbone(input_ids=input_ids, attention_mask=text_mask.long(), output_hidden_states=True)
-            hidden = out.hidden_states[self.layer]
+            hidden = out.hidden_states[-1]
         x = self.proj(hidden)
         pad = ~text_mask
-        x = _run(shared, _run(self.layers, x, pad), pad)
+        x = run_layers(shared, run_layers(self.layers, x, pad), pad)
         return x[:, 0], x, word_mask

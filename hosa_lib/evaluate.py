@@ -1,8 +1,13 @@
-"""Evaluation: encode each image and caption of a split once, cache the embeddings beside the
-checkpoint, score all pairs chunked, compute metrics.
+"""Evaluation — one path for our checkpoints and TERAN's: encode each image and caption of a split
+once, score all pairs chunked, compute metrics, print one table, write metrics.json.
 
-`python -m hosa_lib.evaluate PARAMS --checkpoint PATH [--protocol NAME] [--split test]`
-prints a table and writes metrics.json next to the checkpoint's run (or --out).
+    python -m hosa_lib.evaluate PARAMS --checkpoint PATH [--protocol NAME] [--split test]
+    python -m hosa_lib.evaluate --checkpoint TERAN_MODEL.pth --size 1k|5k [--data-root data] ...
+
+Our checkpoints carry their config: the model and its scoring settings come from the checkpoint,
+the store and evaluation settings from PARAMS. Their embeddings are cached beside the checkpoint.
+TERAN checkpoints go through the adapter in `hosa_lib.teran` (config and weight mapping only) and
+are encoded with captions bucketed by length in float16, so COCO 5K fits in a few GiB.
 """
 from __future__ import annotations
 
@@ -11,65 +16,61 @@ import sys
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 from tqdm import tqdm  # plain tqdm: widget bars render blank in offline HTML
 
-from .config import EvalConfig, ScoringConfig, load
-from .data import collate_captions, collate_images, to_device
+from .config import ConfigError, EvalConfig, RunConfig, ScoringConfig, override, to_dict
+from .data import CaptionDataset, ImageDataset, TextInput, collate_captions, collate_images, to_device
+from .factory import load_model
 from .metrics import evaluate_scores, swap_accuracy
 from .scoring import score_all_pairs
-from .store import CaptionDataset, ImageDataset, Store
+from .store import Store, load_embeddings, save_embeddings
 
 
 @torch.no_grad()
-def encode_split(model, store_path, split: str, text: str, device="cpu", batch_size: int = 128,
-                 progress: bool = False) -> tuple[dict, dict, np.ndarray]:
-    """-> images {glob, local, mask}, captions {glob, local, mask} (CPU float32), cap_img (split positions)."""
+def encode_split(model, store_path, split: str, text: TextInput, device="cpu", batch_size: int = 128,
+                 bucketed: bool = False, dtype=torch.float32, progress: bool = False):
+    """-> images {glob, local, mask}, captions, cap_img (each caption's image position in the split).
+
+    captions: one dict {glob, local, mask} padded to the split's longest caption, or with
+    bucketed=True a list of length-sorted blocks, each with 'index' (its caption positions), so
+    short captions are not padded to the longest. Tensors on the CPU in `dtype` (masks bool).
+    """
     model.eval()
-    out = []
-    for ds, coll, fn in ((ImageDataset(store_path, split), collate_images, model.encode_images),
-                         (CaptionDataset(store_path, split, text, with_image=False), collate_captions,
-                          model.encode_captions)):
-        loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=coll)
-        parts = [{k: v.float().cpu() for k, v in fn(to_device(b, device)).items()}
-                 for b in tqdm(loader, desc=f"encode {split}", disable=not progress, mininterval=2)]
-        width = max(p["local"].shape[1] for p in parts)
-        pad = lambda x: torch.nn.functional.pad(x, (0, 0, 0, width - x.shape[1])) if x.dim() == 3 else \
-            torch.nn.functional.pad(x, (0, width - x.shape[1]))
-        out.append({"glob": torch.cat([p["glob"] for p in parts]),
-                    "local": torch.cat([pad(p["local"]) for p in parts]),
-                    "mask": torch.cat([pad(p["mask"]) for p in parts])})
-    with Store(store_path, check_values=False) as s:
-        imgs, caps = s.split_images(split), s.split_captions(split)
-        pos = np.full(s.n_images, -1)
+    keep = lambda out: {k: v.to("cpu", dtype) if v.is_floating_point() else v.cpu() for k, v in out.items()}
+    loader = torch.utils.data.DataLoader(ImageDataset(store_path, split), batch_size=batch_size,
+                                         collate_fn=collate_images)
+    parts = [keep(model.encode_images(to_device(b, device)))
+             for b in tqdm(loader, desc=f"encode {split} images", disable=not progress, mininterval=2)]
+    img = {k: torch.cat([p[k] for p in parts]) for k in ("glob", "local", "mask")}
+    ds = CaptionDataset(store_path, split, text, with_image=False)
+    if bucketed:  # read every caption once to sort by length (small: token ids)
+        items = ds.__getitems__(np.arange(len(ds)))
+        order = np.argsort([int(it["text_mask"].sum()) for it in items], kind="stable")
+        batches = ((order[s:s + batch_size], collate_captions([items[i] for i in order[s:s + batch_size]]))
+                   for s in range(0, len(order), batch_size))
+    else:  # in caption order, batch by batch
+        loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate_captions)
+        batches = ((np.arange(s * batch_size, s * batch_size + len(b["index"])), b) for s, b in enumerate(loader))
+    blocks = []
+    for idx, batch in tqdm(batches, desc=f"encode {split} captions", total=-(-len(ds) // batch_size),
+                           disable=not progress, mininterval=2):
+        blocks.append({**keep(model.encode_captions(to_device(batch, device))), "index": torch.as_tensor(idx)})
+    with Store(store_path, check_values=False) as st:
+        imgs, caps = st.split_images(split), st.split_captions(split)
+        pos = np.full(st.n_images, -1)
         pos[imgs] = np.arange(len(imgs))
-        cap_img = pos[s.caption_image[caps]]
-    return out[0], out[1], cap_img
+        cap_img = pos[st.caption_image[caps]]
+    return img, (blocks if bucketed else dense(blocks)), cap_img
 
 
-def save_embeddings(path, img: dict, cap: dict, cap_img: np.ndarray, tag: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with h5py.File(tmp, "w") as f:
-        f.attrs["tag"] = tag
-        for side, d in (("images", img), ("captions", cap)):
-            for k, v in d.items():
-                f.create_dataset(f"{side}/{k}", data=v.numpy())
-        f.create_dataset("cap_img", data=cap_img)
-    tmp.replace(path)
-
-
-def load_embeddings(path, tag: str):
-    path = Path(path)
-    if not path.is_file():
-        return None
-    with h5py.File(path, "r") as f:
-        if f.attrs.get("tag") != tag:
-            return None
-        side = lambda s: {k: torch.from_numpy(f[f"{s}/{k}"][:]) for k in ("glob", "local", "mask")}
-        return side("images"), side("captions"), f["cap_img"][:]
+def dense(blocks: list[dict]) -> dict:
+    """Caption blocks in caption order -> one {glob, local, mask} padded to the longest caption."""
+    width = max(b["local"].shape[1] for b in blocks)
+    pad = lambda x: torch.nn.functional.pad(x, (0, 0, 0, width - x.shape[1]) if x.dim() == 3 else (0, width - x.shape[1]))
+    return {"glob": torch.cat([b["glob"] for b in blocks]), "local": torch.cat([pad(b["local"]) for b in blocks]),
+            "mask": torch.cat([pad(b["mask"]) for b in blocks])}
 
 
 def shortlist_scores(img, cap, scfg: ScoringConfig, k: int, max_elems: int) -> torch.Tensor:
@@ -91,6 +92,7 @@ def shortlist_scores(img, cap, scfg: ScoringConfig, k: int, max_elems: int) -> t
 
 def evaluate_embeddings(img, cap, cap_img, scfg: ScoringConfig, ecfg: EvalConfig, relevance=None,
                         swap_pairs=None, device="cpu", progress=False) -> tuple[dict, torch.Tensor]:
+    """Score (exhaustive, or two-stage with eval.shortlist) and compute the protocol's metrics."""
     t0 = time.perf_counter()
     if ecfg.shortlist > 0:
         scores = shortlist_scores(img, cap, scfg, ecfg.shortlist, ecfg.max_elems)
@@ -104,58 +106,111 @@ def evaluate_embeddings(img, cap, cap_img, scfg: ScoringConfig, ecfg: EvalConfig
     return m, scores
 
 
-def evaluate_checkpoint(cfg, checkpoint, split: str | None = None, protocol: str | None = None,
-                        device="cpu", progress=True, cache: bool = True) -> tuple[dict, torch.Tensor, dict]:
-    """Load a checkpoint, encode (or load cached embeddings), score, compute metrics."""
-    from .perf import tune_cpu_allocator
-    from .train import load_model
-
-    tune_cpu_allocator()
-    split = split or cfg.eval.split
-    ecfg = EvalConfig(**{**cfg.eval.__dict__, "protocol": protocol or cfg.eval.protocol})
-    checkpoint = Path(checkpoint)
-    model, ck, text = load_model(checkpoint, cfg, device)
-    tag = f"{checkpoint.resolve()}|{ck['step']}|{split}"
-    emb_path = checkpoint.with_name(f"embeddings_{checkpoint.stem}_{split}.h5")
-    t0 = time.perf_counter()
-    cached = load_embeddings(emb_path, tag) if cache else None
-    if cached is None:
-        cached = encode_split(model, cfg.data.store, split, text, device, progress=progress)
-        if cache:
-            save_embeddings(emb_path, *cached, tag)
-    img, cap, cap_img = cached
-    t_enc = time.perf_counter() - t0
-    with Store(cfg.data.store, check_values=False) as s:
+def split_extras(store_path, split: str) -> tuple[dict, np.ndarray | None]:
+    """Relevance matrices and attribute-swap pairs (as split positions) of a split."""
+    with Store(store_path, check_values=False) as s:
         relevance = s.relevance(split)
         swaps = s.extra("swap_pairs")
         if swaps is not None:  # store indices -> split positions
             pos = {int(i): p for p, i in enumerate(s.split_images(split))}
             swaps = np.array([[pos[a], pos[b]] for a, b in swaps if a in pos and b in pos])
-    m, scores = evaluate_embeddings(img, cap, cap_img, cfg.scoring, ecfg, relevance, swaps, device, progress)
+    return relevance, swaps
+
+
+def check_scoring(params: ScoringConfig, trained: ScoringConfig, checkpoint) -> None:
+    """The scoring a checkpoint was trained with travels with it; a params file that says otherwise is an error."""
+    diff = {k: (v, getattr(trained, k)) for k, v in to_dict(params).items() if getattr(trained, k) != v}
+    if diff:
+        raise ConfigError(f"{checkpoint} was trained with other scoring settings than the params: " + ", ".join(
+            f"scoring.{k} = {a!r} in the params vs {b!r} in the checkpoint" for k, (a, b) in diff.items())
+            + " (evaluate with the run's own params)")
+
+
+def evaluate_checkpoint(cfg: RunConfig, checkpoint, split: str | None = None, protocol: str | None = None,
+                        device="cpu", progress=True, cache: bool = True) -> dict:
+    """Load one of our checkpoints, encode (or load cached embeddings), score, compute metrics.
+
+    Returns {"metrics", "scores" (N_img, N_cap), "img", "cap", "cap_img", "model", "text", "cfg"}
+    where cfg is the checkpoint's config evaluated on `cfg.data.store` with `cfg.eval`."""
+    from .perf import tune_cpu_allocator
+
+    tune_cpu_allocator()
+    split = split or cfg.eval.split
+    ecfg = override(cfg.eval, {"protocol": protocol}) if protocol else cfg.eval
+    checkpoint = Path(checkpoint)
+    model, run_cfg, ck, text = load_model(checkpoint, cfg.data.store, device)
+    check_scoring(cfg.scoring, run_cfg.scoring, checkpoint)
+    tag = f"{checkpoint.resolve()}|{ck['step']}|{split}"
+    emb_path = checkpoint.with_name(f"embeddings_{checkpoint.stem}_{split}.h5")
+    t0 = time.perf_counter()
+    cached = load_embeddings(emb_path, tag) if cache else None
+    if cached is not None:
+        img, cap = ({k: torch.from_numpy(v) for k, v in d.items()} for d in cached[:2])
+        cap_img = cached[2]
+    else:
+        img, cap, cap_img = encode_split(model, cfg.data.store, split, text, device, progress=progress)
+        if cache:
+            save_embeddings(emb_path, *({k: v.numpy() for k, v in d.items()} for d in (img, cap)), cap_img, tag)
+    t_enc = time.perf_counter() - t0
+    relevance, swaps = split_extras(cfg.data.store, split)
+    m, scores = evaluate_embeddings(img, cap, cap_img, run_cfg.scoring, ecfg, relevance, swaps, device, progress)
     m["encode_seconds"] = t_enc
-    return m, scores, {"img": img, "cap": cap, "cap_img": cap_img}
+    return {"metrics": m, "scores": scores, "img": img, "cap": cap, "cap_img": cap_img, "model": model,
+            "text": text, "cfg": run_cfg}
+
+
+def evaluate_teran(checkpoint, size: str = "1k", config: str | None = None, data_root: str | None = None,
+                   text_model: str | None = None, store: str | None = None, device: str = "cpu",
+                   progress: bool = True, protocol: str | None = None) -> dict:
+    """A TERAN/HOSA-seed checkpoint on TERAN's test split, like the seed's `test.py MODEL --size 1k|5k`."""
+    from .factory import load_teran_model
+    from .perf import tune_cpu_allocator
+    from .prepare import prepare_teran_test
+    from .runs import load_checkpoint
+    from .teran import config_from_teran
+
+    tune_cpu_allocator()
+    t0 = time.perf_counter()
+    ck = load_checkpoint(checkpoint)
+    cfg, report = config_from_teran(ck, checkpoint, config, data_root, text_model, store, size, protocol)
+    prepare_teran_test(cfg)
+    model, ck, text = load_teran_model(checkpoint, cfg, device)
+    img, blocks, cap_img = encode_split(model.to(device), cfg.data.store, "test", text, device, bucketed=True,
+                                        dtype=torch.float16, progress=progress)
+    del model
+    t1 = time.perf_counter()
+    relevance, _ = split_extras(cfg.data.store, "test")
+    m, _ = evaluate_embeddings(img, blocks, cap_img, cfg.scoring, cfg.eval, relevance, None, device, progress)
+    m.update(encode_seconds=t1 - t0, protocol=cfg.eval.protocol, checkpoint_epoch=ck.get("epoch"),
+             config_import=report)
+    return m
 
 
 def format_table(m: dict) -> str:
-    rows = []
-    for d, label in (("i2t", "image->text"), ("t2i", "text->image")):
-        vals = [f"R@{k} {m[f'{d}_r{k}']:6.2f}" for k in (1, 5, 10)] + \
-               [f"medr {m[f'{d}_medr']:.0f}", f"meanr {m[f'{d}_meanr']:.1f}"] + \
-               [f"{k[len(d) + 1:]} {v:.4f}" for k, v in m.items() if k.startswith(f"{d}_ndcg")]
-        rows.append(f"{label:>12}: " + "  ".join(vals))
-    rows.append(f"{'rsum':>12}: {m['rsum']:.2f}" + (f"   swap acc: {m['swap_acc']:.1f}%" if "swap_acc" in m else ""))
+    """R@1/5/10, medr, meanr and NDCG per direction, then rsum (and swap accuracy when present)."""
+    ndcg = sorted({k.split("_ndcg_")[1] for k in m if "_ndcg_" in k})
+    names = {"rougeL": "ROUGE-L", "spice": "SPICE"}
+    head = f"{'':14s}{'R@1':>8s}{'R@5':>8s}{'R@10':>8s}{'medr':>7s}{'meanr':>8s}" + \
+        "".join(f"{'NDCG-' + names.get(n, n):>14s}" for n in ndcg)
+    rows = [head]
+    for d, label in (("i2t", "Image to text"), ("t2i", "Text to image")):
+        rows.append(f"{label:14s}{m[f'{d}_r1']:8.1f}{m[f'{d}_r5']:8.1f}{m[f'{d}_r10']:8.1f}{m[f'{d}_medr']:7.0f}"
+                    f"{m[f'{d}_meanr']:8.1f}" + "".join(f"{m[f'{d}_ndcg_{n}']:14.4f}" for n in ndcg))
+    rows.append(f"rsum: {m['rsum']:.2f}" + (f"   swap acc: {m['swap_acc']:.1f}%" if "swap_acc" in m else ""))
     return "\n".join(rows)
 
 
 def main(argv=None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m hosa_lib.evaluate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("params", nargs="?", help="params file (omit for a TERAN/HOSA checkpoint with --size)")
-    ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--protocol", default=None, choices=["all", "coco_1k", "coco_5k", "f30k_1k"])
-    ap.add_argument("--split", default=None)
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--checkpoint", required=True, help="checkpoint to evaluate (ours, or TERAN's with --size)")
+    ap.add_argument("--protocol", default=None, choices=["all", "coco_1k", "coco_5k", "f30k_1k"],
+                    help="evaluation protocol (default: the params' eval.protocol)")
+    ap.add_argument("--split", default=None, help="store split to evaluate (default: eval.split)")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     ap.add_argument("--out", default=None, help="folder for metrics.json (default: the checkpoint's folder)")
     teran = ap.add_argument_group("TERAN/HOSA checkpoints (seed-compatible test.py)")
     teran.add_argument("--size", choices=["1k", "5k"], help="COCO 1K (5 folds) or 5K; Flickr30K: 1k")
@@ -165,16 +220,15 @@ def main(argv=None) -> int:
     teran.add_argument("--store", help="evaluate on an existing HDF5 store instead of converting data/")
     args = ap.parse_args(argv)
     if args.size or not args.params:
-        from .reproduce import evaluate_teran
-        evaluate_teran(args.checkpoint, args.size or "1k", args.config, args.data_root, args.text_model,
-                       args.store, args.device, args.out, protocol=args.protocol)
-        return 0
-    cfg = load(args.params)
-    m, _, _ = evaluate_checkpoint(cfg, args.checkpoint, args.split, args.protocol, args.device)
+        m = evaluate_teran(args.checkpoint, args.size or "1k", args.config, args.data_root, args.text_model,
+                           args.store, args.device, protocol=args.protocol)
+    else:
+        from .config import load
+        m = evaluate_checkpoint(load(args.params), args.checkpoint, args.split, args.protocol, args.device)["metrics"]
     print(format_table(m))
     out = Path(args.out) if args.out else Path(args.checkpoint).parent
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(m, indent=2))
+    (out / "metrics.json").write_text(json.dumps(m, indent=2, default=str))
     return 0
 
 

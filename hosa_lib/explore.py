@@ -1,30 +1,29 @@
 """Explorer behind notebooks/40_explore: free-text queries, image queries, live score weights."""
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pandas as pd
 import torch
 
+from .config import override
 from .evaluate import evaluate_checkpoint
-from .features import load_backbone, tokenize
 from .scoring import score_all_pairs
 from .store import Store
-from .train import load_model
+from .text import load_backbone, tokenize
 
 
 class Explorer:
     def __init__(self, cfg, checkpoint):
-        self.cfg = cfg
-        self.model, _, self.text = load_model(checkpoint, cfg)
-        _, _, emb = evaluate_checkpoint(cfg, checkpoint, progress=False)  # cached embeddings of the test split
-        self.img, self.cap, self.cap_img = emb["img"], emb["cap"], emb["cap_img"]
+        ev = evaluate_checkpoint(cfg, checkpoint, progress=False)  # cached embeddings of the eval split
+        self.cfg, self.split = ev["cfg"], cfg.eval.split
+        self.model, self.text = ev["model"], ev["text"]
+        self.img, self.cap, self.cap_img = ev["img"], ev["cap"], ev["cap_img"]
         with Store(cfg.data.store, check_values=False) as s:
-            self.images = s.split_images(cfg.eval.split)
-            self.captions = s.captions(s.split_captions(cfg.eval.split))
-        self.tokenizer, self.backbone = load_backbone(cfg.data.text_model)
-        self.scoring, self.last_result = cfg.scoring, []
+            self.images = s.split_images(self.split)
+            self.caption_rows = s.split_captions(self.split)
+            self.captions = s.captions(self.caption_rows)
+        self.tokenizer, self.backbone = load_backbone(self.cfg.data.text_model)
+        self.scoring, self.last_result = self.cfg.scoring, []
 
     @torch.no_grad()
     def encode_text(self, text: str) -> dict:
@@ -41,7 +40,7 @@ class Explorer:
         return {k: v.float() if v.is_floating_point() else v for k, v in self.model.encode_captions(batch).items()}
 
     def set_weights(self, w_local: float, w_high: float, w_global: float) -> None:
-        self.scoring = dataclasses.replace(self.scoring, w_local=w_local, w_high=w_high, w_global=w_global)
+        self.scoring = override(self.scoring, {"w_local": w_local, "w_high": w_high, "w_global": w_global})
 
     def text_query(self, text: str, k: int = 5, show: bool = True):
         cap = self.encode_text(text)
@@ -58,15 +57,18 @@ class Explorer:
         scores = score_all_pairs(one, self.cap, self.scoring, terms=("total",))["total"][0].numpy()
         order = np.argsort(-scores)[:k]
         return pd.DataFrame({"caption": [self.captions[c] for c in order], "score": scores[order],
-                             "own image": [bool(self.cap_img[c] == position) for c in order]})
+                             "own image": [bool(self.cap_img[c] == position) for c in order],
+                             "position": order})
+
+    def first_caption(self, position: int) -> int:
+        """Split position of the first caption of the image at split `position`."""
+        return int(np.nonzero(self.cap_img == position)[0][0])
 
     def pair_view(self, position: int, caption: int):
-        """Region-word alignment heatmap and per-band attention of (test image position, test caption)."""
+        """Region-word alignment heatmap and per-band attention of (image position, caption position)."""
         from .viz import alignment_heatmap
-        with Store(self.cfg.data.store, check_values=False) as s:
-            cap_store = int(s.split_captions(self.cfg.eval.split)[caption])
-        return alignment_heatmap(self.model, self.cfg.data.store, int(self.images[position]), cap_store,
-                                 self.text, self.cfg.data.text_model)
+        return alignment_heatmap(self.model, self.cfg, self.split, int(self.images[position]),
+                                 int(self.caption_rows[caption]), self.text, self.scoring)
 
     def widget(self, query: str, k: int = 5):
         """Caption box -> top images; image picker -> top captions and the heatmap with its best
@@ -88,9 +90,8 @@ class Explorer:
             with out_image:
                 out_image.clear_output(wait=True)
                 top = self.image_query(pick.value, k)
-                display(top)
-                best = int(np.nonzero([c == top["caption"][0] for c in self.captions])[0][0])
-                self.pair_view(pick.value, best)
+                display(top.drop(columns="position"))
+                self.pair_view(pick.value, int(top["position"].iloc[0]))
                 import matplotlib.pyplot as plt
                 plt.show()
 

@@ -1,4 +1,7 @@
-"""HOSA model: image and text encoders tied to the scoring of `hosa_lib.scoring`."""
+"""HOSA model: image and text encoders tied to the scoring of `hosa_lib.scoring`.
+
+Build or load one through `hosa_lib.factory` (from a config and a store, or from a checkpoint).
+"""
 from __future__ import annotations
 
 import torch
@@ -11,7 +14,7 @@ from .scoring import make_side, pair_scores
 
 class HOSA(nn.Module):
     def __init__(self, mcfg: ModelConfig, scfg: ScoringConfig, feat_dim: int, text_dim: int,
-                 backbone: nn.Module | None = None, text_layer: int = -1):
+                 backbone: nn.Module | None = None):
         super().__init__()
         self.mcfg, self.scfg = mcfg, scfg
         if mcfg.arch == "teran":  # TERAN's exact module layout (checkpoint import)
@@ -21,7 +24,7 @@ class HOSA(nn.Module):
             self.image, self.text = TeranImageEncoder(mcfg, feat_dim), TeranTextEncoder(mcfg, text_dim, backbone)
         else:
             self.image = ImageEncoder(mcfg, feat_dim)
-            self.text = TextEncoder(mcfg, text_dim, backbone if mcfg.text_finetune else None, text_layer)
+            self.text = TextEncoder(mcfg, text_dim, backbone if mcfg.text_finetune else None)
         self.shared = transformer(mcfg, mcfg.shared_layers)
 
     def encode_images(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -30,6 +33,7 @@ class HOSA(nn.Module):
         return {"glob": glob, "local": local, "mask": mask}
 
     def encode_captions(self, batch: dict) -> dict[str, torch.Tensor]:
+        """-> glob (B, d), local (B, T, d), mask (B, T) of the local words."""
         glob, local, mask = self.text(batch["text_mask"], batch["word_mask"], hidden=batch.get("text"),
                                       input_ids=batch.get("input_ids"), shared=self.shared)
         return {"glob": glob, "local": local, "mask": mask}
@@ -38,6 +42,3 @@ class HOSA(nn.Module):
         """All pairs of the two encoded sets: dict of (N_img, N_cap) score terms and 'total'."""
         cfg = cfg or self.scfg
         return pair_scores(make_side(**img, cfg=cfg, name="images"), make_side(**cap, cfg=cfg, name="captions"), cfg)
-
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        return self.score(self.encode_images(batch["images"]), self.encode_captions(batch["captions"]))

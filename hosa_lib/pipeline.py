@@ -1,24 +1,31 @@
 """Headless notebook pipeline: `python -m hosa_lib.pipeline PARAMS [--stages ...] [--force]`.
 
-Executes 00_prepare_data -> 10_train -> 20_evaluate -> 30_ablations with papermill (explicit
-kernel, working directory and parameters), after checking every parameter against the
-notebook's declared ones. Writes executed notebooks, self-contained HTML (inputs hidden) and an
-index page into outputs/<run_id>/. A stage whose outputs exist for the same params hash is
-skipped unless forced; a failure exits non-zero naming the notebook and cell, and keeps the
-executed notebook with the error.
+Executes 00_prepare_data -> 10_train -> 20_evaluate -> 30_ablations with papermill, each kernel
+started in notebooks/ exactly as JupyterLab starts it, after checking every parameter against
+the notebook's declared ones. Writes executed notebooks, self-contained HTML (inputs hidden) and
+an index page into the run folder, and prints one line per stage, per epoch and per ablation cell.
+
+A stage is up to date when it finished after its inputs last changed, as make/DVC decide: its
+marker `.<stage>.done` is removed when it starts and written last, and holds a digest of what
+the stage reads — the params, the code version, the store (and for evaluation the checkpoint).
+Re-preparing the store therefore re-runs training and evaluation downstream.
 """
 from __future__ import annotations
 
+import datetime as _dt
 import html
 import json
 import sys
+import threading
 import time
 from pathlib import Path
 
-from .config import load, params_hash
-from .train import run_dir_for
+from . import code_version
+from .config import find_params, load, project_root, to_dict
+from .runs import PROGRESS_LOG, digest as _digest, run_dir_for
 
 REPO = Path(__file__).resolve().parent.parent
+NOTEBOOKS = REPO / "notebooks"
 STAGES = {"prepare": "00_prepare_data", "train": "10_train", "evaluate": "20_evaluate", "ablations": "30_ablations"}
 
 
@@ -46,64 +53,125 @@ def to_html(executed: Path, out: Path, hide_input: bool = True) -> None:
     out.write_text(body)
 
 
-def run_stage(name: str, params_path: Path, run_dir: Path, digest: str, force: bool, extra: dict | None = None) -> dict:
+def fingerprint(path: Path) -> str:
+    """What changes when a file is rewritten (our writers always replace files by rename)."""
+    st = path.stat() if path.exists() else None
+    return f"{path.name}:{st.st_size}:{st.st_mtime_ns}" if st else f"{path.name}:missing"
+
+
+def stage_digest(name: str, cfg, run_dir: Path) -> str:
+    inputs = {"params": to_dict(cfg), "code": code_version()}
+    if name != "prepare":
+        inputs["store"] = fingerprint(Path(cfg.data.store))
+    if name == "evaluate":
+        inputs["checkpoint"] = fingerprint(run_dir / "checkpoints" / "best.pt")
+    return _digest(inputs)
+
+
+class _Tail(threading.Thread):
+    """Prints lines appended to the run's progress log while a stage runs (the HTML stays clean)."""
+
+    def __init__(self, path: Path, prefix: str):
+        super().__init__(daemon=True)
+        self.path, self.prefix, self.stop = path, prefix, threading.Event()
+        self.pos = path.stat().st_size if path.exists() else 0
+
+    def poll(self) -> None:
+        if self.path.exists():
+            with self.path.open() as fh:
+                fh.seek(self.pos)
+                for line in fh:
+                    print(f"{self.prefix}{line.rstrip()}", flush=True)
+                self.pos = fh.tell()
+
+    def run(self):
+        while not self.stop.wait(2.0):
+            self.poll()
+
+
+def run_stage(name: str, params_path: Path, cfg, run_dir: Path, force: bool) -> dict:
     import papermill as pm
 
-    nb = REPO / "notebooks" / f"{STAGES[name]}.ipynb"
+    nb = NOTEBOOKS / f"{STAGES[name]}.ipynb"
     executed = run_dir / f"{STAGES[name]}.ipynb"
     stamp = run_dir / f".{STAGES[name]}.done"
+    digest = stage_digest(name, cfg, run_dir)
     if not force and stamp.is_file() and stamp.read_text().strip() == digest and executed.is_file():
-        return {"stage": name, "skipped": True, "seconds": 0.0}
-    parameters = {"params": str(params_path), "run_dir": str(run_dir), **(extra or {})}
+        return {"stage": name, "skipped": True}
+    parameters = {"params": str(params_path), "run_dir": str(run_dir)}
     check_parameters(nb, parameters)
+    stamp.unlink(missing_ok=True)  # a stage killed from here on is not up to date
     t0 = time.perf_counter()
+    tail = _Tail(run_dir / PROGRESS_LOG, f"[pipeline]   {STAGES[name]}: ")
+    tail.start()
     try:
         pm.execute_notebook(str(nb), str(executed), parameters=parameters, kernel_name="python3",
-                            cwd=str(REPO), progress_bar=False, log_output=False)
+                            cwd=str(NOTEBOOKS), progress_bar=False, log_output=False,
+                            extra_arguments=["--IPKernelApp.log_level=ERROR"])  # no TCP-transport warning
     except pm.PapermillExecutionError as e:
         raise PipelineError(f"{nb.name} failed in cell In [{e.exec_count}] ({e.ename}: {e.evalue}); "
                             f"executed notebook kept at {executed}") from None
+    finally:
+        tail.stop.set()
+        tail.join()
+        tail.poll()
     to_html(executed, run_dir / f"{STAGES[name]}.html")
-    stamp.write_text(digest)
-    return {"stage": name, "skipped": False, "seconds": time.perf_counter() - t0}
+    seconds = time.perf_counter() - t0
+    stamp.write_text(digest)  # last: the stage is complete
+    record = {"seconds": round(seconds, 1), "code_version": code_version(),
+              "finished": _dt.datetime.now().isoformat(timespec="seconds")}
+    history = run_dir / "stages.json"
+    stages = json.loads(history.read_text()) if history.is_file() else {}
+    history.write_text(json.dumps({**stages, name: record}, indent=2))
+    return {"stage": name, "skipped": False, **record}
 
 
 def write_index(run_dir: Path, cfg_name: str, params_path: Path, results: list[dict]) -> Path:
-    rows = []
-    for stem in STAGES.values():
-        page = run_dir / f"{stem}.html"
-        if page.is_file():
-            rows.append(f'<li><a href="{stem}.html">{stem}</a></li>')
+    rows = [f'<li><a href="{stem}.html">{stem}</a></li>' for stem in STAGES.values()
+            if (run_dir / f"{stem}.html").is_file()]
     metrics = run_dir / "evaluate_metrics.json"
     table = ""
     if metrics.is_file():
         m = json.loads(metrics.read_text())
         keep = [k for k in m if k.endswith(("_r1", "_r5", "_r10")) or k in ("rsum", "swap_acc")]
         table = "<table>" + "".join(f"<tr><td>{html.escape(k)}</td><td>{m[k]:.2f}</td></tr>" for k in keep) + "</table>"
-    timing = "".join("<li>{}: {}</li>".format(r["stage"], "skipped (up to date)" if r["skipped"]
-                                              else "{:.0f} s".format(r["seconds"])) for r in results)
+    history = json.loads((run_dir / "stages.json").read_text()) if (run_dir / "stages.json").is_file() else {}
+    now = {r["stage"]: r for r in results}
+    timing = []
+    for name, stem in STAGES.items():
+        if name not in history:
+            continue
+        h = history[name]
+        note = " — up to date, skipped in the latest run" if now.get(name, {}).get("skipped") else ""
+        timing.append(f"<tr><td>{stem}</td><td>{h['seconds']:.0f} s</td><td>{html.escape(h['finished'])}</td>"
+                      f"<td><code>{html.escape(h['code_version'])}</code></td><td>{note}</td></tr>")
+    try:
+        shown = params_path.relative_to(project_root())
+    except ValueError:
+        shown = params_path.name
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>HOSA run {html.escape(cfg_name)}</title>"
             "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}td{padding:0 1em}</style></head><body>"
             f"<h1>HOSA workbench run <code>{html.escape(run_dir.name)}</code></h1>"
-            f"<p>params: <code>{html.escape(str(params_path))}</code></p><h2>Reports</h2><ul>{''.join(rows)}</ul>"
-            f"<h2>Test metrics</h2>{table or '<p>(no evaluation yet)</p>'}<h2>Stages</h2><ul>{timing}</ul></body></html>")
+            f"<p>params: <code>{html.escape(str(shown))}</code></p><h2>Reports</h2><ul>{''.join(rows)}</ul>"
+            f"<h2>Test metrics</h2>{table or '<p>(no evaluation yet)</p>'}"
+            "<h2>Stages (last real run of each)</h2><table><tr><th>stage</th><th>time</th><th>finished</th>"
+            f"<th>code version</th><th></th></tr>{''.join(timing)}</table></body></html>")
     out = run_dir / "index.html"
     out.write_text(page)
     return out
 
 
 def run(params: str, stages=None, force: bool = False) -> Path:
-    params_path = Path(params).resolve()
+    params_path = find_params(params).resolve()
     cfg = load(params_path)
     run_dir = run_dir_for(cfg).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    digest = params_hash(cfg)
     results = []
     for name in stages or list(STAGES):
         if name not in STAGES:
             raise PipelineError(f"unknown stage '{name}' (stages: {', '.join(STAGES)})")
         print(f"[pipeline] {STAGES[name]} ...", flush=True)
-        res = run_stage(name, params_path, run_dir, digest, force)
+        res = run_stage(name, params_path, cfg, run_dir, force)
         results.append(res)
         print(f"[pipeline] {STAGES[name]}: " + ("up to date, skipped" if res["skipped"] else f"{res['seconds']:.0f} s"),
               flush=True)
@@ -114,10 +182,11 @@ def run(params: str, stages=None, force: bool = False) -> Path:
 def main(argv=None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("params")
-    ap.add_argument("--stages", nargs="+", default=None, choices=list(STAGES))
-    ap.add_argument("--force", action="store_true", help="re-run stages even if their outputs exist")
+    ap = argparse.ArgumentParser(prog="python -m hosa_lib.pipeline", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("params", help="params file (e.g. params/demo.yaml; relative to the project root also works)")
+    ap.add_argument("--stages", nargs="+", default=None, choices=list(STAGES), help="stages to run (default: all)")
+    ap.add_argument("--force", action="store_true", help="re-run stages even if they are up to date")
     args = ap.parse_args(argv)
     try:
         index = run(args.params, args.stages, args.force)

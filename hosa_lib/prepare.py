@@ -77,6 +77,27 @@ def prepare(dc: DataConfig, progress: bool = True) -> dict:
             "seconds": {"store": t1 - t0, "text_cache": t2 - t1, "relevance": t3 - t2, "total": t3 - t0}}
 
 
+def prepare_teran_test(cfg) -> None:
+    """TERAN reproduction: convert only the test split of the TERAN layout, once, and import
+    TERAN's ROUGE-L and SPICE relevance files (`<root>/<dataset>/relevances/<dataset>-test-*.npy`)."""
+    from .relevance import load_teran_relevance
+    from .store import write_relevance
+
+    dc = cfg.data
+    if dc.source == "teran" and not Path(dc.store).is_file():
+        from .sources.teran import convert_teran
+        convert_teran(dc.root, dc.dataset, dc.store, features_dir=dc.features_dir, restval=False,
+                      image_sizes=dc.image_sizes, only_splits=("test",))
+    rel_dir = Path(dc.root) / dc.dataset / "relevances"
+    with Store(dc.store, check_values=False) as s:
+        have = s.relevance("test")
+        n_cap, n_img = len(s.split_captions("test")), len(s.split_images("test"))
+    todo = {m: rel_dir / f"{dc.dataset}-test-{m}.npy" for m in ("rougeL", "spice")}
+    todo = {m: load_teran_relevance(p, n_cap, n_img) for m, p in todo.items() if p.is_file() and m not in have}
+    if todo:
+        write_relevance(dc.store, "test", todo)
+
+
 def main(argv=None) -> int:
     import argparse
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm  # plain tqdm: widget bars render blank in offline HTML
 
-from .store import Store, StoreError, updating
+from .store import Store, StoreError, write_relevance
 
 
 class _CachedTokenizer:
@@ -82,9 +82,4 @@ def add_relevance(store_path, split: str, methods=("rougeL",), spice_file: str =
     if unknown:
         raise StoreError(f"data.relevance: unknown method(s) {sorted(unknown)}; rougeL is computed, spice imported")
     if todo:
-        with updating(store_path) as f:
-            for name, mat in todo.items():
-                key = f"relevance/{split}/{name}"
-                if key in f:
-                    del f[key]
-                f.create_dataset(key, data=mat)
+        write_relevance(store_path, split, todo)

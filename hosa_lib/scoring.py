@@ -1,6 +1,6 @@
 """HOSA scoring: global, TERAN local (MrSw) and high-order (t-product reconstruction) scores.
 
-Notation (DESIGN.md, Scoring): an image has regions V (m, d), a caption has words T (l, d),
+Notation (docs/scoring.md states the score completely): an image has regions V (m, d), a caption has words T (l, d),
 rows L2-normalised, padding masked. F = d//2 + 1 real-FFT bins, split into G contiguous
 bands b(f) = floor(f*G/F). The band share of a region-word affinity is
     rho_rk(b) = (1/d) sum_{f in b} w_f Re(V_r(f) conj T_k(f)),   sum_b rho_rk(b) = <v_r, t_k>.
@@ -228,6 +228,22 @@ def pair_scores(img: Side, cap: Side, cfg: ScoringConfig) -> dict[str, torch.Ten
         out["high"] = (sum(parts) / len(parts)).T
     weights = {"global": cfg.w_global, "local": cfg.w_local, "high": cfg.w_high}
     out["total"] = sum(weights[k] * v for k, v in out.items())
+    return out
+
+
+@torch.no_grad()
+def attention_maps(v: torch.Tensor, t: torch.Tensor, cfg: ScoringConfig) -> dict[str, torch.Tensor]:
+    """One pair, for display: v (m, d) regions, t (l, d) words (unpadded). Returns 'cosine' (m, l)
+    and the high-order coefficients of each direction the config scores: 't2i' (G, m, l), each
+    region's softmax over words, and/or 'i2t' (G, m, l), each word's softmax over regions."""
+    v, t = nnf.normalize(v.float(), dim=-1), nnf.normalize(t.float(), dim=-1)
+    out = {"cosine": v @ t.T}
+    rho = band_features(v, cfg.bands) @ band_features(t, cfg.bands).transpose(-1, -2)  # (G, m, l)
+    scale = cfg.temperature * cfg.bands
+    if cfg.direction in ("t2i", "both"):
+        out["t2i"] = torch.softmax(scale * rho, dim=-1)
+    if cfg.direction in ("i2t", "both"):
+        out["i2t"] = torch.softmax(scale * rho, dim=-2)
     return out
 
 

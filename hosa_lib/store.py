@@ -15,6 +15,10 @@ Layout (schema version 1):
     text/<key>/hidden (C, T, H) float16, text/<key>/mask (C, T) bool, text/<key>/words (C, T) bool
     extra/<name>      any array (e.g. swap_pairs for synthetic scenes)
 
+This is the only module that touches HDF5 (the import-graph test enforces it): other modules read
+through `Store` / `RowReader` and write through `StoreWriter`, `write_text_cache`,
+`write_relevance` and the embedding cache (`save_embeddings` / `load_embeddings`).
+
 Writes are atomic: everything goes to a temporary file in the same folder that is renamed over
 the final name only after it validated, so a crash or Ctrl-C leaves the previous store intact.
 """
@@ -24,12 +28,10 @@ import contextlib
 import datetime as _dt
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
-import torch
 
 from . import code_version
 
@@ -259,6 +261,21 @@ class Store:
             return None
         return Path(self.attrs["image_root"]) / self.f["images/files"].asstr()[i]
 
+    def features(self, idx=None) -> np.ndarray:
+        """Region features (float16) of all images, or of the sorted store indices `idx`."""
+        ds = self.f["images/features"]
+        return ds[:] if idx is None else ds[np.asarray(idx)]
+
+    def boxes(self, i: int) -> np.ndarray:
+        """(n_regions, 4) normalised boxes of image i."""
+        return self.f["images/boxes"][int(i)][: int(self.n_regions[i])]
+
+    def text_dim(self, key: str) -> int:
+        if key not in self.text_keys():
+            raise StoreError(f"{self.path}: no text cache '{key}' (have: {', '.join(self.text_keys()) or 'none'}); "
+                             "run prepare first")
+        return int(self.f[f"text/{key}/hidden"].shape[-1])
+
     def relevance(self, split: str) -> dict[str, np.ndarray]:
         g = self.f.get(f"relevance/{split}")
         return {} if g is None else {k: g[k][:] for k in g}
@@ -283,79 +300,71 @@ class Store:
         return out
 
 
-# ----------------------------------------------------------------------------- torch Dataset
-@dataclass(frozen=True)
-class TextInput:
-    """How captions reach the text encoder: cached backbone states, or tokens for a backbone that runs."""
-    cache_key: str | None = None   # text/<cache_key> in the store (frozen backbone)
-    tokenizer: str | None = None   # tokenizer name/dir: tokenise on the fly (fine-tuned backbone)
-    max_words: int = 32
 
 
-class CaptionDataset(torch.utils.data.Dataset):
-    """One item per caption of a split: the caption's image regions and its text input.
+# ----------------------------------------------------------------------------- in-place additions
+def write_text_cache(path, key: str, hidden: np.ndarray, mask: np.ndarray, words: np.ndarray, attrs: dict) -> None:
+    """Add text/<key> (hidden states, attention mask, word mask) to a store, atomically."""
+    with updating(path) as f:
+        g = f.create_group(f"text/{key}")
+        g.create_dataset("hidden", data=hidden, chunks=(1,) + hidden.shape[1:])
+        g.create_dataset("mask", data=mask)
+        g.create_dataset("words", data=words)
+        g.attrs.update(attrs)
 
-    h5py handles (and tokenizers) are opened lazily in each DataLoader worker.
-    Item: dict(regions (K, D) f32, boxes (K, 4), n_regions, image, caption (store indices), and either
-    text (T, H) f32 cached states or input_ids (T,), plus text_mask (T,) and word_mask (T,)).
-    `text` may be a TextInput, a cache key string, or None (images only).
-    """
 
-    def __init__(self, path, split: str, text: "TextInput | str | None", with_image: bool = True):
-        self.with_image = with_image
-        self.text = TextInput(cache_key=text) if isinstance(text, str) else text
-        with Store(path, check_values=False) as s:
-            self.captions = s.split_captions(split)
-            self.caption_image = s.caption_image
-            key = self.text.cache_key if self.text else None
-            if key is not None and key not in s.text_keys():
-                raise StoreError(f"{path}: no text cache '{key}' (have: {', '.join(s.text_keys()) or 'none'})")
-        self.path, self.split = str(path), split
-        self._f, self._tok = None, None
+def write_relevance(path, split: str, matrices: dict[str, np.ndarray]) -> None:
+    """Add (or replace) relevance/<split>/<name> matrices, atomically."""
+    with updating(path) as f:
+        for name, mat in matrices.items():
+            key = f"relevance/{split}/{name}"
+            if key in f:
+                del f[key]
+            f.create_dataset(key, data=np.asarray(mat, dtype=np.float32))
 
-    def __len__(self) -> int:
-        return len(self.captions)
 
-    def _file(self):
-        if self._f is None:  # per worker: open the file and keep the dataset handles
-            self._f = h5py.File(self.path, "r")
-            self._ds = {k: self._f[k] for k in ("images/features", "images/boxes", "images/n_regions",
-                                                "captions/text")}
-            if self.text is not None and self.text.cache_key is not None:
-                g = self._f[f"text/{self.text.cache_key}"]
-                self._ds.update({"hidden": g["hidden"], "mask": g["mask"], "words": g["words"]})
-        return self._f
+def partial_attr(path, name: str):
+    """An attribute of a partial (resumable) store, or None when it is missing or unreadable."""
+    try:
+        with h5py.File(path, "r") as f:
+            return f.attrs.get(name)
+    except OSError:
+        return None
+
+
+# ----------------------------------------------------------------------------- row access
+class RowReader:
+    """Per-row reads for DataLoader workers. The HDF5 file is opened lazily (once per worker
+    process, so it survives pickling into workers) and its dataset handles are kept."""
+
+    def __init__(self, path, text_key: str | None = None):
+        self.path, self.text_key = str(path), text_key
+        self._ds = None
 
     def __getstate__(self):
-        return {**self.__dict__, "_f": None, "_tok": None, "_ds": None}
+        return {"path": self.path, "text_key": self.text_key, "_ds": None}
 
-    def __getitem__(self, i: int) -> dict:
-        return self.__getitems__([i])[0]
+    def _open(self) -> dict:
+        if self._ds is None:
+            f = h5py.File(self.path, "r")
+            self._ds = {k: f[k] for k in ("images/features", "images/boxes", "images/n_regions", "captions/text")}
+            if self.text_key is not None:
+                g = f[f"text/{self.text_key}"]
+                self._ds.update({"hidden": g["hidden"], "mask": g["mask"], "words": g["words"]})
+        return self._ds
 
-    def __getitems__(self, indices) -> list[dict]:
-        """Batched fetch (DataLoader calls this with a whole batch): one sorted read per dataset."""
-        self._file()
-        caps = self.captions[np.asarray(indices, dtype=np.int64)]
-        imgs = self.caption_image[caps]
-        items = [{"image": int(im), "caption": int(c)} for im, c in zip(imgs, caps)]
-        if self.with_image:
-            for it, im in zip(items, read_images(self._ds, imgs)):
-                it.update(im)
-        if self.text is not None and self.text.cache_key is not None:
-            hidden, mask, words = (_read_rows(self._ds[k], caps) for k in ("hidden", "mask", "words"))
-            for j, it in enumerate(items):
-                it.update(text=torch.from_numpy(hidden[j].astype(np.float32)), text_mask=torch.from_numpy(mask[j]),
-                          word_mask=torch.from_numpy(words[j]))
-        elif self.text is not None and self.text.tokenizer is not None:
-            from .features import load_tokenizer, tokenize
-            if self._tok is None:
-                self._tok = load_tokenizer(self.text.tokenizer)
-            texts = [t.decode() if isinstance(t, bytes) else t for t in _read_rows(self._ds["captions/text"], caps)]
-            enc = tokenize(self._tok, texts, self.text.max_words)
-            for j, it in enumerate(items):
-                it.update(input_ids=enc["input_ids"][j], text_mask=enc["attention_mask"][j].bool(),
-                          word_mask=enc["words"][j])
-        return items
+    def images(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """features (n, K, D) float16, boxes (n, K, 4), n_regions (n,) of store images `rows`."""
+        ds = self._open()
+        return tuple(_read_rows(ds[k], rows) for k in ("images/features", "images/boxes", "images/n_regions"))
+
+    def text_states(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """hidden (n, T, H) float16, attention mask (n, T), word mask (n, T) of store captions `rows`."""
+        ds = self._open()
+        return tuple(_read_rows(ds[k], rows) for k in ("hidden", "mask", "words"))
+
+    def captions(self, rows: np.ndarray) -> list[str]:
+        return [t.decode() if isinstance(t, bytes) else t for t in _read_rows(self._open()["captions/text"], rows)]
 
 
 def _read_rows(ds, rows: np.ndarray) -> np.ndarray:
@@ -370,32 +379,33 @@ def _read_rows(ds, rows: np.ndarray) -> np.ndarray:
     return out
 
 
-def read_images(ds: dict, imgs: np.ndarray) -> list[dict]:
-    feats, boxes, nreg = (_read_rows(ds[k], imgs) for k in ("images/features", "images/boxes", "images/n_regions"))
-    return [{"regions": torch.from_numpy(feats[j].astype(np.float32)), "boxes": torch.from_numpy(boxes[j]),
-             "n_regions": int(nreg[j]), "image": int(imgs[j])} for j in range(len(imgs))]
+# ----------------------------------------------------------------------------- embedding cache
+def save_embeddings(path, img: dict, cap: dict, cap_img: np.ndarray, tag: str) -> None:
+    """Encoded split (numpy arrays) beside a checkpoint, atomically; `tag` identifies what made it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["tag"] = tag
+            for side, d in (("images", img), ("captions", cap)):
+                for k, v in d.items():
+                    f.create_dataset(f"{side}/{k}", data=v)
+            f.create_dataset("cap_img", data=cap_img)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
-def image_item(f: h5py.File, img: int) -> dict:
-    ds = {k: f[k] for k in ("images/features", "images/boxes", "images/n_regions")}
-    return read_images(ds, np.array([img]))[0]
-
-
-class ImageDataset(CaptionDataset):
-    """One item per image of a split (for encoding galleries)."""
-
-    def __init__(self, path, split: str):
-        with Store(path, check_values=False) as s:
-            self.images = s.split_images(split)
-        self.path, self._f, self.text, self.with_image = str(path), None, None, True
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitems__(self, indices) -> list[dict]:
-        self._file()
-        return read_images(self._ds, self.images[np.asarray(indices, dtype=np.int64)])
-
-
-def region_mask(n_regions: torch.Tensor, k: int) -> torch.Tensor:
-    return torch.arange(k)[None] < torch.as_tensor(n_regions)[:, None]
+def load_embeddings(path, tag: str):
+    """-> (images, captions, cap_img) numpy dicts, or None when missing, unreadable or made by something else."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("tag") != tag:
+                return None
+            side = lambda s: {k: f[f"{s}/{k}"][:] for k in f[s]}
+            return side("images"), side("captions"), f["cap_img"][:]
+    except OSError:
+        return None

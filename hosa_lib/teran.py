@@ -11,19 +11,13 @@ Learned from reading TERAN's public code (models/teran.py, visual.py, text.py, u
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from .config import ConfigError, ModelConfig
-from .encoders import _run
-
-
-def _stack(width: int, layers: int, cfg: ModelConfig) -> nn.TransformerEncoder | None:
-    if layers == 0:
-        return None
-    layer = nn.TransformerEncoderLayer(width, cfg.heads, cfg.ff, cfg.dropout, activation="relu", batch_first=True)
-    return nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+from .config import ConfigError, ModelConfig, RunConfig, deep_merge, override
+from .encoders import run_layers, transformer
 
 
 class TeranImageEncoder(nn.Module):
@@ -32,10 +26,10 @@ class TeranImageEncoder(nn.Module):
     def __init__(self, cfg: ModelConfig, feat_dim: int):
         super().__init__()
         self.geometry = nn.Sequential(nn.Linear(feat_dim + 5, feat_dim), nn.ReLU(), nn.Linear(feat_dim, feat_dim))
-        self.feat_layers = _stack(feat_dim, cfg.feat_layers, cfg)
+        self.feat_layers = transformer(cfg, cfg.feat_layers, feat_dim)
         self.unused_fc = nn.Linear(feat_dim, cfg.embed)  # TERAN computes a pooled vector here and discards it
         self.proj = nn.Linear(feat_dim, cfg.embed)
-        self.layers = _stack(cfg.embed, cfg.image_layers, cfg)
+        self.layers = transformer(cfg, cfg.image_layers)
 
     def forward(self, regions, boxes, mask, shared=None):
         b = len(regions)
@@ -43,9 +37,9 @@ class TeranImageEncoder(nn.Module):
         boxes = torch.cat([boxes.new_zeros(b, 1, 4), boxes], dim=1)
         area = ((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])).unsqueeze(-1)
         pad = torch.cat([mask.new_zeros(b, 1), ~mask], dim=1)
-        x = _run(self.feat_layers, self.geometry(torch.cat([regions, boxes, area], dim=-1)), pad)
+        x = run_layers(self.feat_layers, self.geometry(torch.cat([regions, boxes, area], dim=-1)), pad)
         x = self.proj(x)
-        x = _run(shared if shared is not None else self.layers, x, pad)
+        x = run_layers(shared if shared is not None else self.layers, x, pad)
         return x[:, 0], x[:, 1:], mask
 
 
@@ -59,16 +53,16 @@ class TeranTextEncoder(nn.Module):
     def __init__(self, cfg: ModelConfig, word_dim: int, backbone: nn.Module):
         super().__init__()
         self.backbone = backbone
-        self.word_layers = _stack(word_dim, cfg.word_layers, cfg)
+        self.word_layers = transformer(cfg, cfg.word_layers, word_dim)
         self.unused_map = nn.Linear(word_dim, cfg.embed)  # TERAN maps a mean-pooled vector and discards it
         self.proj = nn.Linear(word_dim, cfg.embed)
-        self.layers = _stack(cfg.embed, cfg.text_layers, cfg)
+        self.layers = transformer(cfg, cfg.text_layers)
 
     def forward(self, text_mask, word_mask, hidden=None, input_ids=None, shared=None):
         out = self.backbone(input_ids=input_ids, attention_mask=text_mask.long(), output_hidden_states=True)
         pad = ~text_mask
-        x = _run(self.word_layers, out.hidden_states[-1], pad)
-        x = _run(shared if shared is not None else self.layers, self.proj(x), pad)
+        x = run_layers(self.word_layers, out.hidden_states[-1], pad)
+        x = run_layers(shared if shared is not None else self.layers, self.proj(x), pad)
         lengths = text_mask.sum(1, keepdim=True)
         pos = torch.arange(text_mask.shape[1], device=text_mask.device)[None]
         words = (pos >= 1) & (pos < lengths - 2)
@@ -210,8 +204,6 @@ CONFIG_MAP = {
 
 def import_config(teran: dict) -> tuple[dict, list[tuple[str, str]]]:
     """TERAN YAML (nested dict) -> (our params overrides, [(key, what happened)]). Unknown keys raise."""
-    from .config import deep_merge
-
     overrides: dict = {"model": {"arch": "teran", "heads": 4, "ff": 2048, "box_geometry": True,
                                  "text_finetune": True}}  # BERT runs inside TERAN's model
     report = []
@@ -238,3 +230,33 @@ def _flat(d: dict, prefix: str = "") -> str:
     for k, v in d.items():
         parts.append(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else f"{prefix}{k}={v!r}")
     return ", ".join(parts)
+
+
+# ----------------------------------------------------------------------------- evaluation config
+PROTOCOLS = {("coco", "1k"): "coco_1k", ("coco", "5k"): "coco_5k", ("f30k", "1k"): "f30k_1k", ("f30k", "5k"): "f30k_1k"}
+
+
+def config_from_teran(ck: dict, checkpoint, config: str | None, data_root: str | None, text_model: str | None,
+                      store: str | None, size: str, protocol: str | None = None) -> tuple[RunConfig, list]:
+    """Our RunConfig for evaluating a TERAN checkpoint: its config (or --config) imported key by key,
+    the test split of its data/ layout as the store (`<root>/<dataset>/hosa_test.h5`)."""
+    import yaml
+
+    teran_cfg = yaml.safe_load(Path(config).read_text()) if config else ck.get("config")
+    if not isinstance(teran_cfg, dict):
+        raise ConfigError(f"{checkpoint}: holds no 'config'; pass --config CONFIG.yaml")
+    overrides, report = import_config(teran_cfg)
+    data = overrides.get("data", {})
+    dataset = data.get("dataset", "coco")
+    root = data_root or data.get("root", "data")
+    # --data-root relocates everything; otherwise the config's own features root is used
+    features = str(Path(root) / dataset / "features_36") if data_root else data.get("features_dir", "")
+    extra = {"name": f"teran-{dataset}-{size}",
+             "data": {"source": "store" if store else "teran", "root": root, "features_dir": features,
+                      "store": store or str(Path(root) / dataset / "hosa_test.h5"), "relevance": []},
+             "eval": {"protocol": protocol or PROTOCOLS[(dataset, size)], "split": "test"}}
+    if text_model:
+        extra["data"]["text_model"] = text_model
+    if dataset == "f30k":
+        extra["data"]["image_sizes"] = str(Path(root) / "f30k" / "images" / "sizes.pkl")
+    return override(RunConfig(), deep_merge(overrides, extra), f"{checkpoint}: TERAN config"), report

@@ -7,10 +7,8 @@ and batch position), reaching the same weights as an uninterrupted run.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import random
 import sys
 import time
 from pathlib import Path
@@ -22,47 +20,15 @@ import yaml
 from tqdm import tqdm  # plain tqdm: widget bars render blank in offline HTML
 
 from . import code_version
-from .config import RunConfig, from_dict, load, params_hash, to_dict
-from .data import EpochSampler, collate, dataset, to_device
-from .features import cache_key, load_backbone
+from .config import RunConfig, load, override, to_dict
+from .data import CaptionDataset, EpochSampler, collate, positives, to_device
+from .evaluate import encode_split, evaluate_embeddings
+from .factory import build_model, resolve_device
 from .loss import triplet_loss
 from .model import HOSA
 from .perf import tune_cpu_allocator
-from .store import Store, TextInput
-
-
-def run_dir_for(cfg: RunConfig) -> Path:
-    """outputs/<name>-<params hash>: the same params always map to the same folder."""
-    return Path(cfg.output_root) / f"{cfg.name}-{params_hash(cfg)}"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name!r} but CUDA is not available")
-    return torch.device(name)
-
-
-def build_model(cfg: RunConfig, device, pretrained: bool = True) -> tuple[HOSA, TextInput]:
-    """The model and how its captions are fed: cached backbone states, or tokens when fine-tuning.
-    pretrained=False skips loading backbone weights (a checkpoint will provide them)."""
-    dc = cfg.data
-    backbone = None
-    with Store(dc.store, check_values=False) as s:
-        feat_dim = s.feature_dim
-        if not cfg.model.text_finetune:
-            text = TextInput(cache_key=cache_key(dc.text_model, dc.text_layer))
-            if text.cache_key not in s.text_keys():
-                raise ValueError(f"{dc.store}: no text cache '{text.cache_key}'; run prepare first")
-            text_dim = s.f[f"text/{text.cache_key}/hidden"].shape[-1]
-    if cfg.model.text_finetune:  # the backbone runs inside the model, truncated at the extraction layer
-        _, backbone = load_backbone(dc.text_model, dc.text_layer if dc.text_layer > 0 else None, pretrained)
-        text_dim = backbone.config.hidden_size
-        text = TextInput(tokenizer=dc.text_model, max_words=dc.max_words)
-    torch.manual_seed(cfg.train.seed)
-    model = HOSA(cfg.model, cfg.scoring, feat_dim, text_dim, backbone, -1).to(device)
-    return model, text
+from .runs import (format_seconds, load_checkpoint, log_progress, rng_state, run_dir_for, save_checkpoint,
+                   set_rng_state)
 
 
 def lr_lambda(cfg: RunConfig, steps_per_epoch: int):
@@ -75,39 +41,9 @@ def lr_lambda(cfg: RunConfig, steps_per_epoch: int):
     return f
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Atomic: write a temporary file in the same folder, then rename over the target."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def load_model(checkpoint, cfg: RunConfig | None = None, device="cpu"):
-    """Rebuild the model from a checkpoint's own config (strict load). Returns model, checkpoint, text key."""
-    ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    run_cfg = from_dict(ck["config"], f"{checkpoint}:config")
-    if cfg is not None:  # evaluate against the caller's store
-        run_cfg = from_dict({**to_dict(run_cfg), "data": to_dict(cfg)["data"]})
-    model, key = build_model(run_cfg, device)
-    model.load_state_dict(ck["model"], strict=True)
-    return model.eval(), ck, key
-
-
-def _gather(batch_out: dict, positives_index: tuple) -> tuple[dict, dict, torch.Tensor]:
-    """DDP: gather encoded images/captions of all ranks (autograd-aware), dedupe images globally."""
+def _gather(img: dict, cap: dict, img_idx: torch.Tensor, cap_img_idx: torch.Tensor) -> tuple[dict, dict, torch.Tensor]:
+    """DDP: gather encoded images/captions of all ranks (autograd-aware), dedupe images globally.
+    img_idx: store index of each local image; cap_img_idx: store index of each local caption's image."""
     import warnings
 
     from torch.distributed.nn.functional import all_gather as _all_gather
@@ -117,7 +53,6 @@ def _gather(batch_out: dict, positives_index: tuple) -> tuple[dict, dict, torch.
             warnings.simplefilter("ignore", FutureWarning)
             return _all_gather(x)
 
-    img, cap, (img_idx, cap_img_idx) = batch_out["img"], batch_out["cap"], positives_index
     world = dist.get_world_size()
     sizes = torch.tensor([len(img_idx), cap["local"].shape[1]], device=img_idx.device)
     all_sizes = [torch.zeros_like(sizes) for _ in range(world)]
@@ -143,8 +78,7 @@ def _gather(batch_out: dict, positives_index: tuple) -> tuple[dict, dict, torch.
         first.setdefault(x, row)
     keep = torch.tensor(sorted(first.values()), device=g_img_idx.device)
     g_img = {k: v[keep] for k, v in g_img.items()}
-    positives = g_img_idx[keep][:, None] == g_cap_img[None, :]
-    return g_img, g_cap, positives
+    return g_img, g_cap, positives(g_img_idx[keep], g_cap_img)
 
 
 def train_step(model, batch, cfg: RunConfig, step: int, device, amp: bool) -> dict:
@@ -157,12 +91,11 @@ def train_step(model, batch, cfg: RunConfig, step: int, device, amp: bool) -> di
     img = {k: v.float() if v.is_floating_point() else v for k, v in img.items()}
     cap = {k: v.float() if v.is_floating_point() else v for k, v in cap.items()}
     if dist.is_initialized() and dist.get_world_size() > 1:
-        cap_img = batch["images"]["index"][batch["positives"].float().argmax(0)]
-        img, cap, positives = _gather({"img": img, "cap": cap}, (batch["images"]["index"], cap_img))
+        img, cap, pos = _gather(img, cap, batch["images"]["index"], batch["captions"]["image"])
     else:
-        positives = batch["positives"]
+        pos = positives(batch["images"]["index"], batch["captions"]["image"])
     scores = core.score(img, cap)
-    return {**triplet_loss(scores["total"], positives, cfg.loss, step), "n_pairs": torch.tensor(float(scores["total"].numel()))}
+    return {**triplet_loss(scores["total"], pos, cfg.loss, step), "n_pairs": torch.tensor(float(scores["total"].numel()))}
 
 
 class _DDPWrapper(torch.nn.Module):
@@ -176,9 +109,8 @@ class _DDPWrapper(torch.nn.Module):
         return self.core.encode_images(batch) if mode == "images" else self.core.encode_captions(batch)
 
 
-def validate(core: HOSA, cfg: RunConfig, text: str, device) -> dict:
-    from .evaluate import encode_split, evaluate_embeddings
-
+def validate(core: HOSA, cfg: RunConfig, text, device) -> dict:
+    """Retrieval metrics on the val split (its first train.val_images images when set)."""
     img, cap, cap_img = encode_split(core, cfg.data.store, "val", text, device)
     if cfg.train.val_images and cfg.train.val_images < len(img["glob"]):
         keep_img = np.arange(cfg.train.val_images)
@@ -186,7 +118,7 @@ def validate(core: HOSA, cfg: RunConfig, text: str, device) -> dict:
         img = {k: v[keep_img] for k, v in img.items()}
         cap = {k: v[keep_cap] for k, v in cap.items()}
         cap_img = cap_img[keep_cap]
-    ecfg = dataclasses.replace(cfg.eval, protocol="all", shortlist=0)
+    ecfg = override(cfg.eval, {"protocol": "all", "shortlist": 0})
     m, _ = evaluate_embeddings(img, cap, cap_img, cfg.scoring, ecfg, device=device)
     core.train()
     return m
@@ -212,8 +144,8 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, progress: bool = Tr
         (run_dir / "params.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         (run_dir / "code_version.txt").write_text(code_version() + "\n")
 
-    core, text = build_model(cfg, device)
-    data = dataset(cfg.data.store, "train", text)
+    core, text = build_model(cfg, device, seed=cfg.train.seed)
+    data = CaptionDataset(cfg.data.store, "train", text)
     sampler = EpochSampler(len(data), cfg.train.batch_size, cfg.train.seed, rank, world)
     spe = sampler.batches_per_epoch()
     if spe == 0:
@@ -229,7 +161,7 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, progress: bool = Tr
     step, epoch, start_batch, best = 0, 0, 0, -1.0
     last = ck_dir / "last.pt"
     if last.is_file():
-        ck = torch.load(last, map_location="cpu", weights_only=False)
+        ck = load_checkpoint(last)
         core.load_state_dict(ck["model"], strict=True)
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
@@ -241,15 +173,16 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, progress: bool = Tr
     if distributed:
         model = torch.nn.parallel.DistributedDataParallel(_DDPWrapper(core), device_ids=[device] if device.type == "cuda" else None)
 
-    def checkpoint(name: str, batch_in_epoch: int, ep: int):
+    def checkpoint(names: tuple[str, ...], batch_in_epoch: int, ep: int):
         if rank == 0:
-            save_checkpoint(ck_dir / name, {
-                "model": core.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "step": step, "epoch": ep, "batch_in_epoch": batch_in_epoch, "best_rsum": best,
-                "rng": rng_state(), "config": to_dict(cfg), "code_version": code_version()})
+            state = {"model": core.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                     "step": step, "epoch": ep, "batch_in_epoch": batch_in_epoch, "best_rsum": best,
+                     "rng": rng_state(), "config": to_dict(cfg), "code_version": code_version()}
+            for name in names:
+                save_checkpoint(ck_dir / name, state)
 
     log = (run_dir / "metrics.jsonl").open("a") if rank == 0 else None
-    t_start, last_val = time.perf_counter(), {}
+    t_start, last_val, first_epoch = time.perf_counter(), {}, epoch
     core.train()
     every = cfg.train.checkpoint_every
     while epoch < cfg.train.epochs:
@@ -276,7 +209,7 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, progress: bool = Tr
                 log.flush()
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", pairs_s=f"{rate:.0f}")
             if every and step % every == 0 and b + 1 < spe:
-                checkpoint("last.pt", b + 1, epoch)
+                checkpoint(("last.pt",), b + 1, epoch)
             if stop_after_steps is not None and step >= stop_after_steps:
                 return {"run_dir": str(run_dir), "steps": step, "stopped": True}
         start_batch = 0
@@ -287,11 +220,14 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, progress: bool = Tr
             best = max(best, last_val["rsum"])
             log.write(json.dumps({"step": step, "epoch": epoch - 1, "split": "val", **last_val}) + "\n")
             log.flush()
-            checkpoint("last.pt", 0, epoch)
-            if improved:
-                save_checkpoint(ck_dir / "best.pt", torch.load(ck_dir / "last.pt", weights_only=False))
+            checkpoint(("last.pt", "best.pt") if improved else ("last.pt",), 0, epoch)
+            elapsed = time.perf_counter() - t_start
+            eta = elapsed / max(1, epoch - first_epoch) * (cfg.train.epochs - epoch)
+            line = (f"epoch {epoch}/{cfg.train.epochs}: loss {out['loss'].item():.3f}, val rsum {last_val['rsum']:.1f} "
+                    f"(best {best:.1f}), elapsed {format_seconds(elapsed)}, ETA {format_seconds(eta)}")
+            log_progress(run_dir, line)
             if progress:
-                print(f"epoch {epoch - 1}: val rsum {last_val['rsum']:.2f} (best {best:.2f})")
+                print(line)
         if distributed:
             dist.barrier()
     if log:
@@ -303,9 +239,10 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, progress: bool = Tr
 def main(argv=None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("params")
-    ap.add_argument("--run-dir", default=None, help="default: outputs/<name>-<params hash>")
+    ap = argparse.ArgumentParser(prog="python -m hosa_lib.train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("params", help="params file (YAML, with an optional base: chain)")
+    ap.add_argument("--run-dir", default=None, help="default: outputs/<name>-<weights key>")
     args = ap.parse_args(argv)
     cfg = load(args.params)
     out = train(cfg, args.run_dir)

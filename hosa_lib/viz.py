@@ -1,6 +1,11 @@
-"""Tables and seaborn figures for the notebooks (notebooks hold no logic of their own)."""
+"""Tables and seaborn figures for the notebooks (notebooks hold no logic of their own).
+
+Importing this module changes no global state: each figure function applies the workbench's
+seaborn theme only while it draws (`themed`).
+"""
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -11,25 +16,31 @@ import seaborn as sns
 
 from .store import Store
 
-sns.set_theme(style="whitegrid", context="notebook")
 
-
-def write_metrics(run_dir: str, stage: str, metrics: dict) -> None:
-    """The last cell of every notebook: writes <run_dir>/<stage>_metrics.json and says where."""
-    if not run_dir:
-        print("no run_dir: metrics not written")
-        return
-    out = Path(run_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{stage}_metrics.json"
-    path.write_text(json.dumps(metrics, indent=2, default=str))
-    print(f"metrics written to {path}")
+def themed(fn):
+    """Draw inside the workbench's seaborn style and context, leaving the global rcParams alone."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with sns.axes_style("whitegrid"), sns.plotting_context("notebook"):
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 def summary_frame(summary: dict) -> pd.DataFrame:
     return pd.DataFrame({"value": [str(v) for v in summary.values()]}, index=list(summary))
 
 
+def seconds_frame(seconds: dict) -> pd.DataFrame:
+    return pd.DataFrame({"seconds": [round(v, 1) for v in seconds.values()]}, index=list(seconds))
+
+
+def train_summary(res: dict) -> pd.DataFrame:
+    """The result of `train.train` as a small table (rounded; the last validation's metrics aside)."""
+    rows = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in res.items() if k != "last_val"}
+    return pd.DataFrame({"value": [str(v) for v in rows.values()]}, index=list(rows))
+
+
+@themed
 def sample_grid(store_path, n: int = 6, split: str = "test", seed: int = 0):
     """Sample images with their region boxes and first two captions (image-folder stores only)."""
     with Store(store_path, check_values=False) as s:
@@ -44,7 +55,7 @@ def sample_grid(store_path, n: int = 6, split: str = "test", seed: int = 0):
             im = Image.open(s.image_file(int(i)))
             ax.imshow(im)
             w, h = im.size
-            for x1, y1, x2, y2 in s.f["images/boxes"][int(i)][: int(s.n_regions[i])]:
+            for x1, y1, x2, y2 in s.boxes(int(i)):
                 ax.add_patch(plt.Rectangle((x1 * w, y1 * h), (x2 - x1) * w, (y2 - y1) * h, fill=False, lw=0.5,
                                            color="white", alpha=0.6))
             caps = s.captions(np.nonzero(s.caption_image == i)[0][:2])
@@ -66,6 +77,7 @@ def read_log(run_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
     return steps, val
 
 
+@themed
 def plot_training(run_dir):
     steps, val = read_log(run_dir)
     fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
@@ -90,6 +102,7 @@ def recall_frame(m: dict) -> pd.DataFrame:
     return df.round(3)
 
 
+@themed
 def recall_curves(scores, cap_img, kmax: int = 50):
     from .metrics import ranks
     i2t, t2i = ranks(np.asarray(scores), cap_img)
@@ -107,12 +120,18 @@ def recall_curves(scores, cap_img, kmax: int = 50):
     return fig
 
 
-def top_images(store_path, split: str, scores, cap_img, n_queries: int = 3, k: int = 4, seed: int = 0):
-    """Text->image: for sample caption queries, the top-k images (green frame = correct)."""
+@themed
+def sample_queries(n_captions: int, n: int = 3, seed: int = 0) -> list[int]:
+    """n caption positions drawn without replacement (the qualitative examples of a report)."""
+    return [int(q) for q in np.random.default_rng(seed).choice(n_captions, size=min(n, n_captions), replace=False)]
+
+
+def top_images(store_path, split: str, scores, cap_img, queries: list[int], k: int = 4):
+    """Text->image: for caption queries (split positions), the top-k images (green frame = correct)."""
     scores = np.asarray(scores)
     with Store(store_path, check_values=False) as s:
         imgs, caps = s.split_images(split), s.split_captions(split)
-        qs = np.random.default_rng(seed).choice(len(caps), size=min(n_queries, len(caps)), replace=False)
+        qs = queries
         if s.image_file(int(imgs[0])) is None:
             return None
         fig, axes = plt.subplots(len(qs), k, figsize=(2.6 * k, 2.9 * len(qs)), squeeze=False)
@@ -130,47 +149,54 @@ def top_images(store_path, split: str, scores, cap_img, n_queries: int = 3, k: i
     return fig
 
 
-def alignment_heatmap(model, store_path, image: int, caption: int, text, text_model: str = "minilm"):
-    """Region-word cosine matrix of one pair and its per-band high-order attention (up to 4 bands)."""
-    import h5py
+@themed
+def alignment_heatmap(model, cfg, split: str, image: int, caption: int, text, scoring=None):
+    """Region-word cosine matrix of one pair (store image and caption indices, both in `split`) and
+    its per-band high-order coefficients (up to 4 bands) in the direction(s) the scoring uses."""
     import torch
-    import torch.nn.functional as nnf
-    from transformers import AutoTokenizer
 
-    from .data import collate_captions, collate_images
-    from .features import resolve_text_model
-    from .scoring import band_features
-    from .store import CaptionDataset, image_item
+    from .data import CaptionDataset, ImageDataset, collate_captions, collate_images
+    from .scoring import attention_maps
+    from .text import load_tokenizer
 
-    with h5py.File(store_path, "r") as f:
-        ib = collate_images([image_item(f, image)])
-        caption_text = f["captions/text"].asstr()[caption]
-    ds = CaptionDataset(store_path, "test", text, with_image=False)
-    cb = collate_captions([ds[int(np.nonzero(ds.captions == caption)[0][0])]])
+    scoring = scoring or cfg.scoring
+    ds_img, ds_cap = ImageDataset(cfg.data.store, split), CaptionDataset(cfg.data.store, split, text, with_image=False)
+    ib = collate_images([ds_img[int(np.nonzero(ds_img.images == image)[0][0])]])
+    cb = collate_captions([ds_cap[int(np.nonzero(ds_cap.captions == caption)[0][0])]])
     with torch.no_grad():
         vi, ci = model.encode_images(ib), model.encode_captions(cb)
-    words = cb["word_mask"][0]
-    v = nnf.normalize(vi["local"][0][vi["mask"][0]], dim=-1)
-    t = nnf.normalize(ci["local"][0][words], dim=-1)
-    tok = AutoTokenizer.from_pretrained(resolve_text_model(text_model))
+    words = ci["mask"][0]
+    maps = attention_maps(vi["local"][0][vi["mask"][0]], ci["local"][0][words], scoring)
+    with Store(cfg.data.store, check_values=False) as s:
+        caption_text = s.captions([caption])[0]
+    tok = load_tokenizer(cfg.data.text_model)
     ids = tok(caption_text, truncation=True, max_length=len(words))["input_ids"]
     labels = [tok.convert_ids_to_tokens(ids[k]) for k in np.nonzero(words.numpy())[0] if k < len(ids)]
-    G = model.scfg.bands
-    rho = band_features(v, G) @ band_features(t, G).transpose(-1, -2)  # (G, m, l)
-    attn = torch.softmax(model.scfg.temperature * G * rho, dim=-1)  # each region over words, per band
+    G = scoring.bands
     shown = np.unique(np.linspace(0, G - 1, min(G, 4)).astype(int))
-    fig, axes = plt.subplots(1, 1 + len(shown), figsize=(4.5 + 3 * len(shown), 4.5))
-    sns.heatmap((v @ t.T).numpy(), ax=axes[0], cmap="viridis", xticklabels=labels)
+    panels = [(d, b) for d in ("t2i", "i2t") if d in maps for b in shown]
+    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(4.5 + 3 * len(panels), 4.5), squeeze=False)
+    axes = axes[0]
+    sns.heatmap(maps["cosine"].numpy(), ax=axes[0], cmap="viridis", xticklabels=labels)
     axes[0].set_title("region-word cosine")
     axes[0].set_ylabel("region")
-    for b, ax in zip(shown, axes[1:]):
-        sns.heatmap(attn[b].numpy(), ax=ax, cmap="magma", vmin=0, vmax=1, xticklabels=labels, yticklabels=False)
-        ax.set_title(f"band {b}: attention over words")
+    for (d, b), ax in zip(panels, axes[1:]):
+        sns.heatmap(maps[d][b].numpy(), ax=ax, cmap="magma", vmin=0, vmax=1, xticklabels=labels, yticklabels=False)
+        ax.set_title(f"band {b}: " + ("each region over words" if d == "t2i" else "each word over regions"))
     fig.suptitle(_wrap(caption_text, 100), fontsize=9)
     fig.tight_layout()
     return fig
 
 
+def query_heatmap(ev: dict, store_path, split: str, query: int):
+    """Alignment heatmap of caption `query` (split position) with its best-scoring image."""
+    with Store(store_path, check_values=False) as s:
+        imgs, caps = s.split_images(split), s.split_captions(split)
+    best = int(np.argmax(ev["scores"][:, query]))
+    return alignment_heatmap(ev["model"], ev["cfg"], split, int(imgs[best]), int(caps[query]), ev["text"])
+
+
+@themed
 def show_images(store_path, indices, labels, title: str = ""):
     """A row of store images (by store index) with labels."""
     from PIL import Image
@@ -185,4 +211,35 @@ def show_images(store_path, indices, labels, title: str = ""):
     fig.suptitle(_wrap(title, 90), fontsize=9)
     fig.tight_layout()
     plt.show()
+    return fig
+
+
+def recall_at_k_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """Tidy recall@K rows (variant, seed, direction, K, value) from an ablation table."""
+    cols = [c for c in df if c.startswith(("i2t_r", "t2i_r")) and c[5:].isdigit()]
+    rec = df.melt(id_vars=["variant", "seed"], value_vars=cols, var_name="metric")
+    rec["direction"] = rec.metric.str[:3]
+    rec["K"] = rec.metric.str[5:].astype(int)
+    return rec
+
+
+@themed
+def plot_ablations(df: pd.DataFrame):
+    """rsum, swap accuracy and training cost per variant (each seed a point, mean and sd), and
+    recall@K per direction."""
+    panels = [(c, t) for c, t in (("rsum", "test rsum"), ("swap_acc", "attribute-swap accuracy (%)"),
+                                  ("train_seconds", "training seconds")) if c in df]
+    fig, axes = plt.subplots(1, len(panels) + 2, figsize=(5 * (len(panels) + 2), 4))
+    for ax, (col, title) in zip(axes, panels):
+        sns.pointplot(data=df, x="variant", y=col, errorbar="sd", linestyle="none", ax=ax, color="black")
+        sns.stripplot(data=df, x="variant", y=col, ax=ax, alpha=0.6)
+        ax.set_title(title)
+        ax.tick_params(axis="x", rotation=45)
+        if col == "swap_acc":
+            ax.axhline(50, ls="--", c="gray")
+    rec = recall_at_k_frame(df)
+    for ax, d in zip(axes[len(panels):], ("i2t", "t2i")):
+        sns.lineplot(data=rec[rec.direction == d], x="K", y="value", hue="variant", marker="o", ax=ax)
+        ax.set_title(f"{d} recall@K")
+    fig.tight_layout()
     return fig

@@ -57,7 +57,14 @@ def test_hand_made_recalls():
     assert recall_metrics(perfect, cap_img)["rsum"] == 600
     swapped = perfect[::-1].copy()  # every query ranks the wrong item first
     m = recall_metrics(swapped, cap_img)
-    assert m["i2t_r1"] == 0 and m["t2i_r1"] == 0 and m["i2t_r5"] == 100 and m["t2i_medr"] == 2
+    assert m["i2t_r1"] == 0 and m["t2i_r1"] == 0 and m["t2i_medr"] == 2 and m["i2t_medr"] == 3
+    # i2t ranks of the first correct caption: both images see both wrong captions first -> rank 3 of 4
+    assert m["i2t_meanr"] == 3 and m["t2i_meanr"] == 2
+    many = 2 * np.eye(12)  # 12 images x 12 captions, one caption each, perfect except caption 0:
+    many[:, 0] = [0.5, 0.9, 0.8, 0.7, 0.6, 0.55, 0.51, 0.1, 0.1, 0.1, 0.1, 0.1]  # 6 images above its own
+    m2 = recall_metrics(many, np.arange(12))
+    assert m2["t2i_r1"] == pytest.approx(100 * 11 / 12) and m2["t2i_r5"] == pytest.approx(100 * 11 / 12)
+    assert m2["t2i_r10"] == 100 and m2["i2t_r1"] == 100 and m2["t2i_meanr"] == pytest.approx((11 + 7) / 12)
 
 
 def test_ndcg_matches_definition():

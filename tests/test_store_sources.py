@@ -15,7 +15,8 @@ from hosa_lib.config import ConfigError, load
 from hosa_lib.sources.imagefolder import convert_image_folder
 from hosa_lib.sources.scan import convert_scan
 from hosa_lib.sources.teran import convert_teran
-from hosa_lib.store import CaptionDataset, Store, StoreError, StoreWriter
+from hosa_lib.data import CaptionDataset, TextInput
+from hosa_lib.store import Store, StoreError, StoreWriter
 
 RNG = np.random.default_rng(0)
 
@@ -258,15 +259,16 @@ def test_synthetic_store_and_dataloader_workers(smoke_store):
         pairs = s.extra("swap_pairs")
         assert len(pairs) >= 2 and set(pairs.flatten()) <= set(s.split_images("test").tolist())
         a, b = pairs[0]
-        assert not np.array_equal(s.f["images/features"][a], s.f["images/features"][b])
+        assert not np.array_equal(s.features([a]), s.features([b]))
         rel = s.relevance("test")["rougeL"]
         assert rel.shape == (len(s.split_captions("test")), len(s.split_images("test")))
         key = s.text_keys()[0]
-    ds = CaptionDataset(smoke_store.store, "train", key)
+    ds = CaptionDataset(smoke_store.store, "train", TextInput(cache_key=key))
     loader = torch.utils.data.DataLoader(ds, batch_size=8, collate_fn=collate, num_workers=2)
     batches = list(loader)
     assert sum(b["captions"]["text"].shape[0] for b in batches) == len(ds)
-    assert all(b["positives"].sum(0).eq(1).all() for b in batches)
+    for b in batches:  # every caption's image is in its batch, once
+        assert (b["images"]["index"][:, None] == b["captions"]["image"][None]).sum(0).eq(1).all()
 
 
 def test_params_errors(tmp_path):
@@ -287,9 +289,37 @@ def test_params_errors(tmp_path):
 
 
 def test_every_params_file_loads():
+    """Every params file builds a config whose values are what its file says; every ablation grid's
+    variants apply cleanly to the params that name it."""
     from pathlib import Path
-    for p in sorted(Path("params").glob("*.yaml")):
-        load(p)
+
+    from hosa_lib.ablations import read_grid
+    from hosa_lib.config import PATH_KEYS, RunConfig, override, read_params
+    root = Path(__file__).resolve().parent.parent
+    files = sorted((root / "params").glob("*.yaml"))
+    assert {"base.yaml", "demo.yaml", "smoke.yaml", "coco.yaml", "f30k.yaml"} <= {p.name for p in files}
+    grids = set()
+    for p in files:
+        cfg = load(p)
+        raw = read_params(p)
+        for section, values in raw.items():  # each value in the file (after the base chain) is in the config
+            if isinstance(values, dict):
+                for k, v in values.items():
+                    got = getattr(getattr(cfg, section), k)
+                    if f"{section}.{k}" in PATH_KEYS and v:  # relative paths resolve against the project root
+                        v = str(root / v)
+                    assert got == (tuple(v) if isinstance(v, list) else v), f"{p.name}: {section}.{k}"
+        grids.add(cfg.ablation.grid)
+        assert cfg != RunConfig() or p.name == "base.yaml"
+    gfiles = sorted((root / "params" / "ablations").glob("*.yaml"))
+    assert len(gfiles) >= 3
+    for g in gfiles:
+        variants, seeds = read_grid(g)
+        assert variants and all(isinstance(s, int) for s in seeds or [0]), g.name
+        base = load(root / "params" / "demo.yaml")
+        for v in variants:  # strictly typed: a misspelt override key fails here
+            cell = override(base, v["overrides"], f"{g.name}: {v['name']}")
+            assert cell != base or not v["overrides"] or v["overrides"] == {"train": {}}
 
 
 def test_image_encoding_resumes_after_ctrl_c(tmp_path, monkeypatch):

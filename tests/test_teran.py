@@ -87,7 +87,7 @@ def test_config_import_maps_every_published_key():
 
 
 def teran_model(bert_dir, store, **model):
-    from hosa_lib.train import build_model
+    from hosa_lib.factory import build_model
     over, _ = import_config(yaml.safe_load(TERAN_COCO))
     over = deep_merge(over, {"data": {"source": "store", "store": str(store), "text_model": str(bert_dir)},
                              "model": model})
@@ -106,8 +106,7 @@ def teran_data(tmp_path_factory):
 
 
 def test_coco_shaped_checkpoint_loads_strictly_and_embeds(bert_dir, teran_data):
-    from hosa_lib.data import collate_captions, collate_images
-    from hosa_lib.store import CaptionDataset, ImageDataset
+    from hosa_lib.data import CaptionDataset, ImageDataset, collate_captions, collate_images
     model, text = teran_model(bert_dir, teran_data / "store.h5")
     sd = teran_state_dict(BertConfig(num_hidden_layers=6))
     model.load_state_dict(map_state_dict(sd, model, shared=False), strict=True)

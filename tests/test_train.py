@@ -64,13 +64,13 @@ def _ddp_worker(rank, world, store, port, result_path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     import torch.distributed as dist
 
-    from hosa_lib.data import collate
-    from hosa_lib.store import CaptionDataset
-    from hosa_lib.train import _DDPWrapper, build_model, train_step
+    from hosa_lib.data import CaptionDataset, collate
+    from hosa_lib.factory import build_model
+    from hosa_lib.train import _DDPWrapper, train_step
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     cfg = smoke_cfg(store, amp=False)
-    core, key = build_model(cfg, torch.device("cpu"))
+    core, key = build_model(cfg, torch.device("cpu"), seed=cfg.train.seed)
     model = torch.nn.parallel.DistributedDataParallel(_DDPWrapper(core))
     ds = CaptionDataset(store, "train", key)
     items = [ds[i] for i in range(12)]  # global batch; items 0-3 and 4-5 share images across ranks
@@ -86,15 +86,15 @@ def _ddp_worker(rank, world, store, port, result_path):
 def test_ddp_two_processes_equal_single_process(tmp_path, smoke_store):
     import torch.multiprocessing as mp
 
-    from hosa_lib.data import collate
-    from hosa_lib.store import CaptionDataset
-    from hosa_lib.train import build_model, train_step
+    from hosa_lib.data import CaptionDataset, collate
+    from hosa_lib.factory import build_model
+    from hosa_lib.train import train_step
 
     port = 29500 + os.getpid() % 1000
     mp.spawn(_ddp_worker, args=(2, smoke_store.store, port, str(tmp_path / "ddp.pt")), nprocs=2, join=True)
     ddp = torch.load(tmp_path / "ddp.pt", weights_only=False)
     cfg = smoke_cfg(smoke_store.store, amp=False)
-    core, key = build_model(cfg, torch.device("cpu"))
+    core, key = build_model(cfg, torch.device("cpu"), seed=cfg.train.seed)
     ds = CaptionDataset(smoke_store.store, "train", key)
     out = train_step(core, collate([ds[i] for i in range(12)]), cfg, step=1000, device=torch.device("cpu"), amp=False)
     out["loss"].backward()
@@ -121,9 +121,9 @@ def test_evaluate_cli_writes_metrics(tmp_path, smoke_store):
 
 def test_finetune_backbone_trains_with_its_own_lr(tmp_path, smoke_store):
     """text_finetune: the (truncated) MiniLM runs inside the model on tokens and receives gradients."""
-    from hosa_lib.config import replace
+    from hosa_lib.config import override
     from hosa_lib.train import train
-    cfg = replace(smoke_cfg(smoke_store.store, epochs=1, lr=1e-3, checkpoint_every=1),
+    cfg = override(smoke_cfg(smoke_store.store, epochs=1, lr=1e-3, checkpoint_every=1),
                   {"model": {"text_finetune": True, "text_lr_scale": 0.5}, "data": {"text_layer": 2}})
     res = train(cfg, tmp_path / "ft", progress=False, stop_after_steps=2)
     ck = torch.load(tmp_path / "ft" / "checkpoints" / "last.pt", weights_only=False)
@@ -131,7 +131,7 @@ def test_finetune_backbone_trains_with_its_own_lr(tmp_path, smoke_store):
     assert ck["optimizer"]["param_groups"][1]["lr"] == pytest.approx(0.5 * ck["optimizer"]["param_groups"][0]["lr"])
     layers = {k.split(".")[4] for k in ck["model"] if k.startswith("text.backbone.encoder.layer.")}
     assert layers == {"0", "1"}  # truncated at data.text_layer, like TERAN's extraction layer
-    from hosa_lib.features import load_backbone
+    from hosa_lib.text import load_backbone
     _, fresh = load_backbone("minilm", 2)
     moved = (ck["model"]["text.backbone.encoder.layer.1.output.dense.weight"]
              - fresh.state_dict()["encoder.layer.1.output.dense.weight"]).abs().max()

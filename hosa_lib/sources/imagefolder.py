@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm  # plain tqdm: widget bars render blank in offline HTML
 
-from ..store import StoreError, StoreWriter
+from ..store import StoreError, StoreWriter, partial_attr
 from . import canonical_split
 
 
@@ -83,11 +83,7 @@ def convert_image_folder(image_root, captions_file, store_path, *, image_size: i
     k, dim = grid * grid, 1280
     partial = store_path.with_name(f".{store_path.name}.partial")
     digest = _inputs_hash(items, image_root, image_size)
-    resume = partial.exists()
-    if resume:
-        import h5py
-        with h5py.File(partial, "r") as f:
-            resume = f.attrs.get("inputs_hash") == digest
+    resume = partial.exists() and partial_attr(partial, "inputs_hash") == digest
     writer = StoreWriter(store_path, len(items), k, dim, source=source, pooled=True,
                          feature_extractor=f"efficientnet-lite0 imagenet grid {grid}x{grid} @ {image_size}px",
                          tmp_path=partial, resume=resume)

@@ -1,0 +1,77 @@
+"""Build a model from a config and its store, or load one from a checkpoint (ours or TERAN's).
+
+The only place that knows how a config becomes modules: the store gives the region feature width
+and the cached text width; a fine-tuned (or TERAN) text backbone is loaded here, truncated at
+`data.text_layer`. Building does not touch the global RNG seed: callers that need a seeded
+initialisation (training) seed it themselves first.
+"""
+from __future__ import annotations
+
+import torch
+
+from .config import ConfigError, RunConfig, from_dict, override
+from .data import TextInput
+from .model import HOSA
+from .runs import load_checkpoint
+from .store import Store
+from .text import cache_key, load_backbone
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name!r} but CUDA is not available")
+    return torch.device(name)
+
+
+def build_model(cfg: RunConfig, device="cpu", pretrained: bool = True,
+                seed: int | None = None) -> tuple[HOSA, TextInput]:
+    """The model and how its captions are fed: cached backbone states, or tokens when fine-tuning.
+    pretrained=False skips loading backbone weights (a checkpoint will provide them).
+    seed: seed the global torch RNG right before the modules are initialised (training does;
+    loading a checkpoint does not need to)."""
+    dc = cfg.data
+    backbone = None
+    with Store(dc.store, check_values=False) as s:
+        feat_dim = s.feature_dim
+        if not cfg.model.text_finetune:
+            text = TextInput(cache_key=cache_key(dc.text_model, dc.text_layer))
+            text_dim = s.text_dim(text.cache_key)
+    if cfg.model.text_finetune:  # the backbone runs inside the model, truncated at the extraction layer
+        _, backbone = load_backbone(dc.text_model, dc.text_layer if dc.text_layer > 0 else None, pretrained)
+        text_dim = backbone.config.hidden_size
+        text = TextInput(tokenizer=dc.text_model, max_words=dc.max_words)
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = HOSA(cfg.model, cfg.scoring, feat_dim, text_dim, backbone).to(device)
+    return model, text
+
+
+def is_teran_checkpoint(ck: dict) -> bool:
+    """TERAN/HOSA-seed checkpoints carry TERAN's YAML config (sections such as 'text-model')."""
+    return isinstance(ck.get("config"), dict) and "text-model" in ck["config"]
+
+
+def load_model(checkpoint, store: str | None = None, device="cpu") -> tuple[HOSA, RunConfig, dict, TextInput]:
+    """Rebuild a model from a checkpoint of ours with its own config (strict load), optionally
+    against another store. Returns model (eval mode), the checkpoint's config, the checkpoint, text input."""
+    ck = load_checkpoint(checkpoint)
+    if is_teran_checkpoint(ck):
+        raise ConfigError(f"{checkpoint}: a TERAN checkpoint; evaluate it with --size (hosa_lib.teran adapter)")
+    cfg = from_dict(ck["config"], f"{checkpoint}:config")
+    if store is not None:
+        cfg = override(cfg, {"data": {"store": str(store)}}, f"{checkpoint}:config")
+    model, text = build_model(cfg, device, pretrained=False)
+    model.load_state_dict(ck["model"], strict=True)
+    return model.eval(), cfg, ck, text
+
+
+def load_teran_model(checkpoint, cfg: RunConfig, device="cpu") -> tuple[HOSA, dict, TextInput]:
+    """A TERAN checkpoint's weights (mapped by `hosa_lib.teran`) in TERAN-shaped encoders, strictly."""
+    from .teran import map_state_dict
+
+    ck = load_checkpoint(checkpoint)
+    model, text = build_model(cfg, device, pretrained=False)
+    model.load_state_dict(map_state_dict(ck["model"], model, cfg.model.shared_layers > 0), strict=True)
+    return model.eval(), ck, text

@@ -1,0 +1,142 @@
+"""Run folders, their keys, and checkpoint I/O.
+
+A run folder is `<output_root>/<name>-<weights key>`. The key hashes exactly what changes the
+trained weights — the data (where it comes from and how it is featurised), model, scoring, loss,
+training schedule and seed — and nothing else: `train.device`, `train.workers`, logging and
+checkpoint cadence, every `eval.*`/`ablation.*` key and `data.force` map to the same folder, so
+changing them reuses (or resumes) the run instead of retraining.
+
+Checkpoints hold model, optimizer, scheduler, step, epoch, batch position, RNG states, best rsum,
+config and code version; they are written atomically (temporary file, then rename) and loaded
+strictly.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import PATH_KEYS, RunConfig, project_root, to_dict
+
+# Keys that never change the trained weights (section -> keys; "*" = the whole section).
+NOT_WEIGHTS = {"name": "*", "output_root": "*", "eval": "*", "ablation": "*",
+               "data": ("force", "relevance", "spice"),
+               "train": ("device", "workers", "log_every", "checkpoint_every")}
+
+
+def weights_config(cfg: RunConfig) -> dict:
+    """The part of the config that determines the trained weights (paths inside the project root
+    relative to it, so two clones of the project key the same run alike)."""
+    out, root, raw = {}, project_root(), to_dict(cfg)
+    for key in PATH_KEYS:
+        section, _, name = key.rpartition(".")
+        holder = raw[section] if section else raw
+        if holder[name] and Path(holder[name]).is_absolute() and Path(holder[name]).is_relative_to(root):
+            holder[name] = str(Path(holder[name]).relative_to(root))
+    for section, value in raw.items():
+        drop = NOT_WEIGHTS.get(section, ())
+        if drop == "*":
+            continue
+        out[section] = {k: v for k, v in value.items() if k not in drop} if isinstance(value, dict) else value
+    return out
+
+
+def digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def weights_key(cfg: RunConfig) -> str:
+    return digest(weights_config(cfg))
+
+
+def run_dir_for(cfg: RunConfig) -> Path:
+    """<output_root>/<name>-<weights key>: configs that train the same weights share a folder."""
+    return Path(cfg.output_root) / f"{cfg.name}-{weights_key(cfg)}"
+
+
+def resolve_run_dir(cfg: RunConfig, run_dir: str | Path = "") -> Path:
+    """An explicit run folder, or the config's own (`run_dir_for`)."""
+    return Path(run_dir) if run_dir else run_dir_for(cfg)
+
+
+def checkpoint_path(run_dir, checkpoint: str | Path = "") -> Path:
+    """An explicit checkpoint, or the run's best."""
+    return Path(checkpoint) if checkpoint else Path(run_dir) / "checkpoints" / "best.pt"
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Atomic: write a temporary file in the same folder, then rename over the target."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path) -> dict:
+    """A checkpoint dict (trusted pickles: they hold configs and optimizer state)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+PROGRESS_LOG = "progress.log"
+
+
+def log_progress(run_dir, message: str) -> None:
+    """One line of progress (an epoch, an ablation cell) appended to <run_dir>/progress.log;
+    the pipeline prints these lines to the terminal while notebooks run, keeping the HTML clean."""
+    path = Path(run_dir) / PROGRESS_LOG
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        fh.write(f"{_dt.datetime.now():%H:%M:%S} {message}\n")
+
+
+def format_seconds(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def write_metrics(run_dir, stage: str, metrics: dict) -> Path | None:
+    """<run_dir>/<stage>_metrics.json (the last cell of every notebook). Says where without this
+    machine's absolute paths, since reports are shared; NaN becomes null (strict JSON)."""
+    if not run_dir:
+        print("no run_dir: metrics not written")
+        return None
+    out = Path(run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{stage}_metrics.json"
+    path.write_text(json.dumps(_nan_to_none(metrics), indent=2, default=str))
+    print(f"metrics written to {path.name} in run folder {out.name}")
+    return path
+
+
+def _nan_to_none(x):
+    """Strict JSON has no NaN: write null instead."""
+    if isinstance(x, dict):
+        return {k: _nan_to_none(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_nan_to_none(v) for v in x]
+    return None if isinstance(x, float) and x != x else x

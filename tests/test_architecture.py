@@ -1,0 +1,116 @@
+"""The module graph of hosa_lib (docs/architecture.md): no import cycles, HDF5 only in the store,
+no hidden global side effects on import or on model building."""
+import ast
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parent.parent / "hosa_lib"
+
+
+def import_graph() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    """module -> hosa_lib modules it imports (at any depth in the file), and module -> top-level packages."""
+    mods = {".".join(p.relative_to(PKG.parent).with_suffix("").parts).removesuffix(".__init__"): p
+            for p in PKG.rglob("*.py")}
+    graph, external = {}, {}
+    for name, path in mods.items():
+        pkg = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        deps, ext = set(), set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = pkg.split(".")[: len(pkg.split(".")) - (node.level - 1)] if node.level else []
+                mod = ".".join(base + ([node.module] if node.module else []))
+                targets = [mod] + [f"{mod}.{a.name}" for a in node.names]
+            for t in targets:
+                ext.add(t.split(".")[0])
+                if t in mods and t != name and mods[t].name != "__init__.py":
+                    deps.add(t)
+        graph[name], external[name] = deps, ext
+    return graph, external
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(u):
+        state[u] = 1
+        stack.append(u)
+        for v in sorted(graph[u]):
+            if state.get(v) == 1:
+                return stack[stack.index(v):] + [v]
+            if v not in state and (c := visit(v)):
+                return c
+        stack.pop()
+        state[u] = 2
+        return None
+
+    for m in sorted(graph):
+        if m not in state and (c := visit(m)):
+            return c
+    return None
+
+
+def test_cycle_finder_finds_cycles():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+def test_no_import_cycle_in_hosa_lib():
+    graph, _ = import_graph()
+    assert len(graph) > 20
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_only_the_store_touches_hdf5():
+    _, external = import_graph()
+    assert "h5py" in external["hosa_lib.store"]
+    users = sorted(m for m, ext in external.items() if "h5py" in ext and m != "hosa_lib.store")
+    assert users == [], f"h5py imported outside hosa_lib.store: {users}"
+
+
+def test_library_never_imports_papermill_or_argparse_at_module_level():
+    """STYLE.md: hosa_lib takes explicit arguments; only the CLIs' main() and the pipeline driver parse/run notebooks."""
+    for path in PKG.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+        names = {a.name.split(".")[0] for n in top for a in n.names} | \
+            {n.module.split(".")[0] for n in top if isinstance(n, ast.ImportFrom) and n.module}
+        assert not names & {"papermill", "argparse"}, path.name
+
+
+def test_importing_viz_and_building_a_model_leave_global_state_alone(smoke_store):
+    import matplotlib
+    import torch
+
+    style = dict(matplotlib.rcParams)
+    import hosa_lib.viz  # noqa: F401
+    assert dict(matplotlib.rcParams) == style
+    from transformers.utils import logging as hf_logging
+
+    from hosa_lib.config import DataConfig, RunConfig
+    from hosa_lib.factory import build_model
+    hf_on = hf_logging.is_progress_bar_enabled()
+    cfg = RunConfig(data=DataConfig(store=smoke_store.store))
+    states = []
+    for seed in (123, 999):
+        torch.manual_seed(seed)
+        build_model(cfg, "cpu")
+        states.append(torch.get_rng_state())
+    assert hf_logging.is_progress_bar_enabled() == hf_on
+    assert not torch.equal(*states)  # a build that reseeded the global RNG would leave both states equal
+
+
+@pytest.mark.parametrize("key,reuses", [({"eval": {"protocol": "coco_5k"}}, True), ({"train": {"workers": 2}}, True),
+                                        ({"train": {"device": "cpu"}}, True), ({"data": {"force": True}}, True),
+                                        ({"train": {"log_every": 3}}, True), ({"train": {"lr": 1e-3}}, False),
+                                        ({"scoring": {"bands": 2}}, False), ({"train": {"seed": 1}}, False),
+                                        ({"data": {"n_images": 99}}, False)])
+def test_run_folder_key_covers_exactly_what_changes_weights(key, reuses):
+    from hosa_lib.config import RunConfig, override
+    from hosa_lib.runs import run_dir_for
+    base = RunConfig()
+    assert (run_dir_for(override(base, key)) == run_dir_for(base)) == reuses
