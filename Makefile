@@ -1,11 +1,13 @@
 # HOSA workbench. `make demo` = set up + full pipeline on the synthetic dataset;
-# `make test` = set up + test suite. Both create .venv on first use.
+# `make test` = set up + test suite; `make lab` = JupyterLab on this project. All create .venv on first use.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PARAMS ?= params/demo.yaml
+# JupyterLab refuses to run as root without --allow-root
+ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-.PHONY: setup demo test bench lab clean-outputs
+.PHONY: setup demo test bench lab browser-check chromium clean-outputs
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +16,17 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	# no "official Jupyter news?" pop-up in this project's JupyterLab
+	$(VENV)/bin/jupyter labextension disable --level=sys_prefix "@jupyterlab/apputils-extension:announcements" >/dev/null 2>&1
+	# notebooks/*.ipynb are saved without outputs (hosa_lib/notebook_hooks.py), and git strips them too
+	mkdir -p $(VENV)/etc/jupyter
+	echo '{"FileContentsManager": {"pre_save_hook": "hosa_lib.notebook_hooks.strip_on_save"}}' \
+	  > $(VENV)/etc/jupyter/jupyter_server_config.json
+	-git rev-parse --is-inside-work-tree >/dev/null 2>&1 && \
+	  git config filter.nbstripout.clean "'$(abspath $(PY))' -m nbstripout --keep-id" && \
+	  git config filter.nbstripout.smudge cat && \
+	  git config filter.nbstripout.extrakeys "metadata.language_info" && \
+	  git config diff.ipynb.textconv "'$(abspath $(PY))' -m nbstripout -t --keep-id"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -21,15 +34,25 @@ setup: $(VENV)/.installed
 demo: setup
 	$(PY) -m hosa_lib.pipeline $(PARAMS)
 
-test: setup
+test: setup chromium
 	$(PY) -m pytest -q
+
+# The browser check (tests/test_browser.py) needs Debian's Chromium; as root it is installed here,
+# otherwise that one test is skipped with its reason.
+chromium:
+	@test -x /usr/bin/chromium || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { echo "installing Debian's chromium for the browser check"; apt-get update -qq >/dev/null && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } ; } || true
 
 bench: setup
 	$(PY) benchmarks/bench_scoring.py
 	$(PY) benchmarks/bench_store.py
 
 lab: setup
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir="$(CURDIR)" --LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate $(ROOT_FLAG)
+
+browser-check: setup chromium
+	$(PY) -m pytest -q -m browser -rs -s
 
 clean-outputs:
 	find outputs -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +

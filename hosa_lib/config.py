@@ -202,6 +202,12 @@ PATH_KEYS = ("output_root", "data.store", "data.root", "data.captions", "data.fe
              "data.spice", "ablation.grid")
 
 
+def marked_root(start: str | Path) -> Path | None:
+    """The nearest folder at or above `start` holding params/base.yaml, or None."""
+    origin = Path(start).resolve()
+    return next((d for d in [origin, *origin.parents] if (d / MARKER).is_file()), None)
+
+
 def project_root(start: str | Path | None = None) -> Path:
     """The folder that relative params paths mean: $HOSA_ROOT if set, else the nearest folder at or
     above `start` (a params file or folder; default: the working directory) that holds
@@ -210,10 +216,8 @@ def project_root(start: str | Path | None = None) -> Path:
     if os.environ.get(ROOT_ENV):
         return Path(os.environ[ROOT_ENV]).resolve()
     for origin in ([Path(start)] if start else []) + [Path.cwd()]:
-        origin = origin.resolve()
-        for d in [origin, *origin.parents]:
-            if (d / MARKER).is_file():
-                return d
+        if (root := marked_root(origin)) is not None:
+            return root
     return Path.cwd().resolve()
 
 

@@ -107,7 +107,7 @@ def run_stage(name: str, params_path: Path, cfg, run_dir: Path, force: bool) -> 
     try:
         pm.execute_notebook(str(nb), str(executed), parameters=parameters, kernel_name="python3",
                             cwd=str(NOTEBOOKS), progress_bar=False, log_output=False,
-                            extra_arguments=["--IPKernelApp.log_level=ERROR"])  # no TCP-transport warning
+                            extra_arguments=["--IPKernelApp.log_level=CRITICAL"])  # quiet kernel: no TCP notice, no shutdown noise
     except pm.PapermillExecutionError as e:
         raise PipelineError(f"{nb.name} failed in cell In [{e.exec_count}] ({e.ename}: {e.evalue}); "
                             f"executed notebook kept at {executed}") from None

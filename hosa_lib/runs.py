@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import PATH_KEYS, RunConfig, project_root, to_dict
+from .config import PATH_KEYS, RunConfig, marked_root, to_dict
 
 # Keys that never change the trained weights (section -> keys; "*" = the whole section).
 NOT_WEIGHTS = {"name": "*", "output_root": "*", "eval": "*", "ablation": "*",
@@ -33,11 +33,12 @@ NOT_WEIGHTS = {"name": "*", "output_root": "*", "eval": "*", "ablation": "*",
 def weights_config(cfg: RunConfig) -> dict:
     """The part of the config that determines the trained weights (paths inside the project root
     relative to it, so two clones of the project key the same run alike)."""
-    out, root, raw = {}, project_root(), to_dict(cfg)
+    out, raw = {}, to_dict(cfg)
     for key in PATH_KEYS:
         section, _, name = key.rpartition(".")
         holder = raw[section] if section else raw
-        if holder[name] and Path(holder[name]).is_absolute() and Path(holder[name]).is_relative_to(root):
+        root = marked_root(holder[name]) if holder[name] and Path(holder[name]).is_absolute() else None
+        if root is not None:
             holder[name] = str(Path(holder[name]).relative_to(root))
     for section, value in raw.items():
         drop = NOT_WEIGHTS.get(section, ())
@@ -119,18 +120,17 @@ def format_seconds(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def write_metrics(run_dir, stage: str, metrics: dict) -> Path | None:
+def write_metrics(run_dir, stage: str, metrics: dict) -> None:
     """<run_dir>/<stage>_metrics.json (the last cell of every notebook). Says where without this
     machine's absolute paths, since reports are shared; NaN becomes null (strict JSON)."""
     if not run_dir:
         print("no run_dir: metrics not written")
-        return None
+        return
     out = Path(run_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{stage}_metrics.json"
     path.write_text(json.dumps(_nan_to_none(metrics), indent=2, default=str))
     print(f"metrics written to {path.name} in run folder {out.name}")
-    return path
 
 
 def _nan_to_none(x):

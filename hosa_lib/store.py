@@ -288,7 +288,7 @@ class Store:
 
     def summary(self) -> dict:
         caps_per = np.bincount(self.caption_image, minlength=self.n_images)
-        out = {"store": str(self.path), "source": self.attrs.get("source"),
+        out = {"store": self.path.name, "source": self.attrs.get("source"),
                "feature_extractor": self.attrs.get("feature_extractor"),
                "images": self.n_images, "captions": len(self.caption_image),
                "captions/image (min-max)": f"{caps_per.min()}-{caps_per.max()}" if len(caps_per) else "-",

@@ -37,6 +37,8 @@ def seconds_frame(seconds: dict) -> pd.DataFrame:
 def train_summary(res: dict) -> pd.DataFrame:
     """The result of `train.train` as a small table (rounded; the last validation's metrics aside)."""
     rows = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in res.items() if k != "last_val"}
+    if "run_dir" in rows:  # reports are shared: the run folder's name, not this machine's path
+        rows["run_dir"] = Path(rows["run_dir"]).name
     return pd.DataFrame({"value": [str(v) for v in rows.values()]}, index=list(rows))
 
 

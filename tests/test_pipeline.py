@@ -39,19 +39,15 @@ def test_pipeline_rejects_unknown_parameter(tmp_path):
 
 
 @pytest.mark.slow
-def test_smoke_pipeline_end_to_end(tmp_path):
-    """The whole notebook pipeline through papermill on tiny synthetic data; second run skips."""
-    raw = yaml.safe_load(Path("params/smoke.yaml").read_text())
-    raw["base"] = str(Path("params/base.yaml").resolve())
-    raw["output_root"] = str(tmp_path / "out")
-    raw["data"]["store"] = str(tmp_path / "out" / "smoke.h5")
-    raw["ablation"]["grid"] = str(Path("params/ablations/smoke.yaml").resolve())
-    params = tmp_path / "smoke.yaml"
-    params.write_text(yaml.safe_dump(raw))
-    proc = subprocess.run([sys.executable, "-m", "hosa_lib.pipeline", str(params)], capture_output=True, text=True)
+def test_smoke_pipeline_end_to_end(smoke_project):
+    """The whole notebook pipeline through papermill on tiny synthetic data, run from another folder;
+    relative paths land in the project; a second run skips every stage."""
+    root, proc = smoke_project
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "IPKernelApp" not in proc.stderr and "epoch 2/2" in proc.stdout and "ablation cell 2/2" in proc.stdout
     index = Path(proc.stdout.strip().splitlines()[-1].split("report: ")[1])
     run = index.parent
+    assert run.parent == root / "outputs" and (root / "outputs" / "data" / "synthetic_smoke.h5").is_file()
     page = index.read_text()
     for stem in ("00_prepare_data", "10_train", "20_evaluate", "30_ablations"):
         assert f'href="{stem}.html"' in page and (run / f"{stem}.html").stat().st_size > 10_000
@@ -61,7 +57,8 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     # the report's numbers are the library's: evaluating the run's checkpoint directly gives the same
     from hosa_lib.config import load
     from hosa_lib.evaluate import evaluate_checkpoint
-    direct = evaluate_checkpoint(load(params), run / "checkpoints" / "best.pt", progress=False)["metrics"]
+    direct = evaluate_checkpoint(load(root / "params" / "demo.yaml"), run / "checkpoints" / "best.pt",
+                                 progress=False)["metrics"]
     assert {k: direct[k] for k in m if "seconds" not in k} == {k: v for k, v in m.items() if "seconds" not in k}
     import pandas as pd
     df = pd.read_csv(run / "ablations.csv")
@@ -69,8 +66,35 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     hosa = df[df.variant == "hosa"].iloc[0]
     assert hosa.rsum == pytest.approx(m["rsum"])  # the grid's `hosa` cell is the run's own configuration
     assert "<img" in (run / "20_evaluate.html").read_text()  # seaborn figures embedded
-    again = subprocess.run([sys.executable, "-m", "hosa_lib.pipeline", str(params)], capture_output=True, text=True)
+    for stem in ("00_prepare_data", "10_train", "20_evaluate", "30_ablations"):  # shared reports: no local paths
+        assert str(root) not in (run / f"{stem}.html").read_text(), stem
+    again = subprocess.run([sys.executable, "-m", "hosa_lib.pipeline", str(root / "params" / "demo.yaml")],
+                           capture_output=True, text=True)
     assert again.returncode == 0 and again.stdout.count("up to date, skipped") == 4
+    assert again.stdout.count("[pipeline]   ") == 0  # nothing ran
+    assert "up to date, skipped in the latest run" in index.read_text() and " s</td>" in index.read_text()
+
+
+@pytest.mark.slow
+def test_notebooks_run_as_jupyterlab_opens_them(smoke_project):
+    """Each notebook executed cell by cell as JupyterLab runs it: kernel started in notebooks/,
+    default parameters only (no injection), after the pipeline has produced the run."""
+    import nbformat
+    from nbclient import NotebookClient
+    root, proc = smoke_project
+    assert proc.returncode == 0, proc.stderr
+    runs_before = sorted(p.name for p in (root / "outputs").iterdir())
+    for path in sorted((root / "notebooks").glob("*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        client = NotebookClient(nb, kernel_name="python3", timeout=300,
+                                resources={"metadata": {"path": str(root / "notebooks")}})
+        client.execute()  # raises CellExecutionError naming the cell on any error
+        errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+        assert not errors, f"{path.name}: {errors}"
+        last = "".join(o.get("text", "") for o in nb.cells[-1].outputs)
+        assert "metrics written to" in last, f"{path.name}: {last}"
+    # the notebooks found the pipeline's run (same run folders: nothing retrained elsewhere)
+    assert sorted(p.name for p in (root / "outputs").iterdir()) == runs_before
 
 
 @pytest.mark.slow
