@@ -11,6 +11,10 @@ are encoded with captions bucketed by length in float16, so COCO 5K fits in a fe
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # answer --help and usage errors before torch loads
+    from hosa_lib.cli import early
+    early("evaluate")
+
 import json
 import sys
 import time
@@ -201,35 +205,21 @@ def format_table(m: dict) -> str:
 
 
 def main(argv=None) -> int:
-    import argparse
+    from .cli import run
 
-    ap = argparse.ArgumentParser(prog="python -m hosa_lib.evaluate", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("params", nargs="?", help="params file (omit for a TERAN/HOSA checkpoint with --size)")
-    ap.add_argument("--checkpoint", required=True, help="checkpoint to evaluate (ours, or TERAN's with --size)")
-    ap.add_argument("--protocol", default=None, choices=["all", "coco_1k", "coco_5k", "f30k_1k"],
-                    help="evaluation protocol (default: the params' eval.protocol)")
-    ap.add_argument("--split", default=None, help="store split to evaluate (default: eval.split)")
-    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    ap.add_argument("--out", default=None, help="folder for metrics.json (default: the checkpoint's folder)")
-    teran = ap.add_argument_group("TERAN/HOSA checkpoints (seed-compatible test.py)")
-    teran.add_argument("--size", choices=["1k", "5k"], help="COCO 1K (5 folds) or 5K; Flickr30K: 1k")
-    teran.add_argument("--config", help="TERAN YAML config (default: the checkpoint's own)")
-    teran.add_argument("--data-root", help="TERAN data/ folder (default: the config's dataset.data)")
-    teran.add_argument("--text-model", help="local dir or HF name of the BERT tokenizer/config (default: the config's)")
-    teran.add_argument("--store", help="evaluate on an existing HDF5 store instead of converting data/")
-    args = ap.parse_args(argv)
-    if args.size or not args.params:
-        m = evaluate_teran(args.checkpoint, args.size or "1k", args.config, args.data_root, args.text_model,
-                           args.store, args.device, protocol=args.protocol)
-    else:
-        from .config import load
-        m = evaluate_checkpoint(load(args.params), args.checkpoint, args.split, args.protocol, args.device)["metrics"]
-    print(format_table(m))
-    out = Path(args.out) if args.out else Path(args.checkpoint).parent
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(m, indent=2, default=str))
-    return 0
+    def go(args):
+        if args.size or not args.params:
+            m = evaluate_teran(args.checkpoint, args.size or "1k", args.config, args.data_root, args.text_model,
+                               args.store, args.device, protocol=args.protocol)
+        else:
+            from .config import load
+            m = evaluate_checkpoint(load(args.params), args.checkpoint, args.split, args.protocol,
+                                    args.device)["metrics"]
+        print(format_table(m))
+        out = Path(args.out) if args.out else Path(args.checkpoint).parent
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(m, indent=2, default=str))
+    return run("evaluate", go, argv)
 
 
 if __name__ == "__main__":

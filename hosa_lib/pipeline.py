@@ -12,6 +12,10 @@ Re-preparing the store therefore re-runs training and evaluation downstream.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # answer --help and usage errors before torch loads
+    from hosa_lib.cli import early
+    early("pipeline")
+
 import datetime as _dt
 import html
 import json
@@ -180,21 +184,16 @@ def run(params: str, stages=None, force: bool = False) -> Path:
 
 
 def main(argv=None) -> int:
-    import argparse
+    from .cli import run as run_cli
 
-    ap = argparse.ArgumentParser(prog="python -m hosa_lib.pipeline", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("params", help="params file (e.g. params/demo.yaml; relative to the project root also works)")
-    ap.add_argument("--stages", nargs="+", default=None, choices=list(STAGES), help="stages to run (default: all)")
-    ap.add_argument("--force", action="store_true", help="re-run stages even if they are up to date")
-    args = ap.parse_args(argv)
-    try:
-        index = run(args.params, args.stages, args.force)
-    except PipelineError as e:
-        print(f"pipeline error: {e}", file=sys.stderr)
-        return 1
-    print(f"[pipeline] report: {index}")
-    return 0
+    def go(args):
+        try:
+            index = run(args.params, args.stages, args.force)
+        except PipelineError as e:
+            print(f"pipeline error: {e}", file=sys.stderr)
+            return 1
+        print(f"[pipeline] report: {index}")
+    return run_cli("pipeline", go, argv)
 
 
 if __name__ == "__main__":

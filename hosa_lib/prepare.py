@@ -5,12 +5,16 @@ relevance matrices. A store that exists is reused (missing caches are added) unl
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # answer --help and usage errors before torch loads
+    from hosa_lib.cli import early
+    early("prepare")
+
 import json
 import sys
 import time
 from pathlib import Path
 
-from .config import ConfigError, DataConfig, load
+from .config import DataConfig, load
 from .store import Store, StoreError
 
 
@@ -99,22 +103,15 @@ def prepare_teran_test(cfg) -> None:
 
 
 def main(argv=None) -> int:
-    import argparse
+    from .cli import run
 
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("params")
-    ap.add_argument("--force", action="store_true", help="rebuild the store even if it exists")
-    args = ap.parse_args(argv)
-    try:
+    def go(args):
         cfg = load(args.params, {"data": {"force": True}} if args.force else None)
         out = prepare(cfg.data)
-    except (StoreError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for k, v in out["summary"].items():
-        print(f"{k:>26}: {v}")
-    print(f"{'time (s)':>26}: " + ", ".join(f"{k} {v:.1f}" for k, v in out["seconds"].items()))
-    return 0
+        for k, v in out["summary"].items():
+            print(f"{k:>26}: {v}")
+        print(f"{'time (s)':>26}: " + ", ".join(f"{k} {v:.1f}" for k, v in out["seconds"].items()))
+    return run("prepare", go, argv)
 
 
 if __name__ == "__main__":

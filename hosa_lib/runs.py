@@ -82,12 +82,24 @@ def save_checkpoint(path: Path, state: dict) -> None:
         tmp.unlink(missing_ok=True)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, truncated or not a checkpoint; the message names it."""
+
+
 def load_checkpoint(path) -> dict:
     """A checkpoint dict (trusted pickles: they hold configs and optimizer state)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    return torch.load(path, map_location="cpu", weights_only=False)
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises RuntimeError/EOFError/UnpicklingError for damaged files
+        others = [p.name for p in path.parent.glob("*.pt") if p != path]
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:120]})"
+                              + (f"; try {' or '.join(sorted(others))} in the same folder" if others else "")) from None
+    if not isinstance(ck, dict) or "model" not in ck:
+        raise CheckpointError(f"{path}: not a checkpoint (expected a dict with 'model')")
+    return ck
 
 
 def rng_state() -> dict:

@@ -7,6 +7,10 @@ and batch position), reaching the same weights as an uninterrupted run.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # answer --help and usage errors before torch loads
+    from hosa_lib.cli import early
+    early("train")
+
 import json
 import os
 import sys
@@ -237,20 +241,15 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, progress: bool = Tr
 
 
 def main(argv=None) -> int:
-    import argparse
+    from .cli import run
 
-    ap = argparse.ArgumentParser(prog="python -m hosa_lib.train", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("params", help="params file (YAML, with an optional base: chain)")
-    ap.add_argument("--run-dir", default=None, help="default: outputs/<name>-<weights key>")
-    args = ap.parse_args(argv)
-    cfg = load(args.params)
-    out = train(cfg, args.run_dir)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({k: v for k, v in out.items() if k != "last_val"}))
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return 0
+    def go(args):
+        out = train(load(args.params), args.run_dir)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps({k: v for k, v in out.items() if k != "last_val"}))
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return run("train", go, argv)
 
 
 if __name__ == "__main__":

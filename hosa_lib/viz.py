@@ -51,7 +51,7 @@ def sample_grid(store_path, n: int = 6, split: str = "test", seed: int = 0):
         if s.image_file(int(pick[0])) is None:
             print("this store has no image files (precomputed features); nothing to show")
             return None
-        fig, axes = plt.subplots(1, len(pick), figsize=(3.2 * len(pick), 4.2))
+        fig, axes = plt.subplots(1, len(pick), figsize=(3.6 * len(pick), 4.8))
         for ax, i in zip(np.atleast_1d(axes), pick):
             from PIL import Image
             im = Image.open(s.image_file(int(i)))
@@ -61,7 +61,7 @@ def sample_grid(store_path, n: int = 6, split: str = "test", seed: int = 0):
                 ax.add_patch(plt.Rectangle((x1 * w, y1 * h), (x2 - x1) * w, (y2 - y1) * h, fill=False, lw=0.5,
                                            color="white", alpha=0.6))
             caps = s.captions(np.nonzero(s.caption_image == i)[0][:2])
-            ax.set_title("\n".join(_wrap(c) for c in caps), fontsize=7)
+            ax.set_title("\n".join(_wrap(c, 34) for c in caps), fontsize=10)
             ax.axis("off")
     fig.tight_layout()
     return fig
@@ -80,28 +80,36 @@ def read_log(run_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 @themed
-def plot_training(run_dir):
+def plot_training(run_dir, smooth: int = 5):
+    """Loss terms per step on a log axis (thin: logged values, thick: rolling mean of `smooth`
+    points) and validation recalls per epoch, legends outside the curves."""
     steps, val = read_log(run_dir)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
-    long = steps.melt(id_vars=["step"], value_vars=["loss", "i2t", "t2i"], var_name="term")
-    sns.lineplot(data=long, x="step", y="value", hue="term", ax=axes[0])
-    axes[0].set_title("loss terms per step")
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4))
+    for term, color in zip(("loss", "i2t", "t2i"), sns.color_palette(n_colors=3)):
+        axes[0].plot(steps["step"], steps[term], color=color, alpha=0.25, lw=0.8)
+        axes[0].plot(steps["step"], steps[term].rolling(smooth, min_periods=1).mean(), color=color, lw=2, label=term)
+    axes[0].set_yscale("log")
+    axes[0].set(title="loss terms per step (log scale)", xlabel="step", ylabel="loss")
+    axes[0].legend(loc="upper right", frameon=True)
     if len(val):
         rec = val.melt(id_vars=["epoch"], value_vars=[c for c in val if c.endswith(("_r1", "_r5", "_r10"))],
                        var_name="recall")
         sns.lineplot(data=rec, x="epoch", y="value", hue="recall", marker="o", ax=axes[1])
-        axes[1].set_title("validation recall per epoch")
+        axes[1].set(title="validation recall per epoch", ylabel="recall (%)")
+        sns.move_legend(axes[1], "upper left", bbox_to_anchor=(1.01, 1), frameon=False)
     fig.tight_layout()
     return fig
 
 
 def recall_frame(m: dict) -> pd.DataFrame:
+    """R@K, medr, meanr, NDCG per direction (one row each); rsum is the caption of the table."""
     rows = {}
     for d in ("i2t", "t2i"):
         rows[d] = {k[len(d) + 1:]: v for k, v in m.items() if k.startswith(d + "_")}
-    df = pd.DataFrame(rows).T
-    df["rsum"] = m["rsum"]
-    return df.round(3)
+    df = pd.DataFrame(rows).T.round(3)
+    df.index = ["image → text", "text → image"]
+    extra = f", attribute-swap accuracy {m['swap_acc']:.1f} %" if "swap_acc" in m else ""
+    return df.style.format(precision=3).set_caption(f"rsum {m['rsum']:.2f}{extra}")
 
 
 @themed
@@ -116,8 +124,9 @@ def recall_curves(scores, cap_img, kmax: int = 50):
     axes[0].set_title("recall@K")
     hist = pd.concat([pd.DataFrame({"rank": r + 1, "direction": name}) for name, r in
                       (("image->text", i2t), ("text->image", t2i))])
-    sns.histplot(data=hist, x="rank", hue="direction", bins=30, log_scale=(True, False), ax=axes[1])
-    axes[1].set_title("rank of the first correct item")
+    sns.histplot(data=hist, x="rank", hue="direction", bins=30, log_scale=(True, False), ax=axes[1],
+                 stat="percent", common_norm=False, element="step", fill=False)  # each direction sums to 100 %
+    axes[1].set(title="rank of the first correct item", ylabel="% of queries")
     fig.tight_layout()
     return fig
 
@@ -140,7 +149,7 @@ def top_images(store_path, split: str, scores, cap_img, queries: list[int], k: i
         from PIL import Image
         for row, q in zip(axes, qs):
             order = np.argsort(-scores[:, q])[:k]
-            row[0].set_ylabel(_wrap(s.captions([caps[q]])[0], 28), fontsize=7, rotation=0, ha="right", va="center")
+            row[0].set_ylabel(_wrap(s.captions([caps[q]])[0], 28), fontsize=10, rotation=0, ha="right", va="center")
             for ax, j in zip(row, order):
                 ax.imshow(Image.open(s.image_file(int(imgs[j]))))
                 ax.set_xticks([]); ax.set_yticks([])

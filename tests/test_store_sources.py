@@ -374,3 +374,14 @@ def test_prepare_cli_reports_bad_params(tmp_path):
     p.write_text("data:\n  sourse: synthetic\n")
     proc = subprocess.run([sys.executable, "-m", "hosa_lib.prepare", str(p)], capture_output=True, text=True)
     assert proc.returncode == 2 and "unknown key 'data.sourse'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_synthetic_objects_stay_inside_the_canvas():
+    import random
+
+    from hosa_lib.sources.synthetic import SIZES, _scene
+    rng = random.Random(0)
+    for _ in range(500):
+        for o in _scene(rng):
+            r = SIZES[o["size"]]
+            assert r <= o["x"] <= 1 - r and r <= o["y"] <= 1 - r, o

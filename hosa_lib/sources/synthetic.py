@@ -29,9 +29,11 @@ def _scene(rng: random.Random) -> list[dict]:
     objs = []
     for cell in cells:
         row, col = divmod(cell, 3)
-        objs.append({"shape": rng.choice(SHAPES), "colour": rng.choice(list(COLOURS)),
-                     "size": rng.choice(list(SIZES)),
-                     "x": (col + 0.5 + rng.uniform(-0.12, 0.12)) / 3, "y": (row + 0.5 + rng.uniform(-0.12, 0.12)) / 3})
+        o = {"shape": rng.choice(SHAPES), "colour": rng.choice(list(COLOURS)), "size": rng.choice(list(SIZES)),
+             "x": (col + 0.5 + rng.uniform(-0.12, 0.12)) / 3, "y": (row + 0.5 + rng.uniform(-0.12, 0.12)) / 3}
+        r = SIZES[o["size"]]  # keep the whole object inside the canvas
+        o["x"], o["y"] = min(max(o["x"], r), 1 - r), min(max(o["y"], r), 1 - r)
+        objs.append(o)
     return objs
 
 
