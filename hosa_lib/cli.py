@@ -41,6 +41,10 @@ def parser(name: str):
         teran.add_argument("--data-root", help="TERAN data/ folder (default: the config's dataset.data)")
         teran.add_argument("--text-model", help="local dir or HF name of the BERT tokenizer/config (default: the config's)")
         teran.add_argument("--store", help="evaluate on an existing HDF5 store instead of converting data/")
+        teran.add_argument("--max-words", type=int, default=512,
+                           help="word-piece limit per caption (default 512, BERT's limit: TERAN never truncates)")
+        teran.add_argument("--float16", action="store_true",
+                           help="float16 features and embeddings: half the memory, scores move by ~1e-4")
     elif name == "pipeline":
         ap.add_argument("params", help=params_help)
         ap.add_argument("--stages", nargs="+", default=None, choices=STAGES, help="stages to run (default: all)")

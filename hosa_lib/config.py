@@ -38,7 +38,7 @@ class DataConfig:
     on_bad_image: str = "fail"     # images: fail | skip (skipped files are reported)
     text_model: str = "minilm"     # "minilm" (offline all-MiniLM-L6-v2 from PyPI), a HF name or a local dir
     text_layer: int = -1           # hidden layer whose states are cached (-1 = last)
-    max_words: int = 32            # token budget per caption (incl. special tokens)
+    max_words: int = 32            # token budget per caption (incl. special tokens); TERAN reproduction: 512
     relevance: tuple[str, ...] = ("rougeL",)  # relevance matrices to compute for the test split
     spice: str = ""                # optional TERAN SPICE relevance .npy to import (test captions x images)
     force: bool = False            # rebuild the store even if it exists
@@ -53,6 +53,8 @@ class ScoringConfig:
     w_local: float = 1.0           # weight of the TERAN local score s_l
     w_high: float = 4.0            # alpha_h, weight of the high-order score s_h (in [-1, 1])
     w_global: float = 4.0          # alpha_g, weight of the global score s_g (in [-1, 1])
+    padding: str = "ours"          # ours: padded regions take no part in the max | teran: TERAN's rule, padded
+                                   # region-word alignments count as 0 and a caption without words scores 0
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,7 @@ CHOICES = {
     "data.on_bad_image": ("fail", "skip"),
     "scoring.local_pool": ("sum", "mean"),
     "scoring.direction": ("t2i", "i2t", "both"),
+    "scoring.padding": ("ours", "teran"),
     "eval.protocol": ("all", "coco_1k", "coco_5k", "f30k_1k"),
 }
 

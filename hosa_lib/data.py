@@ -155,9 +155,13 @@ def collate_images(items: list[dict]) -> dict:
 
 
 def collate_captions(items: list[dict]) -> dict:
-    t = max(int(it["text_mask"].sum()) for it in items)  # padding trimmed to the longest caption
+    """Captions padded (or trimmed) to the longest caption of the batch."""
+    t = max(int(it["text_mask"].sum()) for it in items)
     src = "text" if "text" in items[0] else "input_ids"
-    return {src: torch.stack([it[src][:t] for it in items]),
-            "text_mask": torch.stack([it["text_mask"][:t] for it in items]),
-            "word_mask": torch.stack([it["word_mask"][:t] for it in items]),
+
+    def fit(x):  # (T, ...) -> (t, ...): items tokenised apart may be shorter than t
+        return x[:t] if len(x) >= t else torch.nn.functional.pad(x, (0, 0) * (x.dim() - 1) + (0, t - len(x)))
+    return {src: torch.stack([fit(it[src]) for it in items]),
+            "text_mask": torch.stack([fit(it["text_mask"]) for it in items]),
+            "word_mask": torch.stack([fit(it["word_mask"]) for it in items]),
             "index": torch.tensor([it["caption"] for it in items])}

@@ -94,14 +94,48 @@ def shortlist_scores(img, cap, scfg: ScoringConfig, k: int, max_elems: int) -> t
     return out
 
 
+def select_captions(cap, keep: np.ndarray):
+    """The captions at positions `keep` (sorted) of a dense caption set or of length-bucketed blocks;
+    blocks keep their own padding and get 'index' renumbered to positions within `keep`."""
+    if isinstance(cap, dict):
+        return {k: v[torch.as_tensor(keep)] for k, v in cap.items()}
+    new_pos = np.full(int(max(int(b["index"].max()) for b in cap)) + 1, -1)
+    new_pos[keep] = np.arange(len(keep))
+    out = []
+    for b in cap:
+        rows = np.nonzero(new_pos[b["index"].numpy()] >= 0)[0]
+        if len(rows):
+            out.append({**{k: b[k][torch.as_tensor(rows)] for k in ("glob", "local", "mask")},
+                        "index": torch.as_tensor(new_pos[b["index"].numpy()[rows]])})
+    return out
+
+
+def protocol_scores(img, cap, cap_img, scfg: ScoringConfig, ecfg: EvalConfig, device="cpu",
+                    progress=False) -> torch.Tensor:
+    """(N_img, N_cap) scores of the pairs a protocol uses: every pair for one-fold protocols; for
+    coco_1k only the five 1,000-image blocks (a fifth of the pairs), the rest left at -inf."""
+    from .metrics import folds
+    n_img = len(img["glob"])
+    parts = folds(n_img, ecfg.protocol)
+    if len(parts) == 1:
+        return score_all_pairs(img, cap, scfg, ecfg.max_elems, device=device, progress=progress)["total"]
+    scores = torch.full((n_img, len(cap_img)), float("-inf"))
+    for imgs in parts:
+        caps = np.nonzero(np.isin(cap_img, imgs))[0]
+        sub = score_all_pairs({k: v[torch.as_tensor(imgs)] for k, v in img.items()}, select_captions(cap, caps), scfg,
+                              ecfg.max_elems, device=device, progress=progress)["total"]
+        scores[np.ix_(imgs, caps)] = sub
+    return scores
+
+
 def evaluate_embeddings(img, cap, cap_img, scfg: ScoringConfig, ecfg: EvalConfig, relevance=None,
                         swap_pairs=None, device="cpu", progress=False) -> tuple[dict, torch.Tensor]:
-    """Score (exhaustive, or two-stage with eval.shortlist) and compute the protocol's metrics."""
+    """Score (the protocol's pairs, or two-stage with eval.shortlist) and compute its metrics."""
     t0 = time.perf_counter()
     if ecfg.shortlist > 0:
         scores = shortlist_scores(img, cap, scfg, ecfg.shortlist, ecfg.max_elems)
     else:
-        scores = score_all_pairs(img, cap, scfg, ecfg.max_elems, device=device, progress=progress)["total"]
+        scores = protocol_scores(img, cap, cap_img, scfg, ecfg, device, progress)
     t_score = time.perf_counter() - t0
     m = evaluate_scores(scores.numpy(), cap_img, ecfg.protocol, relevance, ecfg.ndcg_k)
     if swap_pairs is not None and len(swap_pairs):
@@ -165,8 +199,10 @@ def evaluate_checkpoint(cfg: RunConfig, checkpoint, split: str | None = None, pr
 
 def evaluate_teran(checkpoint, size: str = "1k", config: str | None = None, data_root: str | None = None,
                    text_model: str | None = None, store: str | None = None, device: str = "cpu",
-                   progress: bool = True, protocol: str | None = None) -> dict:
-    """A TERAN/HOSA-seed checkpoint on TERAN's test split, like the seed's `test.py MODEL --size 1k|5k`."""
+                   progress: bool = True, protocol: str | None = None, max_words: int = 512,
+                   float16: bool = False) -> dict:
+    """A TERAN/HOSA-seed checkpoint on TERAN's test split, like the seed's `test.py MODEL --size 1k|5k`:
+    float32 end to end unless float16 (half the memory; scores move by ~1e-4, ranks rarely)."""
     from .factory import load_teran_model
     from .perf import tune_cpu_allocator
     from .prepare import prepare_teran_test
@@ -176,17 +212,18 @@ def evaluate_teran(checkpoint, size: str = "1k", config: str | None = None, data
     tune_cpu_allocator()
     t0 = time.perf_counter()
     ck = load_checkpoint(checkpoint)
-    cfg, report = config_from_teran(ck, checkpoint, config, data_root, text_model, store, size, protocol)
-    prepare_teran_test(cfg)
-    model, ck, text = load_teran_model(checkpoint, cfg, device)
+    cfg, report = config_from_teran(ck, checkpoint, config, data_root, text_model, store, size, protocol,
+                                    max_words, float16)
+    prepare_teran_test(cfg, float16)
+    model, text = load_teran_model(ck, cfg, device)
     img, blocks, cap_img = encode_split(model.to(device), cfg.data.store, "test", text, device, bucketed=True,
-                                        dtype=torch.float16, progress=progress)
+                                        dtype=torch.float16 if float16 else torch.float32, progress=progress)
     del model
     t1 = time.perf_counter()
     relevance, _ = split_extras(cfg.data.store, "test")
     m, _ = evaluate_embeddings(img, blocks, cap_img, cfg.scoring, cfg.eval, relevance, None, device, progress)
     m.update(encode_seconds=t1 - t0, protocol=cfg.eval.protocol, checkpoint_epoch=ck.get("epoch"),
-             config_import=report)
+             precision="float16" if float16 else "float32", max_words=max_words, config_import=report)
     return m
 
 
@@ -210,7 +247,8 @@ def main(argv=None) -> int:
     def go(args):
         if args.size or not args.params:
             m = evaluate_teran(args.checkpoint, args.size or "1k", args.config, args.data_root, args.text_model,
-                               args.store, args.device, protocol=args.protocol)
+                               args.store, args.device, protocol=args.protocol, max_words=args.max_words,
+                               float16=args.float16)
         else:
             from .config import load
             m = evaluate_checkpoint(load(args.params), args.checkpoint, args.split, args.protocol,

@@ -67,11 +67,10 @@ def load_model(checkpoint, store: str | None = None, device="cpu") -> tuple[HOSA
     return model.eval(), cfg, ck, text
 
 
-def load_teran_model(checkpoint, cfg: RunConfig, device="cpu") -> tuple[HOSA, dict, TextInput]:
-    """A TERAN checkpoint's weights (mapped by `hosa_lib.teran`) in TERAN-shaped encoders, strictly."""
+def load_teran_model(ck: dict, cfg: RunConfig, device="cpu") -> tuple[HOSA, TextInput]:
+    """A loaded TERAN checkpoint's weights (mapped by `hosa_lib.teran`) in TERAN-shaped encoders, strictly."""
     from .teran import map_state_dict
 
-    ck = load_checkpoint(checkpoint)
     model, text = build_model(cfg, device, pretrained=False)
     model.load_state_dict(map_state_dict(ck["model"], model, cfg.model.shared_layers > 0), strict=True)
-    return model.eval(), ck, text
+    return model.eval(), text

@@ -61,12 +61,15 @@ def folds(n_images: int, protocol: str) -> list[np.ndarray]:
     """Image index sets of a protocol over a test split in store order."""
     if protocol == "coco_1k":
         if n_images < 5000:
-            raise ValueError(f"coco_1k needs 5000 test images, the split has {n_images}")
+            raise ValueError(f"coco_1k needs 5000 test images, the split has {n_images} "
+                             "(--protocol all evaluates a split of any size)")
         return [np.arange(f * 1000, (f + 1) * 1000) for f in range(5)]
     if protocol == "coco_5k" and n_images != 5000:
-        raise ValueError(f"coco_5k needs 5000 test images, the split has {n_images}")
+        raise ValueError(f"coco_5k needs 5000 test images, the split has {n_images} "
+                         "(--protocol all evaluates a split of any size)")
     if protocol == "f30k_1k" and n_images != 1000:
-        raise ValueError(f"f30k_1k needs 1000 test images, the split has {n_images}")
+        raise ValueError(f"f30k_1k needs 1000 test images, the split has {n_images} "
+                         "(--protocol all evaluates a split of any size)")
     return [np.arange(n_images)]
 
 

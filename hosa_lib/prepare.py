@@ -81,9 +81,11 @@ def prepare(dc: DataConfig, progress: bool = True) -> dict:
             "seconds": {"store": t1 - t0, "text_cache": t2 - t1, "relevance": t3 - t2, "total": t3 - t0}}
 
 
-def prepare_teran_test(cfg) -> None:
-    """TERAN reproduction: convert only the test split of the TERAN layout, once, and import
-    TERAN's ROUGE-L and SPICE relevance files (`<root>/<dataset>/relevances/<dataset>-test-*.npy`)."""
+def prepare_teran_test(cfg, float16: bool = False) -> None:
+    """TERAN reproduction: convert only the test split of the TERAN layout, once (split files as
+    TERAN's loader reads them: coco_*_ids.npy for COCO when present; float32 features unless
+    float16), and import TERAN's ROUGE-L and SPICE relevance files
+    (`<root>/<dataset>/relevances/<dataset>-test-*.npy`)."""
     from .relevance import load_teran_relevance
     from .store import write_relevance
 
@@ -91,7 +93,8 @@ def prepare_teran_test(cfg) -> None:
     if dc.source == "teran" and not Path(dc.store).is_file():
         from .sources.teran import convert_teran
         convert_teran(dc.root, dc.dataset, dc.store, features_dir=dc.features_dir, restval=False,
-                      image_sizes=dc.image_sizes, only_splits=("test",))
+                      image_sizes=dc.image_sizes, only_splits=("test",), prefer="ids",
+                      dtype="float16" if float16 else "float32")
     rel_dir = Path(dc.root) / dc.dataset / "relevances"
     with Store(dc.store, check_values=False) as s:
         have = s.relevance("test")

@@ -94,7 +94,9 @@ def band_features(x: torch.Tensor, bands: int) -> torch.Tensor:
 
 def make_side(glob: torch.Tensor, local: torch.Tensor, mask: torch.Tensor, cfg: ScoringConfig,
               name: str = "side", need_gram: bool = True) -> Side:
-    """Normalise, validate and precompute band features (and Gram matrices) for one side."""
+    """Normalise, validate and precompute band features (and Gram matrices) for one side.
+    Every item needs a valid position, except under TERAN's padding rule (a caption of one word
+    piece has no alignment words there and scores 0)."""
     check_tensor(f"{name}.glob", glob, 2)
     check_tensor(f"{name}.local", local, 3)
     if mask.shape != local.shape[:2]:
@@ -103,7 +105,7 @@ def make_side(glob: torch.Tensor, local: torch.Tensor, mask: torch.Tensor, cfg: 
         raise ValueError(f"{name}: glob {tuple(glob.shape)} and local {tuple(local.shape)} disagree on N or d")
     mask = mask.bool()
     empty = (~mask.any(dim=1)).nonzero().flatten()
-    if len(empty):
+    if len(empty) and not (cfg.padding == "teran" and cfg.w_high == 0):
         raise ValueError(f"{name}.mask: item(s) {empty[:5].tolist()} have no valid (unpadded) position")
     local = nnf.normalize(local, dim=-1) * mask.unsqueeze(-1)
     side = Side(nnf.normalize(glob, dim=-1), local, mask)
@@ -119,14 +121,16 @@ def _check_pair(img: Side, cap: Side) -> None:
         raise ValueError(f"feature dims differ: images d={img.local.shape[-1]}, captions d={cap.local.shape[-1]}")
 
 
-def mrsw(align: torch.Tensor, vmask: torch.Tensor, tmask: torch.Tensor, pool: str) -> torch.Tensor:
-    """TERAN local score. align (Nc, L, Ni, M) -> (Nc, Ni): max over regions, sum/mean over words."""
+def mrsw(align: torch.Tensor, vmask: torch.Tensor, tmask: torch.Tensor, pool: str,
+         padding: str = "ours") -> torch.Tensor:
+    """TERAN local score. align (Nc, L, Ni, M) -> (Nc, Ni): max over regions, sum/mean over words.
+    Padded regions: excluded from the max (ours) or alignments of 0 (TERAN's code)."""
     if not vmask.all():
-        align = align.masked_fill(~vmask[None, None], float("-inf"))
+        align = align.masked_fill(~vmask[None, None], float("-inf") if padding == "ours" else 0.0)
     best = align.amax(dim=-1)  # (Nc, L, Ni)
     tm = tmask.to(best.dtype).unsqueeze(-1)
     s = (best * tm).sum(dim=1)  # (Nc, Ni)
-    return s / tm.sum(dim=1) if pool == "mean" else s
+    return s / tm.sum(dim=1).clamp_min(1) if pool == "mean" else s
 
 
 class _HighOrderT2I(torch.autograd.Function):
@@ -217,7 +221,7 @@ def pair_scores(img: Side, cap: Side, cfg: ScoringConfig) -> dict[str, torch.Ten
     if cfg.w_local != 0:  # one more d-wide matmul is cheaper than summing the G band shares
         d = img.local.shape[-1]
         align = (cap.local.reshape(Nc * L, d) @ img.local.reshape(Ni * M, d).T).view(Nc, L, Ni, M)
-        out["local"] = mrsw(align, img.mask, cap.mask, cfg.local_pool).T
+        out["local"] = mrsw(align, img.mask, cap.mask, cfg.local_pool, cfg.padding).T
     if rho is not None:
         scale = cfg.temperature * rho.shape[0]  # lambda * G
         parts = []

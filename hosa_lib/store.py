@@ -2,7 +2,7 @@
 
 Layout (schema version 1):
     attrs: schema_version, name, source, feature_extractor, created, code_version[, image_root]
-    images/features   (N, K, D) float16   region features, zero beyond n_regions
+    images/features   (N, K, D) float16   region features, zero beyond n_regions (float32 for TERAN reproduction)
     images/boxes      (N, K, 4) float32   normalised (x1, y1, x2, y2) in [0, 1]
     images/n_regions  (N,) int32
     images/ids        (N,) str
@@ -54,7 +54,7 @@ class StoreWriter:
 
     def __init__(self, path, n_images: int, max_regions: int, dim: int, *, source: str,
                  feature_extractor: str, name: str | None = None, pooled: bool = False,
-                 tmp_path: Path | None = None, resume: bool = False):
+                 tmp_path: Path | None = None, resume: bool = False, dtype: str = "float16"):
         self.path = Path(path)
         self.tmp = Path(tmp_path) if tmp_path else self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -70,7 +70,9 @@ class StoreWriter:
         a["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         a["code_version"] = code_version()
         g = self.f.create_group("images")
-        g.create_dataset("features", (n_images, max_regions, dim), dtype="float16",
+        if dtype not in ("float16", "float32"):
+            raise StoreError(f"{self.path}: feature dtype {dtype!r}, expected float16 or float32")
+        g.create_dataset("features", (n_images, max_regions, dim), dtype=dtype,
                          chunks=(1, max_regions, dim))
         g.create_dataset("boxes", (n_images, max_regions, 4), dtype="float32")
         g.create_dataset("n_regions", (n_images,), dtype="int32")
@@ -84,7 +86,7 @@ class StoreWriter:
         g = self.f["images"]
         stop = start + len(feats)
         k = feats.shape[1]
-        g["features"][start:stop, :k] = feats.astype(np.float16)
+        g["features"][start:stop, :k] = feats.astype(g["features"].dtype)
         g["boxes"][start:stop, :k] = boxes.astype(np.float32)
         g["n_regions"][start:stop] = n_regions
         if pooled is not None:
@@ -262,7 +264,7 @@ class Store:
         return Path(self.attrs["image_root"]) / self.f["images/files"].asstr()[i]
 
     def features(self, idx=None) -> np.ndarray:
-        """Region features (float16) of all images, or of the sorted store indices `idx`."""
+        """Region features (as stored) of all images, or of the sorted store indices `idx`."""
         ds = self.f["images/features"]
         return ds[:] if idx is None else ds[np.asarray(idx)]
 

@@ -85,14 +85,22 @@ CHECKPOINT_MAP = [
 ]
 # Present in checkpoints written by older transformers, derived (not learned) in current ones.
 DERIVED = [re.compile(r".*embeddings\.position_ids$")]
+# TERAN's text encoder registers BERT's input embedding a second time (`self.word_embeddings =
+# bert_model.get_input_embeddings()`): every real checkpoint holds this alias of the same tensor.
+ALIASES = {"img_txt_enc.txt_enc.word_embeddings.weight": "img_txt_enc.txt_enc.bert_model.embeddings.word_embeddings.weight"}
 
 
 def map_state_dict(teran: dict, model: nn.Module, shared: bool) -> dict:
     """TERAN state dict -> our keys; raises naming every unmapped, missing or mis-shaped key."""
     ours = model.state_dict()
     out, unmapped = {}, []
+    for alias, original in ALIASES.items():
+        if alias in teran:
+            a, b = teran[alias], teran.get(original)
+            if b is None or a.shape != b.shape or (a.device.type != "meta" and not torch.equal(a, b)):
+                raise ConfigError(f"TERAN checkpoint: '{alias}' should be the same tensor as '{original}'")
     for key, value in teran.items():
-        if any(p.match(key) for p in DERIVED) and key not in ours:
+        if key in ALIASES or any(p.match(key) for p in DERIVED) and key not in ours:
             continue
         for src, dst in CHECKPOINT_MAP:
             if key.startswith(src):
@@ -237,9 +245,12 @@ PROTOCOLS = {("coco", "1k"): "coco_1k", ("coco", "5k"): "coco_5k", ("f30k", "1k"
 
 
 def config_from_teran(ck: dict, checkpoint, config: str | None, data_root: str | None, text_model: str | None,
-                      store: str | None, size: str, protocol: str | None = None) -> tuple[RunConfig, list]:
-    """Our RunConfig for evaluating a TERAN checkpoint: its config (or --config) imported key by key,
-    the test split of its data/ layout as the store (`<root>/<dataset>/hosa_test.h5`)."""
+                      store: str | None, size: str, protocol: str | None = None, max_words: int = 512,
+                      float16: bool = False) -> tuple[RunConfig, list]:
+    """Our RunConfig for evaluating a TERAN checkpoint as TERAN does: its config (or --config) imported
+    key by key, the test split of its data/ layout as the store (`<root>/<dataset>/hosa_test.h5`, float32
+    features; `hosa_test_fp16.h5` with float16), captions up to `max_words` word pieces (TERAN never
+    truncates; BERT's limit is 512) and TERAN's padding rule in MrSw."""
     import yaml
 
     teran_cfg = yaml.safe_load(Path(config).read_text()) if config else ck.get("config")
@@ -253,7 +264,9 @@ def config_from_teran(ck: dict, checkpoint, config: str | None, data_root: str |
     features = str(Path(root) / dataset / "features_36") if data_root else data.get("features_dir", "")
     extra = {"name": f"teran-{dataset}-{size}",
              "data": {"source": "store" if store else "teran", "root": root, "features_dir": features,
-                      "store": store or str(Path(root) / dataset / "hosa_test.h5"), "relevance": []},
+                      "store": store or str(Path(root) / dataset / ("hosa_test_fp16.h5" if float16 else "hosa_test.h5")),
+                      "relevance": [], "max_words": max_words},
+             "scoring": {"padding": "teran"},
              "eval": {"protocol": protocol or PROTOCOLS[(dataset, size)], "split": "test"}}
     if text_model:
         extra["data"]["text_model"] = text_model

@@ -51,8 +51,9 @@ def load_backbone(name: str, layers: int | None = None, pretrained: bool = True)
 
 
 def tokenize(tokenizer, texts: list[str], max_words: int) -> dict:
-    """input_ids, attention_mask (padded to max_words) and `words`, the local-word mask."""
-    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_words,
+    """input_ids, attention_mask (padded to the longest of `texts`, truncated at max_words) and
+    `words`, the local-word mask."""
+    enc = tokenizer(texts, padding="longest", truncation=True, max_length=max_words,
                     return_special_tokens_mask=True, return_tensors="pt")
     enc["words"] = enc["attention_mask"].bool() & ~enc.pop("special_tokens_mask").bool()
     return enc

@@ -117,3 +117,27 @@ def test_shortlist_with_full_k_equals_exhaustive_and_small_k_keeps_top():
     rescored = short > -1e5
     assert rescored.sum(0).min() >= 2  # every caption re-ranks at least its top-2 images by global score
     torch.testing.assert_close(short[rescored], full[rescored])
+
+
+def test_coco_1k_scores_only_the_fold_blocks():
+    """5,000 images: coco_1k scores the five 1,000-image blocks (a fifth of the pairs) exactly as the
+    exhaustive matrix has them, leaves the rest unscored, and its metrics equal the exhaustive ones."""
+    from hosa_lib.config import EvalConfig, ScoringConfig
+    from hosa_lib.evaluate import evaluate_embeddings, protocol_scores
+    g = torch.Generator().manual_seed(0)
+    n = 5000
+    side = lambda m: {"glob": torch.randn(n, 4, generator=g), "local": torch.randn(n, m, 4, generator=g),
+                      "mask": torch.ones(n, m, dtype=torch.bool)}
+    img, cap = side(2), side(2)
+    cap_img = np.arange(n)
+    scfg, ecfg = ScoringConfig(w_high=0.0), EvalConfig(protocol="coco_1k")
+    folded = protocol_scores(img, cap, cap_img, scfg, ecfg)
+    full = protocol_scores(img, cap, cap_img, scfg, EvalConfig(protocol="all"))
+    blocks = torch.zeros(n, n, dtype=torch.bool)
+    for f in range(5):
+        blocks[f * 1000:(f + 1) * 1000, f * 1000:(f + 1) * 1000] = True
+    torch.testing.assert_close(folded[blocks], full[blocks])
+    assert torch.isinf(folded[~blocks]).all() and blocks.float().mean() == 0.2
+    m_fold, _ = evaluate_embeddings(img, cap, cap_img, scfg, ecfg)
+    m_full = evaluate_scores(full.numpy(), cap_img, "coco_1k")
+    assert {k: m_fold[k] for k in m_full} == pytest.approx(m_full)

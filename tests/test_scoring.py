@@ -149,3 +149,24 @@ def test_bucketed_caption_blocks_equal_dense():
         blocks.append({"glob": cap["glob"][idx], "local": cap["local"][idx, :width], "mask": cap["mask"][idx, :width],
                        "index": idx})
     torch.testing.assert_close(score_all_pairs(img, blocks, cfg)["total"], dense, rtol=1e-5, atol=1e-5)
+
+
+def test_teran_padding_rule_against_explicit_loops():
+    """scoring.padding 'teran': padded region alignments count as 0 in the max (TERAN's loss and
+    evaluation code); a caption without alignment words scores 0. 'ours' excludes padded regions."""
+    g = torch.Generator().manual_seed(5)
+    img = {"glob": torch.randn(3, 8, generator=g), "local": -torch.rand(3, 4, 8, generator=g),  # all-negative
+           "mask": torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)}
+    cap = {"glob": torch.randn(2, 8, generator=g), "local": torch.rand(2, 3, 8, generator=g),
+           "mask": torch.tensor([[1, 1, 1], [0, 0, 0]], dtype=torch.bool)}  # caption 1: one word piece only
+    cfg = ScoringConfig(w_high=0.0, w_global=0.0, padding="teran")
+    got = score_all_pairs(img, cap, cfg)["total"]
+    for i in range(3):
+        v = nnf.normalize(img["local"][i], dim=-1)
+        t = nnf.normalize(cap["local"][0], dim=-1)
+        a = (v @ t.T).masked_fill(~img["mask"][i][:, None], 0.0)  # TERAN: masked_fill(mask, 0) before max
+        assert torch.allclose(got[i, 0], a.max(0).values.sum(), atol=1e-6)
+        assert got[i, 1] == 0
+    assert got[0, 0] == 0 and got[1, 0] < 0  # padded image: the zero alignment wins over negative cosines
+    with pytest.raises(ValueError, match="no valid"):
+        score_all_pairs(img, cap, override(cfg, {"padding": "ours"}))

@@ -1,5 +1,6 @@
 """TERAN/HOSA import: configs, checkpoints (exact TERAN key names and shapes), seed-compatible evaluation."""
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -51,6 +52,8 @@ def teran_state_dict(bert_cfg, feat=2048, embed=1024, img_layers=4, layers=2, wo
         parts["img_txt_enc.transformer_encoder_2."] = te(embed, layers)
     sd = {p + k: v for p, m in parts.items() for k, v in m.state_dict().items()}
     sd["img_txt_enc.txt_enc.bert_model.embeddings.position_ids"] = torch.arange(bert_cfg.max_position_embeddings)[None]
+    # TERAN's text encoder keeps BERT's input embedding a second time (same storage)
+    sd["img_txt_enc.txt_enc.word_embeddings.weight"] = sd["img_txt_enc.txt_enc.bert_model.embeddings.word_embeddings.weight"]
     return sd
 
 
@@ -141,11 +144,62 @@ def test_wrong_or_missing_keys_are_named(bert_dir, teran_data):
     assert "shape mismatch image.proj.weight: checkpoint (3, 3) vs model (64, 2048)" in msg
 
 
-def test_seed_compatible_command_on_teran_layout(tmp_path, bert_dir, teran_data):
-    """python -m hosa_lib.evaluate --checkpoint MODEL.pth ... on a generated TERAN data/ folder."""
+KEYS = json.loads((Path(__file__).parent / "data" / "teran_checkpoint_keys.json").read_text())
+
+
+@pytest.mark.parametrize("name,shared", [("teran_coco_MrSw", False), ("teran_coco_MrSw_sharedTE", True)])
+def test_published_configs_full_key_set_imports_strictly(bert_dir, teran_data, name, shared):
+    """TERAN's complete key set (alias and legacy buffer included), as data, at full size on the meta device."""
+    from hosa_lib.config import override
+    from hosa_lib.model import HOSA
+    from hosa_lib.text import load_backbone
+    over, _ = import_config(deep_merge(yaml.safe_load(TERAN_COCO), {"model": {"shared-transformer": shared}}))
+    cfg = override(RunConfig(), over)
+    with torch.device("meta"):
+        _, backbone = load_backbone(str(bert_dir), 6, pretrained=False)
+        model = HOSA(cfg.model, cfg.scoring, 2048, 768, backbone)
+        sd = {k: torch.empty(v, device="meta") for k, v in KEYS[name].items()}
+    alias = "img_txt_enc.txt_enc.word_embeddings.weight"
+    assert alias in sd and len(sd) == (213 if not shared else 189)
+    mapped = map_state_dict(sd, model, shared=shared)
+    model.load_state_dict(mapped, strict=True, assign=True)
+    assert alias not in mapped and "text.backbone.embeddings.word_embeddings.weight" in mapped
+
+
+def test_alias_must_equal_the_bert_embedding(bert_dir, teran_data):
+    model, _ = teran_model(bert_dir, teran_data / "store.h5", feat_layers=1, embed=64, image_layers=1, text_layers=1)
+    sd = teran_state_dict(BertConfig(num_hidden_layers=6), embed=64, img_layers=1, layers=1)
+    sd["img_txt_enc.txt_enc.word_embeddings.weight"] = sd["img_txt_enc.txt_enc.word_embeddings.weight"] + 1
+    with pytest.raises(ConfigError, match="should be the same tensor"):
+        map_state_dict(sd, model, shared=False)
+
+
+def teran_layout_with_hard_cases(root, teran_data):
+    """The generated COCO layout, with a 57-word caption, a one-word-piece caption and a test image
+    of 20 regions (padded to 36)."""
     import shutil
-    root = tmp_path / "data"
+
+    import numpy as np
     shutil.copytree(teran_data / "coco", root / "coco")
+    ann = root / "coco" / "annotations" / "dataset_coco.json"
+    data = json.loads(ann.read_text())
+    test = [im for im in data["images"] if im["split"] == "test"]
+    long = " ".join(["a small red square left of a large blue circle and"] * 5) + " a triangle"
+    test[0]["sentences"][0]["raw"] = long
+    test[1]["sentences"][1]["raw"] = "Snow"
+    ann.write_text(json.dumps(data))
+    fid = test[2]["cocoid"]
+    feats = root / "coco" / "features_36"
+    np.savez(feats / "bu_att" / f"{fid}.npz", feat=np.random.default_rng(0).random((20, 2048), dtype=np.float32))
+    np.save(feats / "bu_box" / f"{fid}.npy", np.tile([10.0, 20.0, 300.0, 200.0], (20, 1)))
+    return long
+
+
+def test_seed_compatible_command_on_teran_layout(tmp_path, bert_dir, teran_data):
+    """python -m hosa_lib.evaluate --checkpoint MODEL.pth --size 1k on a generated TERAN data/ folder with
+    long captions, padded images and a one-token caption; float32 end to end; TERAN's scoring rules."""
+    root = tmp_path / "data"
+    long = teran_layout_with_hard_cases(root, teran_data)
     n_cap, n_img = 5 * 3, 3  # write_teran(n=6) puts images 3..5 in test
     rel = root / "coco" / "relevances"
     rel.mkdir()
@@ -157,11 +211,52 @@ def test_seed_compatible_command_on_teran_layout(tmp_path, bert_dir, teran_data)
     ck = tmp_path / "MODEL.pth"
     torch.save({"model": teran_state_dict(BertConfig(num_hidden_layers=2), embed=64, img_layers=1, layers=1),
                 "config": teran, "epoch": 7}, ck)
-    proc = subprocess.run([sys.executable, "-m", "hosa_lib.evaluate", "--checkpoint", str(ck), "--size", "1k",
-                           "--protocol", "all", "--data-root", str(root), "--text-model", str(bert_dir),
-                           "--out", str(tmp_path / "ev")], capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "hosa_lib.evaluate", "--checkpoint", str(ck), "--size", "1k", "--data-root",
+           str(root), "--text-model", str(bert_dir), "--out", str(tmp_path / "ev")]
+    refused = subprocess.run(cmd, capture_output=True, text=True)
+    assert refused.returncode != 0 and "coco_1k needs 5000 test images" in refused.stderr
+    assert "--protocol all evaluates a split of any size" in refused.stderr
+    proc = subprocess.run(cmd + ["--protocol", "all"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Image to text" in proc.stdout and "NDCG-SPICE" in proc.stdout and "rsum" in proc.stdout
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert {"i2t_ndcg_rougeL", "t2i_ndcg_spice", "rsum"} <= set(m) and m["checkpoint_epoch"] == 7
-    assert (root / "coco" / "hosa_test.h5").is_file()
+    assert m["precision"] == "float32" and m["max_words"] == 512
+    from hosa_lib.store import Store
+    with Store(root / "coco" / "hosa_test.h5") as s:
+        assert s.features().dtype == "float32" and s.n_regions.min() == 20
+        caps = s.captions(s.split_captions("test"))
+    # the same path from Python: no truncation, TERAN's padding rule, the one-word-piece caption scores 0
+    from hosa_lib.evaluate import encode_split, protocol_scores
+    from hosa_lib.factory import load_teran_model
+    from hosa_lib.runs import load_checkpoint
+    from hosa_lib.teran import config_from_teran
+    loaded = load_checkpoint(ck)
+    cfg, _ = config_from_teran(loaded, ck, None, str(root), str(bert_dir), None, "1k", "all")
+    assert cfg.scoring.padding == "teran" and cfg.data.max_words == 512
+    model, text = load_teran_model(loaded, cfg)
+    img, cap, cap_img = encode_split(model, cfg.data.store, "test", text)
+    assert int(cap["mask"][caps.index(long)].sum()) > 32  # not cut at 32 word pieces
+    scores = protocol_scores(img, cap, cap_img, cfg.scoring, cfg.eval)
+    assert torch.all(scores[:, caps.index("Snow")] == 0)
+
+
+def test_coco_split_files_choice_is_explicit_and_agrees(tmp_path, capsys):
+    """A COCO layout with both dataset_coco.json and coco_*_ids.npy: TERAN reproduction reads the ids
+    files (as TERAN's loader), says so, and both give the same test images."""
+    from hosa_lib.sources.teran import convert_teran
+    from hosa_lib.store import Store
+    from tests.test_store_sources import write_teran
+    root, _ = write_teran(tmp_path, "coco", n=6, layout="ids")
+    write_teran(tmp_path / "k", "coco", n=6)
+    (root / "coco" / "annotations" / "dataset_coco.json").write_text(
+        (tmp_path / "k" / "coco" / "annotations" / "dataset_coco.json").read_text())
+    tests = {}
+    for prefer in ("ids", "karpathy"):
+        out = convert_teran(root, "coco", tmp_path / f"{prefer}.h5", only_splits=("test",), prefer=prefer)
+        assert out["split_source"] == prefer
+        with Store(tmp_path / f"{prefer}.h5") as s:
+            tests[prefer] = [s.image_ids()[i] for i in s.split_images("test")]
+    printed = capsys.readouterr().out
+    assert "reading splits from coco_*_ids.npy" in printed and "reading splits from dataset_coco.json" in printed
+    assert tests["ids"] == tests["karpathy"] and len(tests["ids"]) == 3

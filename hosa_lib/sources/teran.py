@@ -114,17 +114,29 @@ def load_region_file(feat_path: Path, box_path: Path, max_regions: int | None, d
     return feat, boxes
 
 
+def split_source(ann: Path, dataset: str, prefer: str = "karpathy") -> str:
+    """Which split files to read: 'karpathy' (dataset_*.json) or 'ids' (COCO coco_*_ids.npy, what
+    TERAN's own COCO loader reads). `prefer` decides when a layout has both."""
+    has_json = (ann / KARPATHY[dataset]).is_file()
+    has_ids = dataset == "coco" and (ann / "coco_test_ids.npy").is_file()
+    if has_json and has_ids:
+        return prefer
+    if has_json or has_ids:
+        return "karpathy" if has_json else "ids"
+    raise StoreError(f"{ann}: expected {KARPATHY[dataset]}" + (" or coco_*_ids.npy" if dataset == "coco" else ""))
+
+
 def convert_teran(root, dataset: str, store_path, *, features_dir: str = "", restval: bool = True,
-                  image_sizes: str = "", only_splits: tuple[str, ...] | None = None, progress: bool = True) -> dict:
-    """Convert the TERAN layout; only_splits=("test",) converts just those splits (evaluation)."""
+                  image_sizes: str = "", only_splits: tuple[str, ...] | None = None, progress: bool = True,
+                  prefer: str = "karpathy", dtype: str = "float16") -> dict:
+    """Convert the TERAN layout; only_splits=("test",) converts just those splits (evaluation).
+    prefer: split files when both exist ('ids' follows TERAN's COCO loader); dtype of the stored features."""
     root = Path(root)
     ann = root / dataset / "annotations"
-    if (ann / KARPATHY[dataset]).is_file():
-        items = _karpathy(ann, dataset)
-    elif dataset == "coco" and (ann / "coco_test_ids.npy").is_file():
-        items = _coco_ids(ann)
-    else:
-        raise StoreError(f"{ann}: expected {KARPATHY[dataset]}" + (" or coco_*_ids.npy" if dataset == "coco" else ""))
+    source = split_source(ann, dataset, prefer)
+    if progress:
+        print(f"{ann}: reading splits from " + (KARPATHY[dataset] if source == "karpathy" else "coco_*_ids.npy"))
+    items = _karpathy(ann, dataset) if source == "karpathy" else _coco_ids(ann)
     if only_splits:
         items = [it for it in items if it["split"] in only_splits]
         if not items:
@@ -139,7 +151,7 @@ def convert_teran(root, dataset: str, store_path, *, features_dir: str = "", res
     first, _ = load_region_file(feats_dir / "bu_att" / f"{items[0]['id']}.npz",
                                 feats_dir / "bu_box" / f"{items[0]['id']}.npy", None, None)
     k, dim = 36 if first.shape[0] <= 36 else first.shape[0], first.shape[1]
-    with StoreWriter(store_path, len(items), k, dim, source=f"teran-{dataset}",
+    with StoreWriter(store_path, len(items), k, dim, source=f"teran-{dataset}", dtype=dtype,
                      feature_extractor="bottom-up-attention faster r-cnn (features_36)") as w:
         for i, it in enumerate(tqdm(items, desc=f"convert {dataset}", disable=not progress, mininterval=2)):
             feat, boxes = load_region_file(feats_dir / "bu_att" / f"{it['id']}.npz",
@@ -156,4 +168,4 @@ def convert_teran(root, dataset: str, store_path, *, features_dir: str = "", res
         w.set_images([it["id"] for it in items])
         w.set_captions(texts, owner)
         w.set_splits(splits)
-    return {"images": len(items), "captions": len(texts)}
+    return {"images": len(items), "captions": len(texts), "split_source": source}
