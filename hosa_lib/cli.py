@@ -81,8 +81,8 @@ def run(name: str, fn, argv=None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if args.debug:
             raise
-        print("interrupted", file=sys.stderr)
+        print(str(e) or "interrupted", file=sys.stderr)
         return 130

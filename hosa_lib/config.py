@@ -36,6 +36,10 @@ class DataConfig:
     image_size: int = 224          # images/synthetic: CNN input side (224 -> 7x7 grid regions)
     batch_size: int = 32           # images: CNN batch size
     on_bad_image: str = "fail"     # images: fail | skip (skipped files are reported)
+    image_fit: str = "letterbox"   # images: letterbox (pad to square) | crop (centre square) before resizing
+    background: tuple[int, ...] = (255, 255, 255)  # images: RGB behind transparent pixels and letterbox bars
+    split_fractions: tuple[float, ...] = (0.8, 0.1, 0.1)  # images without a split column: train/val/test
+                                   # fractions of a deterministic hash of each file name
     text_model: str = "minilm"     # "minilm" (offline all-MiniLM-L6-v2 from PyPI), a HF name or a local dir
     text_layer: int = -1           # hidden layer whose states are cached (-1 = last)
     max_words: int = 32            # token budget per caption (incl. special tokens); TERAN reproduction: 512
@@ -93,6 +97,8 @@ class TrainConfig:
     grad_clip: float = 2.0
     seed: int = 0
     workers: int = 0               # DataLoader workers
+    threads: int = 0               # torch CPU threads; 0 = torch's default (one per core given to this process).
+                                   # On a machine shared with other jobs, 1-2 threads can be several times faster
     device: str = "auto"           # auto | cpu | cuda | cuda:N
     amp: bool = True               # bf16 autocast on CUDA where supported (never on CPU)
     val_images: int = 0            # 0 = whole val split
@@ -133,6 +139,7 @@ CHOICES = {
     "model.arch": ("hosa", "teran"),
     "data.dataset": ("coco", "f30k"),
     "data.on_bad_image": ("fail", "skip"),
+    "data.image_fit": ("letterbox", "crop"),
     "scoring.local_pool": ("sum", "mean"),
     "scoring.direction": ("t2i", "i2t", "both"),
     "scoring.padding": ("ours", "teran"),

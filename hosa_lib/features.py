@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from tqdm import tqdm  # plain tqdm: widget bars render blank in offline HTML
 
-from .store import Store, write_text_cache
+from .store import Store, StoreError, write_text_cache
 from .text import cache_key, load_backbone, tokenize
 
 
@@ -38,5 +38,9 @@ def add_text_cache(store_path, name: str = "minilm", layer: int = -1, max_words:
             return key
         texts = s.captions()
     hidden, mask, words = encode_texts(texts, name, layer, max_words, progress=progress)
+    empty = np.nonzero(~words.any(axis=1))[0]
+    if len(empty):
+        raise StoreError(f"{store_path}: caption(s) with no words after tokenisation, e.g. #{int(empty[0])} "
+                         f"{texts[int(empty[0])]!r} ({len(empty)} in all): remove or fix them in the source")
     write_text_cache(store_path, key, hidden, mask, words, {"model": name, "layer": layer, "max_words": max_words})
     return key

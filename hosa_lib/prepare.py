@@ -10,28 +10,22 @@ if __name__ == "__main__":  # answer --help and usage errors before torch loads
     early("prepare")
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
-from .config import DataConfig, load
+from .config import DataConfig, load, to_dict
 from .store import Store, StoreError
 
 
-def build_store(dc: DataConfig, progress: bool = True) -> dict:
-    """Convert the source named by `dc.source` into `dc.store`; returns a report."""
-    store = Path(dc.store)
-    if dc.source == "store":
-        if not store.is_file():
-            raise StoreError(f"data.source is 'store' but {store} does not exist")
-        return {"reused": True}
-    if store.is_file() and not dc.force:
-        return {"reused": True}
+def build_store(dc: DataConfig, store: Path, progress: bool = True) -> dict:
+    """Convert the source named by `dc.source` into the store file `store`; returns a report."""
     if dc.source == "synthetic":
         from .sources.imagefolder import convert_image_folder
         from .sources.synthetic import generate
 
-        raw = store.with_suffix("")  # outputs/data/<name>/ : images + dataset.json
+        raw = Path(dc.store).with_suffix("")  # outputs/data/<name>/ : images + dataset.json
         ds_json = generate(raw, dc.n_images, seed=dc.seed, size=dc.image_size, progress=progress)
         pairs = json.loads((raw / "swap_pairs.json").read_text())
 
@@ -42,12 +36,13 @@ def build_store(dc: DataConfig, progress: bool = True) -> dict:
         return convert_image_folder(raw / "images", ds_json, store, image_size=dc.image_size,
                                     batch_size=dc.batch_size, on_bad_image=dc.on_bad_image,
                                     extras={"swap_pairs": swap_pairs}, source=f"synthetic(seed={dc.seed})",
-                                    progress=progress)
+                                    progress=progress, **image_options(dc))
     if dc.source == "images":
         from .sources.imagefolder import convert_image_folder
 
         return convert_image_folder(dc.root, dc.captions, store, image_size=dc.image_size,
-                                    batch_size=dc.batch_size, on_bad_image=dc.on_bad_image, progress=progress)
+                                    batch_size=dc.batch_size, on_bad_image=dc.on_bad_image, progress=progress,
+                                    **image_options(dc))
     if dc.source == "teran":
         from .sources.teran import convert_teran
 
@@ -60,20 +55,78 @@ def build_store(dc: DataConfig, progress: bool = True) -> dict:
     raise StoreError(f"data.source: unknown source '{dc.source}'")
 
 
+def image_options(dc: DataConfig) -> dict:
+    return {"fit": dc.image_fit, "background": dc.background, "split_fractions": dc.split_fractions}
+
+
+# DataConfig keys that change the store's content
+SOURCE_KEYS = ("source", "root", "dataset", "captions", "features_dir", "restval", "image_sizes", "splits",
+               "n_images", "seed", "image_size", "on_bad_image", "image_fit", "background", "split_fractions")
+
+
+def source_digest(dc: DataConfig) -> str:
+    """What the store is made from: the source settings and the source files' names, sizes and
+    modification times (a changed captions file or image folder means a different store)."""
+    import hashlib
+
+    h = hashlib.sha256(json.dumps({k: v for k, v in to_dict(dc).items() if k in SOURCE_KEYS}, sort_keys=True).encode())
+    files: list[Path] = []
+    if dc.source == "images":
+        files = [Path(dc.captions)] + sorted(p for p in Path(dc.root).rglob("*") if p.is_file())
+    elif dc.source == "teran":
+        files = sorted((Path(dc.root) / dc.dataset / "annotations").glob("*"))
+    elif dc.source == "scan":
+        files = sorted(Path(dc.root).glob("*"))
+    for f in files:
+        st = f.stat() if f.exists() else None
+        h.update(f"{f}|{st.st_size if st else -1}|{st.st_mtime_ns if st else -1}".encode())
+    return h.hexdigest()[:16]
+
+
+def stale(store: Path, digest: str) -> bool:
+    """The store was made from other source files or settings than the params name now."""
+    with Store(store, check_values=False) as s:
+        recorded = s.attrs.get("source_digest")
+    if recorded is None or recorded == digest:
+        return False
+    print(f"{store}: its source changed (captions, images or source settings) since it was built; rebuilding")
+    return True
+
+
 def prepare(dc: DataConfig, progress: bool = True) -> dict:
-    """Store + text cache + relevance. Returns timings and the store summary."""
+    """Store + text cache + relevance, built whole under a temporary name and renamed once (readers
+    never see a store without its caches), one writer at a time. An existing store is reused (missing
+    caches added) unless forced or its source changed. Returns timings and the store summary."""
     from .features import add_text_cache
     from .relevance import add_relevance
+    from .store import set_attrs, writing_lock
 
+    store = Path(dc.store)
     t0 = time.perf_counter()
-    report = build_store(dc, progress)
-    t1 = time.perf_counter()
-    key = add_text_cache(dc.store, dc.text_model, dc.text_layer, dc.max_words, progress=progress)
-    t2 = time.perf_counter()
-    with Store(dc.store, check_values=False) as s:
-        has_test = "test" in s.split_names
-    if has_test and (dc.relevance or dc.spice):
-        add_relevance(dc.store, "test", dc.relevance, dc.spice, progress=progress)
+    with writing_lock(store):
+        report: dict = {"reused": True}
+        target = store
+        if dc.source == "store":
+            if not store.is_file():
+                raise StoreError(f"data.source is 'store' but {store} does not exist")
+        else:
+            digest = source_digest(dc)
+            if dc.force or not store.is_file() or stale(store, digest):
+                target = store.with_name(f".{store.name}.building.h5")
+                if dc.force:  # start clean: no resumed partial work
+                    for leftover in (target, target.with_name(f".{target.name}.partial")):
+                        leftover.unlink(missing_ok=True)
+                report = build_store(dc, target, progress)
+                set_attrs(target, {"source_digest": digest})
+        t1 = time.perf_counter()
+        key = add_text_cache(target, dc.text_model, dc.text_layer, dc.max_words, progress=progress)
+        t2 = time.perf_counter()
+        with Store(target, check_values=False) as s:
+            has_test = "test" in s.split_names
+        if has_test and (dc.relevance or dc.spice):
+            add_relevance(target, "test", dc.relevance, dc.spice, progress=progress)
+        if target != store:
+            os.replace(target, store)
     t3 = time.perf_counter()
     with Store(dc.store) as s:
         summary = s.summary()

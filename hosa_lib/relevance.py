@@ -9,6 +9,7 @@ Both TERAN files are raw float32 memmaps of shape (captions, images) despite the
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -17,16 +18,27 @@ from tqdm import tqdm  # plain tqdm: widget bars render blank in offline HTML
 from .store import Store, StoreError, write_relevance
 
 
+# Words of any script (\w is Unicode-aware), each CJK ideograph / kana / hangul syllable on its own;
+# a caption with no such tokens (emoji, punctuation only) falls back to its non-space characters.
+# rouge-score's default tokenizer keeps [a-z0-9] only, which makes ROUGE-L 0 for Chinese, Arabic or
+# emoji captions even against their own image.
+_WORD = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]|\w+")
+
+
+def unicode_tokens(text: str) -> list[str]:
+    text = text.lower()
+    return _WORD.findall(text) or re.findall(r"\S", text)
+
+
 class _CachedTokenizer:
-    """rouge-score's default tokenizer, memoised: each caption is tokenised once, not once per pair."""
+    """A Unicode-aware tokenizer for rouge-score, memoised: each caption is tokenised once, not once per pair."""
 
     def __init__(self):
-        from rouge_score import tokenizers
-        self._tok, self._cache = tokenizers.DefaultTokenizer(use_stemmer=False), {}
+        self._cache = {}
 
     def tokenize(self, text):
         if text not in self._cache:
-            self._cache[text] = self._tok.tokenize(text)
+            self._cache[text] = unicode_tokens(text)
         return self._cache[text]
 
 

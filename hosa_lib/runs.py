@@ -27,7 +27,7 @@ from .config import PATH_KEYS, RunConfig, marked_root, to_dict
 # Keys that never change the trained weights (section -> keys; "*" = the whole section).
 NOT_WEIGHTS = {"name": "*", "output_root": "*", "eval": "*", "ablation": "*",
                "data": ("force", "relevance", "spice"),
-               "train": ("device", "workers", "log_every", "checkpoint_every")}
+               "train": ("device", "workers", "threads", "log_every", "checkpoint_every")}
 
 
 def weights_config(cfg: RunConfig) -> dict:
@@ -71,19 +71,27 @@ def checkpoint_path(run_dir, checkpoint: str | Path = "") -> Path:
     return Path(checkpoint) if checkpoint else Path(run_dir) / "checkpoints" / "best.pt"
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, truncated or not a checkpoint; the message names it."""
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Atomic: write a temporary file in the same folder, then rename over the target."""
+    """Atomic: write a temporary file in the same folder, then rename over the target. On failure
+    (a full disk, say) the temporary file is removed and the previous checkpoint stays."""
+    import errno
+    import shutil
+
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         torch.save(state, tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch reports ENOSPC as "basic_ios::clear: iostream error"
+        full = getattr(e, "errno", None) == errno.ENOSPC or shutil.disk_usage(path.parent).free < (64 << 20)
+        raise CheckpointError(f"{'no space left on' if full else 'cannot write'} {path.parent} while saving "
+                              f"{path.name} ({e}); the previous {path.name} is kept") from None
     finally:
         tmp.unlink(missing_ok=True)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, truncated or not a checkpoint; the message names it."""
 
 
 def load_checkpoint(path) -> dict:

@@ -190,6 +190,12 @@ def validate(path, label: str | None = None, check_values: bool = True) -> None:
             if len(idx) and (idx.min() < 0 or idx.max() >= n):
                 raise StoreError(f"{label}: 'splits/{name}' index out of range [0, {n})")
         if check_values:
+            boxes = f["images/boxes"][:]
+            bad = ~np.isfinite(boxes).all(axis=(1, 2)) | (boxes < -1e-4).any(axis=(1, 2)) | (boxes > 1 + 1e-4).any(axis=(1, 2))
+            if bad.any():
+                i = int(np.nonzero(bad)[0][0])
+                raise StoreError(f"{label}: 'images/boxes' of image {i} (id {f['images/ids'].asstr()[i]}) are NaN or "
+                                 f"outside [0, 1] ({int(bad.sum())} image(s) in all); rebuild the store")
             feats = f["images/features"]
             for s in range(0, n, 512):
                 block = feats[s:s + 512]
@@ -278,6 +284,11 @@ class Store:
                              "run prepare first")
         return int(self.f[f"text/{key}/hidden"].shape[-1])
 
+    def captions_without_words(self, key: str, rows: np.ndarray) -> np.ndarray:
+        """Store caption indices among `rows` whose cached word mask is empty."""
+        words = self.f[f"text/{key}/words"]
+        return np.asarray([int(r) for r in rows if not words[int(r)].any()], dtype=np.int64)
+
     def relevance(self, split: str) -> dict[str, np.ndarray]:
         g = self.f.get(f"relevance/{split}")
         return {} if g is None else {k: g[k][:] for k in g}
@@ -304,6 +315,41 @@ class Store:
 
 
 
+# ----------------------------------------------------------------------------- one writer at a time
+@contextlib.contextmanager
+def writing_lock(path):
+    """Exclusive lock for building or changing the store at `path` (`.<name>.lock` beside it). A second
+    writer fails at once naming the process that holds it; the lock goes with its process."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = path.with_name(f".{path.name}.lock")
+    fh = lock.open("a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "?"
+        fh.close()
+        raise StoreError(f"store {path} is being written by pid {holder}; wait for it or stop it") from None
+    try:
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        yield
+    finally:
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
+
+
+def set_attrs(path, attrs: dict) -> None:
+    """Provenance attributes on a store that is not published yet (a build under its temporary name)."""
+    with h5py.File(path, "r+") as f:
+        f.attrs.update(attrs)
+
+
 # ----------------------------------------------------------------------------- in-place additions
 def write_text_cache(path, key: str, hidden: np.ndarray, mask: np.ndarray, words: np.ndarray, attrs: dict) -> None:
     """Add text/<key> (hidden states, attention mask, word mask) to a store, atomically."""
@@ -326,11 +372,16 @@ def write_relevance(path, split: str, matrices: dict[str, np.ndarray]) -> None:
 
 
 def partial_attr(path, name: str):
-    """An attribute of a partial (resumable) store, or None when it is missing or unreadable."""
+    """An attribute of a partial (resumable) store, or None when it is missing or unreadable —
+    including its last written image row, so a file cut anywhere reads as unusable."""
     try:
         with h5py.File(path, "r") as f:
+            written = int(f.attrs.get("images_written", 0))
+            if written:
+                f["images/features"][written - 1]
+                f["images/n_regions"][written - 1]
             return f.attrs.get(name)
-    except OSError:
+    except (OSError, KeyError, ValueError):
         return None
 
 

@@ -31,7 +31,7 @@ from .factory import build_model, resolve_device
 from .loss import triplet_loss
 from .model import HOSA
 from .perf import tune_cpu_allocator
-from .runs import (format_seconds, load_checkpoint, log_progress, rng_state, run_dir_for, save_checkpoint,
+from .runs import (CheckpointError, format_seconds, load_checkpoint, log_progress, rng_state, run_dir_for, save_checkpoint,
                    set_rng_state)
 
 
@@ -128,6 +128,72 @@ def validate(core: HOSA, cfg: RunConfig, text, device) -> dict:
     return m
 
 
+class _StopRequest:
+    """SIGINT/SIGTERM during training ask for a stop between steps (a checkpoint is saved first);
+    previous handlers come back when training ends. Only the main thread can install handlers."""
+
+    def __init__(self):
+        import signal
+        import threading
+        self.requested, self.previous = False, {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._ask)
+
+    def _ask(self, signum, frame):
+        if self.requested:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self):
+        import signal
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+
+def open_log(path: Path, step: int):
+    """metrics.jsonl for appending, first cut back to the rows up to `step` (the resumed position), so
+    a restarted run never logs a step twice."""
+    if path.is_file():
+        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, path)
+    return path.open("a")
+
+
+def preflight(cfg: RunConfig, text, ck_dir: Path, n_params: int) -> None:
+    """Everything that would otherwise fail after an epoch, checked before the first step: the splits
+    a run needs (train, val), their features, boxes and caption words, a writable checkpoint folder and
+    room for a checkpoint (model + optimizer state)."""
+    import shutil
+
+    from .store import Store, StoreError
+    with Store(cfg.data.store) as s:  # validates features (NaN/Inf) and boxes
+        missing = [sp for sp in ("train", "val") if sp not in s.split_names]
+        if missing:
+            raise StoreError(f"{cfg.data.store}: training needs splits train and val, missing {missing} (splits: "
+                             f"{', '.join(s.split_names)}); image folders without a split column are split by "
+                             "data.split_fractions when the store is built")
+        for sp in ("train", "val"):
+            if text.cache_key is not None:
+                empty = s.captions_without_words(text.cache_key, s.split_captions(sp))
+                if len(empty):
+                    raise StoreError(f"{cfg.data.store}: {sp} caption #{int(empty[0])} "
+                                     f"{s.captions([int(empty[0])])[0]!r} has no words after tokenisation")
+    probe = ck_dir / f".write-test-{os.getpid()}"
+    try:
+        probe.write_bytes(b"x")
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointError(f"checkpoint folder {ck_dir} is not writable ({e})") from None
+    need, free = 3 * 4 * n_params * 2, shutil.disk_usage(ck_dir).free  # last.pt + best.pt (+ temp)
+    if free < need:
+        raise CheckpointError(f"not enough disk space on {ck_dir}: a checkpoint needs about {need >> 20} MiB, "
+                              f"{free >> 20} MiB free")
+
+
 def train(cfg: RunConfig, run_dir: str | Path | None = None, progress: bool = True,
           stop_after_steps: int | None = None) -> dict:
     """Train (or resume) a run. Returns {"run_dir", "best_rsum", "steps", "seconds", "last_val"}."""
@@ -141,6 +207,8 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, progress: bool = Tr
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     amp = cfg.train.amp and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
     run_dir = Path(run_dir) if run_dir else run_dir_for(cfg)
     ck_dir = run_dir / "checkpoints"
     if rank == 0:
@@ -149,6 +217,8 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, progress: bool = Tr
         (run_dir / "code_version.txt").write_text(code_version() + "\n")
 
     core, text = build_model(cfg, device, seed=cfg.train.seed)
+    if rank == 0:
+        preflight(cfg, text, ck_dir, sum(p.numel() for p in core.parameters()))
     data = CaptionDataset(cfg.data.store, "train", text)
     sampler = EpochSampler(len(data), cfg.train.batch_size, cfg.train.seed, rank, world)
     spe = sampler.batches_per_epoch()
@@ -185,7 +255,8 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, progress: bool = Tr
             for name in names:
                 save_checkpoint(ck_dir / name, state)
 
-    log = (run_dir / "metrics.jsonl").open("a") if rank == 0 else None
+    log = open_log(run_dir / "metrics.jsonl", step) if rank == 0 else None
+    stop = _StopRequest()
     t_start, last_val, first_epoch = time.perf_counter(), {}, epoch
     core.train()
     every = cfg.train.checkpoint_every
@@ -214,6 +285,13 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, progress: bool = Tr
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", pairs_s=f"{rate:.0f}")
             if every and step % every == 0 and b + 1 < spe:
                 checkpoint(("last.pt",), b + 1, epoch)
+            if stop.requested:  # between steps the state is consistent: save it and stop
+                checkpoint(("last.pt",), b + 1, epoch)
+                if log:
+                    log.close()
+                stop.restore()
+                raise KeyboardInterrupt(f"interrupted at step {step}: saved {ck_dir / 'last.pt'}; the same command "
+                                        "resumes from there")
             if stop_after_steps is not None and step >= stop_after_steps:
                 return {"run_dir": str(run_dir), "steps": step, "stopped": True}
         start_batch = 0
@@ -234,6 +312,7 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, progress: bool = Tr
                 print(line)
         if distributed:
             dist.barrier()
+    stop.restore()
     if log:
         log.close()
     return {"run_dir": str(run_dir), "best_rsum": best, "steps": step,

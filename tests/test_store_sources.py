@@ -160,7 +160,7 @@ def make_image_folder(root, n=3, bad=None):
 def test_image_folder_csv(tmp_path):
     img, caps = make_image_folder(tmp_path)
     rep = convert_image_folder(img, caps, tmp_path / "s.h5", image_size=64, progress=False)
-    assert rep == {"images": 3, "captions": 6, "skipped": []}
+    assert rep == {"images": 3, "captions": 6, "skipped": [], "far_from_square": 0}
     with Store(tmp_path / "s.h5") as s:
         assert s.f["images/features"].shape == (3, 4, 1280) and s.f["images/pooled"].shape == (3, 1280)
         assert s.split_images("test").tolist() == [1, 2]

@@ -1,7 +1,8 @@
 """A folder of images + a captions file -> store, images encoded by a pretrained CNN into grid cells.
 
 Captions file: Karpathy JSON ({"images": [{"filename", "split", "sentences": [{"raw"}]}]}) or a
-CSV with a header `filename,caption[,split]` (one row per caption; split defaults to "all").
+CSV with a header `filename,caption[,split]` (one row per caption). A file without splits gets a
+deterministic hash split (`data.split_fractions`, default 80/10/10 train/val/test).
 Encoding is batched, shows progress, holds one batch in memory, and is resumable: the partial
 store `.<name>.partial` survives a Ctrl-C and the next run with the same inputs continues there.
 """
@@ -20,42 +21,86 @@ from ..store import StoreError, StoreWriter, partial_attr
 from . import canonical_split
 
 
-def read_captions(path) -> list[dict]:
-    """-> [{"filename", "split", "captions": [str]}] in file order, validated."""
+def read_captions(path, split_fractions=(0.8, 0.1, 0.1)) -> list[dict]:
+    """-> [{"filename", "split", "captions": [str]}] in file order, validated. A file without splits
+    (no CSV split column, no Karpathy `split`) gets a deterministic hash split by `split_fractions`."""
     path = Path(path)
     if not path.is_file():
         raise StoreError(f"captions file not found: {path}")
     if path.suffix.lower() == ".json":
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
             items = [{"filename": im.get("filepath", "") and f"{im['filepath']}/{im['filename']}" or im["filename"],
                       "split": canonical_split(im.get("split", "all"), f"{path} image '{im['filename']}'"),
                       "captions": [s["raw"] for s in im["sentences"]]} for im in data["images"]]
         except (KeyError, TypeError, json.JSONDecodeError) as e:
             raise StoreError(f"{path}: not a Karpathy-format JSON (need images[].filename and "
                              f"images[].sentences[].raw): {e!r}") from None
+        names = [it["filename"] for it in items]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise StoreError(f"{path}: image(s) listed more than once: {dupes[:5]}")
     else:
         by_file: dict[str, dict] = {}
-        with path.open(newline="") as fh:
+        with path.open(newline="", encoding="utf-8-sig") as fh:  # utf-8-sig: a BOM is not part of the header
             reader = csv.DictReader(fh)
             if not reader.fieldnames or not {"filename", "caption"} <= set(reader.fieldnames):
                 raise StoreError(f"{path}: CSV header must have 'filename,caption[,split]', got {reader.fieldnames}")
             for row_no, row in enumerate(reader, start=2):
-                item = by_file.setdefault(row["filename"], {
-                    "filename": row["filename"], "captions": [],
-                    "split": canonical_split(row.get("split") or "all", f"{path} line {row_no}")})
+                split = canonical_split(row.get("split") or "all", f"{path} line {row_no}")
+                item = by_file.setdefault(row["filename"], {"filename": row["filename"], "captions": [],
+                                                            "split": split})
+                if item["split"] != split:
+                    raise StoreError(f"{path} line {row_no}: image '{row['filename']}' is in two splits "
+                                     f"('{item['split']}' and '{split}')")
                 item["captions"].append(row["caption"] or "")
         items = list(by_file.values())
     for it in items:
+        if not it["captions"]:
+            raise StoreError(f"{path}: image '{it['filename']}' has no captions")
         for k, c in enumerate(it["captions"]):
             if not c or not c.strip():
                 raise StoreError(f"{path}: empty caption #{k} for image '{it['filename']}'")
-        if not it["captions"]:
-            raise StoreError(f"{path}: image '{it['filename']}' has no captions")
+    if items and all(it["split"] == "all" for it in items):
+        hash_split(items, split_fractions)
     return items
 
 
-def _inputs_hash(items, image_root: Path, size: int) -> str:
+def hash_split(items: list[dict], fractions) -> None:
+    """train/val/test by a hash of each file name: stable when files are added or removed."""
+    if len(fractions) != 3 or abs(sum(fractions) - 1) > 1e-6 or min(fractions) < 0:
+        raise StoreError(f"data.split_fractions = {list(fractions)}: expected three fractions summing to 1")
+    for it in items:
+        u = int(hashlib.sha256(it["filename"].encode()).hexdigest()[:8], 16) / 2 ** 32
+        it["split"] = "train" if u < fractions[0] else "val" if u < fractions[0] + fractions[1] else "test"
+
+
+def load_rgb(path: Path, fit: str = "letterbox", background=(255, 255, 255)) -> Image.Image:
+    """An image file as 8-bit RGB on a square canvas. 16-bit greyscale is scaled (not clipped);
+    transparency (RGBA, LA, palette + transparency) is composited onto `background`; non-square
+    images are letterboxed with `background` or centre-cropped (`fit`)."""
+    with Image.open(path) as im:
+        im.load()
+        if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+            arr = np.asarray(im, dtype=np.float64)
+            scale = 257.0 if arr.max(initial=0) > 255 or im.mode.startswith("I;16") else 1.0
+            im = Image.fromarray(np.clip(arr / scale, 0, 255).astype(np.uint8), "L")
+        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            rgba = im.convert("RGBA")
+            im = Image.alpha_composite(Image.new("RGBA", rgba.size, tuple(background) + (255,)), rgba)
+        im = im.convert("RGB")
+    w, h = im.size
+    if w == h:
+        return im
+    side = max(w, h) if fit == "letterbox" else min(w, h)
+    if fit == "letterbox":
+        canvas = Image.new("RGB", (side, side), tuple(background))
+        canvas.paste(im, ((side - w) // 2, (side - h) // 2))
+        return canvas
+    return im.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
+
+
+def _inputs_hash(items, image_root: Path, size) -> str:
     h = hashlib.sha256(f"{image_root.resolve()}|{size}".encode())
     for it in items:
         h.update(it["filename"].encode())
@@ -64,7 +109,8 @@ def _inputs_hash(items, image_root: Path, size: int) -> str:
 
 def convert_image_folder(image_root, captions_file, store_path, *, image_size: int = 224, batch_size: int = 32,
                          on_bad_image: str = "fail", extras: dict | None = None, source: str = "images",
-                         device: str = "cpu", progress: bool = True) -> dict:
+                         device: str = "cpu", progress: bool = True, fit: str = "letterbox",
+                         background=(255, 255, 255), split_fractions=(0.8, 0.1, 0.1)) -> dict:
     """Encode every image with EfficientNet-Lite0 into a grid of regions; write the store.
 
     extras: optional {name: callable(kept_filenames) -> array} evaluated after skipping bad images.
@@ -73,7 +119,7 @@ def convert_image_folder(image_root, captions_file, store_path, *, image_size: i
     from ..cnn import grid_regions, load_pretrained, preprocess
 
     image_root, store_path = Path(image_root), Path(store_path)
-    items = read_captions(captions_file)
+    items = read_captions(captions_file, split_fractions)
     missing = [it["filename"] for it in items if not (image_root / it["filename"]).is_file()]
     if missing:
         raise StoreError(f"{image_root}: {len(missing)} image file(s) named in {captions_file} are missing, "
@@ -82,8 +128,11 @@ def convert_image_folder(image_root, captions_file, store_path, *, image_size: i
     grid = (image_size + 31) // 32
     k, dim = grid * grid, 1280
     partial = store_path.with_name(f".{store_path.name}.partial")
-    digest = _inputs_hash(items, image_root, image_size)
+    digest = _inputs_hash(items, image_root, f"{image_size}|{fit}|{tuple(background)}")
     resume = partial.exists() and partial_attr(partial, "inputs_hash") == digest
+    if partial.exists() and not resume:
+        print(f"discarding {partial}: unreadable (cut by a crash) or made from other inputs; encoding from the start")
+        partial.unlink()
     writer = StoreWriter(store_path, len(items), k, dim, source=source, pooled=True,
                          feature_extractor=f"efficientnet-lite0 imagenet grid {grid}x{grid} @ {image_size}px",
                          tmp_path=partial, resume=resume)
@@ -98,9 +147,9 @@ def convert_image_folder(image_root, captions_file, store_path, *, image_size: i
             batch, ok = [], []
             for j, it in enumerate(items[s:s + batch_size]):
                 try:
-                    with Image.open(image_root / it["filename"]) as im:
-                        batch.append(im.convert("RGB"))
-                        ok.append(j)
+                    im = load_rgb(image_root / it["filename"], fit, background)
+                    batch.append(im)
+                    ok.append(j)
                 except (UnidentifiedImageError, OSError) as e:
                     if on_bad_image == "fail":
                         raise StoreError(f"{image_root / it['filename']}: cannot decode image ({e}); "
@@ -127,7 +176,24 @@ def convert_image_folder(image_root, captions_file, store_path, *, image_size: i
                                    chunks=(1, k, dim) if key == "features" and len(keep) else None)
             items = items_kept
         _finish(w, items, image_root, extras)
-    return {"images": len(items), "captions": sum(len(it["captions"]) for it in items), "skipped": bad}
+    far = far_from_square(image_root, items)
+    if far:
+        print(f"{far} of {len(items)} images are far from square (aspect ratio above 2 or below 0.5); "
+              f"they were {'letterboxed' if fit == 'letterbox' else 'centre-cropped'} (data.image_fit)")
+    return {"images": len(items), "captions": sum(len(it["captions"]) for it in items), "skipped": bad,
+            "far_from_square": far}
+
+
+def far_from_square(image_root: Path, items) -> int:
+    n = 0
+    for it in items:
+        try:
+            with Image.open(image_root / it["filename"]) as im:  # reads the header only
+                w, h = im.size
+        except (UnidentifiedImageError, OSError):
+            continue
+        n += not 0.5 <= w / h <= 2
+    return n
 
 
 def _finish(w: StoreWriter, items, image_root: Path, extras) -> None:

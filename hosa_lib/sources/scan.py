@@ -40,9 +40,11 @@ def _load(root: Path, split: str):
     boxes = None
     if (root / f"{split}_boxes.npy").is_file():
         boxes = np.load(root / f"{split}_boxes.npy")
-        if boxes.shape != ims.shape[:2] + (4,) or boxes.max() > 1.0 + 1e-6:
+        if boxes.shape != ims.shape[:2] + (4,) or not np.isfinite(boxes).all() or boxes.max() > 1.0 + 1e-6 \
+                or boxes.min() < -1e-6:
             raise StoreError(f"{root / f'{split}_boxes.npy'}: expected normalised boxes of shape "
-                             f"{ims.shape[:2] + (4,)}, got {boxes.shape} max {boxes.max():.3g}")
+                             f"{ims.shape[:2] + (4,)} in [0, 1], got {boxes.shape} range "
+                             f"{np.nanmin(boxes):.3g}..{np.nanmax(boxes):.3g}" + ("" if np.isfinite(boxes).all() else " with NaN/Inf"))
     ids_path = root / f"{split}_ids.txt"
     ids = ids_path.read_text().split() if ids_path.is_file() else [f"{split}_{i}" for i in range(len(ims))]
     if len(ids) != len(ims):

@@ -31,8 +31,14 @@ def _karpathy(ann: Path, dataset: str) -> list[dict]:
     out = []
     for i, im in enumerate(data["images"]):
         fid = im.get("cocoid", i) if dataset == "coco" else i
+        if not im.get("sentences"):
+            raise StoreError(f"{path}: image {i} ('{im.get('filename')}', id {fid}) has no sentences")
         out.append({"id": str(fid), "key": i, "split": canonical_split(im["split"], f"{path} image {i}"),
                     "captions": [s["raw"] for s in im["sentences"]], "filename": im["filename"]})
+    ids = [it["id"] for it in out]
+    dupes = sorted({x for x in ids if ids.count(x) > 1}) if len(set(ids)) < len(ids) else []
+    if dupes:
+        raise StoreError(f"{path}: image id(s) listed more than once (an image in two splits?): {dupes[:5]}")
     return out
 
 
@@ -59,6 +65,9 @@ def _coco_ids(ann: Path) -> list[dict]:
                 raise StoreError(f"{f}: annotation id {int(aid)} not in captions_{part}2014.json")
             item = by_image.setdefault(a["image_id"], {"id": str(a["image_id"]), "key": a["image_id"],
                                                        "split": canonical_split(split, str(f)), "captions": []})
+            if item["split"] != canonical_split(split, str(f)):
+                raise StoreError(f"{f}: image {a['image_id']} is also in split '{item['split']}' (an image in two "
+                                 "splits would share its features between them)")
             item["captions"].append(a["caption"])
     if not by_image:
         raise StoreError(f"{ann}: no coco_*_ids.npy files found")
@@ -111,7 +120,17 @@ def load_region_file(feat_path: Path, box_path: Path, max_regions: int | None, d
         raise StoreError(f"{box_path}: boxes shape {boxes.shape}, expected ({feat.shape[0]}, 4)")
     if not np.isfinite(feat).all():
         raise StoreError(f"{feat_path}: 'feat' contains NaN/Inf")
+    if not np.isfinite(boxes).all():
+        raise StoreError(f"{box_path}: boxes contain NaN/Inf")
     return feat, boxes
+
+
+def normalise_boxes(boxes: np.ndarray, wh: np.ndarray) -> tuple[np.ndarray, int]:
+    """Pixel boxes -> (x1, y1, x2, y2) in [0, 1] with x1 <= x2, y1 <= y2; returns how many boxes
+    had to be fixed (reversed corners, negative or beyond the image)."""
+    b = boxes / wh
+    fixed = np.concatenate([np.minimum(b[:, :2], b[:, 2:]), np.maximum(b[:, :2], b[:, 2:])], axis=1).clip(0, 1)
+    return fixed.astype(np.float32), int((np.abs(fixed - b) > 1e-6).any(axis=1).sum())
 
 
 def split_source(ann: Path, dataset: str, prefer: str = "karpathy") -> str:
@@ -151,13 +170,15 @@ def convert_teran(root, dataset: str, store_path, *, features_dir: str = "", res
     first, _ = load_region_file(feats_dir / "bu_att" / f"{items[0]['id']}.npz",
                                 feats_dir / "bu_box" / f"{items[0]['id']}.npy", None, None)
     k, dim = 36 if first.shape[0] <= 36 else first.shape[0], first.shape[1]
+    n_fixed = 0
     with StoreWriter(store_path, len(items), k, dim, source=f"teran-{dataset}", dtype=dtype,
                      feature_extractor="bottom-up-attention faster r-cnn (features_36)") as w:
         for i, it in enumerate(tqdm(items, desc=f"convert {dataset}", disable=not progress, mininterval=2)):
             feat, boxes = load_region_file(feats_dir / "bu_att" / f"{it['id']}.npz",
                                            feats_dir / "bu_box" / f"{it['id']}.npy", k, dim)
-            wh = np.tile(np.asarray(sizes[it["id"]], np.float32), 2)
-            w.write_images(i, feat[None], (boxes / wh)[None], np.array([len(feat)]))
+            boxes, fixed = normalise_boxes(boxes, np.tile(np.asarray(sizes[it["id"]], np.float32), 2))
+            n_fixed += fixed
+            w.write_images(i, feat[None], boxes[None], np.array([len(feat)]))
         texts, owner, splits = [], [], {}
         for i, it in enumerate(items):
             texts += it["captions"]
@@ -168,4 +189,7 @@ def convert_teran(root, dataset: str, store_path, *, features_dir: str = "", res
         w.set_images([it["id"] for it in items])
         w.set_captions(texts, owner)
         w.set_splits(splits)
-    return {"images": len(items), "captions": len(texts), "split_source": source}
+    if n_fixed:
+        print(f"{feats_dir / 'bu_box'}: {n_fixed} box(es) had reversed corners or lay outside their image; "
+              "clipped to the image")
+    return {"images": len(items), "captions": len(texts), "split_source": source, "boxes_fixed": n_fixed}

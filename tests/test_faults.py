@@ -1,0 +1,324 @@
+"""Faults a user meets: kills, concurrent writers, bad images and data, full disks, Ctrl-C.
+Each test reproduces the failure on generated inputs in the upstream formats."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from hosa_lib.store import Store, StoreError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def smoke_params(tmp_path, **data):
+    raw = {"base": str(REPO / "params" / "smoke.yaml"), "output_root": str(tmp_path / "out"),
+           "data": {"store": str(tmp_path / "out" / "smoke.h5"), **data}}
+    p = tmp_path / "p.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    return p
+
+
+def run(*args, cwd=None, **kw):
+    return subprocess.run([sys.executable, "-m", *map(str, args)], capture_output=True, text=True, cwd=cwd, **kw)
+
+
+# ---------------------------------------------------------------------------- stuck or stale state
+@pytest.mark.slow
+def test_kill_9_during_encoding_then_rerun(tmp_path):
+    """kill -9 while prepare encodes: the partial store may be cut anywhere; the rerun says so and succeeds."""
+    params = smoke_params(tmp_path, n_images=480, batch_size=8)
+    proc = subprocess.Popen([sys.executable, "-m", "hosa_lib.prepare", str(params)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    partial = tmp_path / "out" / "..smoke.h5.building.h5.partial"  # the build's own resumable file
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and (not partial.exists() or partial.stat().st_size < 400_000):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert partial.exists(), proc.stdout.read()
+    with partial.open("r+b") as fh:  # and cut the file in the middle, as a crash mid-write can
+        fh.truncate(partial.stat().st_size // 2)
+    again = run("hosa_lib.prepare", params)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "discarding" in again.stdout and "unreadable" in again.stdout
+    with Store(tmp_path / "out" / "smoke.h5") as s:
+        assert s.n_images == 480 and s.text_keys() and s.relevance("test")
+    forced = run("hosa_lib.prepare", params, "--force")
+    assert forced.returncode == 0 and not partial.exists()
+
+
+def test_stale_partial_from_other_inputs_is_discarded(tmp_path):
+    from hosa_lib.sources.imagefolder import convert_image_folder
+    from tests.test_store_sources import make_image_folder
+    img, caps = make_image_folder(tmp_path)
+    partial = tmp_path / ".s.h5.partial"
+    partial.write_bytes(b"\x89HDF\r\n\x1a\n" + os.urandom(2000))  # an HDF5 signature, then garbage
+    convert_image_folder(img, caps, tmp_path / "s.h5", image_size=64, progress=False)
+    assert not partial.exists() and Store(tmp_path / "s.h5").n_images == 3
+
+
+@pytest.mark.slow
+def test_killed_forced_stage_reruns_and_new_store_reruns_downstream(smoke_project):
+    """pipeline --force killed inside 20_evaluate: the next plain run runs evaluate again; a store rebuilt
+    afterwards makes training and evaluation run again (their markers depend on it)."""
+    root, proc = smoke_project
+    assert proc.returncode == 0, proc.stderr
+    params = root / "params" / "demo.yaml"
+    run_dir = Path(proc.stdout.strip().splitlines()[-1].split("report: ")[1]).parent
+    p = subprocess.Popen([sys.executable, "-m", "hosa_lib.pipeline", str(params), "--stages", "evaluate", "--force"],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while (run_dir / ".20_evaluate.done").exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    p.kill()
+    p.wait()
+    again = run("hosa_lib.pipeline", params, "--stages", "train", "evaluate")
+    assert again.returncode == 0, again.stderr
+    assert "10_train: up to date, skipped" in again.stdout and "20_evaluate: up to date" not in again.stdout
+    store = root / "outputs" / "data" / "synthetic_smoke.h5"
+    os.utime(store, ns=(time.time_ns(), time.time_ns()))  # a re-prepared store is a new file
+    third = run("hosa_lib.pipeline", params, "--stages", "train", "evaluate")
+    assert third.returncode == 0 and "up to date" not in third.stdout
+
+
+def test_second_writer_is_refused_naming_the_holder(tmp_path):
+    from hosa_lib.store import writing_lock
+    store = tmp_path / "s.h5"
+    with writing_lock(store):
+        code = ("from hosa_lib.store import writing_lock\n"
+                f"with writing_lock({str(store)!r}): pass")
+        other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert other.returncode != 0 and f"store {store} is being written by pid {os.getpid()}" in other.stderr
+    with writing_lock(store):  # released: the next writer proceeds
+        pass
+
+
+def test_store_appears_whole_with_its_caches(tmp_path, monkeypatch):
+    """prepare builds under a temporary name: while the text cache is computed, the final path holds
+    nothing (first build) — never a store without its text cache or relevance."""
+    import hosa_lib.features as features
+    from hosa_lib.config import DataConfig
+    from hosa_lib.prepare import prepare
+    seen = []
+    real = features.encode_texts
+    monkeypatch.setattr(features, "encode_texts", lambda *a, **k: (seen.append((tmp_path / "s.h5").exists()),
+                                                                   real(*a, **k))[1])
+    prepare(DataConfig(store=str(tmp_path / "s.h5"), n_images=20, image_size=64, seed=1), progress=False)
+    assert seen == [False]
+    with Store(tmp_path / "s.h5") as s:
+        assert s.text_keys() and s.relevance("test") and s.attrs["source_digest"]
+
+
+# ---------------------------------------------------------------------------- silently wrong data
+@pytest.mark.parametrize("mode", ["I;16", "RGBA", "LA", "P"])
+def test_image_modes_convert_faithfully(tmp_path, mode):
+    from hosa_lib.sources.imagefolder import load_rgb
+    p = tmp_path / "x.png"
+    if mode == "I;16":
+        arr = np.full((8, 8), 32768, dtype=np.uint16)  # mid grey in 16 bits
+        Image.fromarray(arr).save(p)
+        assert np.asarray(load_rgb(p)).mean() == pytest.approx(127.5, abs=1)
+        return
+    base = Image.new("RGBA", (8, 8), (0, 0, 0, 0))  # fully transparent black
+    base.putpixel((0, 0), (200, 10, 10, 255))
+    im = {"RGBA": base, "LA": base.convert("LA"), "P": base.convert("P", palette=Image.ADAPTIVE)}[mode]
+    if mode == "P":
+        im.info["transparency"] = im.getpixel((1, 1))
+    im.save(p, **({"transparency": im.info["transparency"]} if mode == "P" else {}))
+    out = np.asarray(load_rgb(p, background=(0, 255, 0)))
+    assert out[5, 5].tolist() == [0, 255, 0]  # transparent pixels show the background, not hidden colour
+    assert out[0, 0].tolist() != [0, 255, 0]
+
+
+def test_non_square_images_are_letterboxed_or_cropped_and_counted(tmp_path, capsys):
+    from hosa_lib.sources.imagefolder import convert_image_folder, load_rgb
+    Image.new("RGB", (90, 10), (255, 0, 0)).save(tmp_path / "wide.png")
+    box = load_rgb(tmp_path / "wide.png", "letterbox", (0, 0, 255))
+    crop = load_rgb(tmp_path / "wide.png", "crop")
+    assert box.size == (90, 90) and box.getpixel((45, 2)) == (0, 0, 255) and box.getpixel((45, 45)) == (255, 0, 0)
+    assert crop.size == (10, 10) and crop.getpixel((5, 5)) == (255, 0, 0)
+    (tmp_path / "c.csv").write_text("filename,caption,split\nwide.png,a red bar,test\n")
+    rep = convert_image_folder(tmp_path, tmp_path / "c.csv", tmp_path / "s.h5", image_size=64, progress=False)
+    assert rep["far_from_square"] == 1 and "1 of 1 images are far from square" in capsys.readouterr().out
+
+
+def write_coco(tmp_path, mutate):
+    from tests.test_store_sources import write_teran
+    root, ids = write_teran(tmp_path, "coco", n=6)
+    mutate(root, ids)
+    return root
+
+
+def test_teran_boxes_nan_fail_and_out_of_range_are_clipped(tmp_path, capsys):
+    from hosa_lib.sources.teran import convert_teran
+
+    def bad_boxes(root, ids):
+        box = root / "coco" / "features_36" / "bu_box"
+        b = np.load(box / f"{ids[3]}.npy")
+        b[0] = [-50, 20, 800, 10]  # negative, beyond the 640x400 image, y2 < y1
+        np.save(box / f"{ids[3]}.npy", b)
+    root = write_coco(tmp_path / "a", bad_boxes)
+    rep = convert_teran(root, "coco", tmp_path / "a.h5")
+    assert rep["boxes_fixed"] == 1 and "1 box(es) had reversed corners" in capsys.readouterr().out
+    with Store(tmp_path / "a.h5") as s:
+        b = s.boxes(3)[0]
+        assert b.min() >= 0 and b.max() <= 1 and b[0] <= b[2] and b[1] <= b[3]
+
+    def nan_box(root, ids):
+        box = root / "coco" / "features_36" / "bu_box" / f"{ids[2]}.npy"
+        b = np.load(box)
+        b[1, 2] = np.nan
+        np.save(box, b)
+    root = write_coco(tmp_path / "b", nan_box)
+    with pytest.raises(StoreError, match=rf"{ids_name(root)}.*boxes contain NaN"):
+        convert_teran(root, "coco", tmp_path / "b.h5", progress=False)
+
+
+def ids_name(root):
+    return "bu_box"
+
+
+def test_duplicate_ids_image_in_two_splits_and_images_without_sentences(tmp_path):
+    from hosa_lib.sources.teran import convert_teran
+
+    def dup(root, ids):
+        ann = root / "coco" / "annotations" / "dataset_coco.json"
+        d = json.loads(ann.read_text())
+        d["images"].append({**d["images"][0], "split": "test"})  # image 0 again, in test
+        ann.write_text(json.dumps(d))
+    with pytest.raises(StoreError, match=r"listed more than once \(an image in two splits\?\): \['1000'\]"):
+        convert_teran(write_coco(tmp_path / "a", dup), "coco", tmp_path / "a.h5", progress=False)
+
+    def no_sentences(root, ids):
+        ann = root / "coco" / "annotations" / "dataset_coco.json"
+        d = json.loads(ann.read_text())
+        d["images"][4]["sentences"] = []
+        ann.write_text(json.dumps(d))
+    with pytest.raises(StoreError, match=r"image 4 \('im4.jpg', id 1004\) has no sentences"):
+        convert_teran(write_coco(tmp_path / "b", no_sentences), "coco", tmp_path / "b.h5", progress=False)
+    from hosa_lib.sources.imagefolder import read_captions
+    (tmp_path / "c.csv").write_text("filename,caption,split\na.png,one,train\na.png,two,test\n")
+    with pytest.raises(StoreError, match=r"line 3: image 'a.png' is in two splits"):
+        read_captions(tmp_path / "c.csv")
+
+
+def test_captions_without_words_are_rejected_naming_them(tmp_path):
+    from hosa_lib.features import add_text_cache
+    from hosa_lib.sources.imagefolder import convert_image_folder
+    from tests.test_store_sources import make_image_folder
+    img, caps = make_image_folder(tmp_path)
+    rows = caps.read_text().splitlines()
+    rows[3] = rows[3].replace("photo number 1 version 0", "\u200b\u200b")
+    caps.write_text("\n".join(rows) + "\n")
+    convert_image_folder(img, caps, tmp_path / "s.h5", image_size=64, progress=False)
+    with pytest.raises(StoreError, match=r"no words after tokenisation, e.g. #2 '\\u200b\\u200b'"):
+        add_text_cache(tmp_path / "s.h5", progress=False)
+
+
+def test_rouge_l_sees_every_script():
+    from hosa_lib.relevance import rouge_l_matrix
+    caps = ["一只红色的猫", "قطة حمراء", "🐱🐶", "?!", "a red cat"]
+    rel = rouge_l_matrix(caps, [[c] for c in caps], progress=False)
+    assert np.allclose(np.diag(rel), 1.0)  # each caption is fully relevant to its own image
+    assert rel[0, 1] == 0 and 0 < rouge_l_matrix(["一只猫"], [["一只红色的猫"]], progress=False)[0, 0] < 1
+
+
+def test_csv_with_a_bom_and_without_split_column(tmp_path):
+    from hosa_lib.sources.imagefolder import read_captions
+    names = [f"{i}.png" for i in range(200)]
+    with (tmp_path / "c.csv").open("w", encoding="utf-8-sig", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["filename", "caption"])
+        w.writerows([(n, f"picture {n}") for n in names])
+    items = read_captions(tmp_path / "c.csv")
+    splits = [it["split"] for it in items]
+    assert set(splits) == {"train", "val", "test"} and 0.7 < splits.count("train") / 200 < 0.9
+    assert [it["split"] for it in read_captions(tmp_path / "c.csv")] == splits  # deterministic
+
+
+def test_checkpoint_scoring_travels_and_conflicts_are_named(tmp_path):
+    from hosa_lib.config import ConfigError, ScoringConfig
+    from hosa_lib.evaluate import check_scoring
+    with pytest.raises(ConfigError, match=r"scoring.bands = 4 in the params vs 8 in the checkpoint"):
+        check_scoring(ScoringConfig(bands=4), ScoringConfig(bands=8), "best.pt")
+    check_scoring(ScoringConfig(bands=8), ScoringConfig(bands=8), "best.pt")
+
+
+# ---------------------------------------------------------------------------- errors found early
+def test_preflight_catches_missing_val_split_unwritable_folder_and_nan_boxes(tmp_path, smoke_store):
+    import shutil
+
+    from hosa_lib.config import RunConfig, override
+    from hosa_lib.runs import CheckpointError
+    from hosa_lib.store import updating
+    from hosa_lib.train import train
+    store = tmp_path / "s.h5"
+    shutil.copy(smoke_store.store, store)
+    cfg = override(RunConfig(), {"data": {"store": str(store)}, "train": {"epochs": 1, "batch_size": 8}})
+    ro = tmp_path / "ro"
+    (ro / "checkpoints").mkdir(parents=True)
+    os.chmod(ro / "checkpoints", 0o500)
+    if os.geteuid() != 0:  # root writes anywhere: this check needs an ordinary user
+        with pytest.raises(CheckpointError, match="not writable"):
+            train(cfg, ro, progress=False)
+    with updating(store) as f:
+        del f["splits/val"]
+    with pytest.raises(StoreError, match=r"needs splits train and val, missing \['val'\]"):
+        train(cfg, tmp_path / "run", progress=False)
+    shutil.copy(smoke_store.store, store)
+    import h5py  # a store damaged outside the workbench (the library's own writers refuse NaN boxes)
+    with h5py.File(store, "r+") as f:
+        f["images/boxes"][5, 0, 0] = np.nan
+    with pytest.raises(StoreError, match=r"'images/boxes' of image 5 .* NaN or outside"):
+        train(cfg, tmp_path / "run2", progress=False)
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    from hosa_lib import runs
+    path = tmp_path / "last.pt"
+    runs.save_checkpoint(path, {"model": {"w": torch.zeros(2)}, "step": 1})
+
+    def full(obj, f, *a, **k):
+        Path(f).write_bytes(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc] . PytorchStreamWriter failed writing file: "
+                           "basic_ios::clear: iostream error")
+    monkeypatch.setattr(runs.torch, "save", full)
+    monkeypatch.setattr(runs.shutil if hasattr(runs, "shutil") else __import__("shutil"), "disk_usage",
+                        lambda p: type("u", (), {"free": 0})())
+    with pytest.raises(runs.CheckpointError, match=rf"no space left on {tmp_path} while saving last.pt"):
+        runs.save_checkpoint(path, {"model": {}, "step": 2})
+    assert runs.load_checkpoint(path)["step"] == 1 and not list(tmp_path.glob(".last.pt.tmp-*"))
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_says_how_to_resume_and_logs_each_step_once(tmp_path, smoke_store):
+    raw = {"base": str(REPO / "params" / "smoke.yaml"), "data": {"store": smoke_store.store},
+           "train": {"epochs": 3, "batch_size": 8, "log_every": 1}}
+    params = tmp_path / "p.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    run_dir = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "hosa_lib.train", str(params), "--run-dir", str(run_dir)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = run_dir / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 3):
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "saved" in err and "resumes from there" in err
+    saved = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["step"]
+    done = run("hosa_lib.train", params, "--run-dir", run_dir)
+    assert done.returncode == 0, done.stderr[-2000:]
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines() if "loss" in line]
+    assert steps == sorted(set(steps)) and saved in steps  # each step logged once, across the interruption
