@@ -76,7 +76,17 @@ def run_grid(cfg: RunConfig, grid_path=None, seeds=None, out_csv=None, progress:
     return df
 
 
-def summarize(df: pd.DataFrame) -> pd.DataFrame:
+def baseline(cfg: RunConfig) -> dict:
+    """The ridge-map reference row (`hosa_lib.baseline`) on the config's store and eval split."""
+    from .baseline import ridge_baseline
+    from .text import cache_key
+
+    res = ridge_baseline(cfg.data.store, cache_key(cfg.data.text_model, cfg.data.text_layer), cfg.eval.split,
+                         ndcg_k=cfg.eval.ndcg_k)
+    return {"variant": f"ridge baseline (lambda {res['lambda']:g})", **res["metrics"], "train_seconds": res["seconds"]}
+
+
+def summarize(df: pd.DataFrame, base: dict | None = None) -> pd.DataFrame:
     """Mean (and, with several seeds, sd) per variant of the headline metrics and training speed.
     `load differs` flags variants whose cells trained under a machine load 1 or more above the
     grid's lowest: their speed does not compare."""
@@ -86,4 +96,7 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     agg.columns = [f"{a} {b}" if several else a for a, b in agg.columns]
     if "load_avg" in df:
         agg["load differs"] = df.groupby("variant", sort=False)["load_avg"].max() >= df["load_avg"].min() + 1
+    if base is not None:  # the reference row: no seeds, no training
+        row = {c: base.get(c.removesuffix(" mean")) for c in agg.columns if not c.endswith(" std")}
+        agg.loc[base["variant"]] = pd.Series(row)
     return agg.round(2)

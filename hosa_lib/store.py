@@ -284,6 +284,29 @@ class Store:
                              "run prepare first")
         return int(self.f[f"text/{key}/hidden"].shape[-1])
 
+    def pooled(self, rows: np.ndarray) -> np.ndarray:
+        """(n, D) float32 global image vectors: images/pooled, else the mean of the valid regions."""
+        rows = np.asarray(rows)
+        order = np.argsort(rows)
+        out = np.empty((len(rows), self.feature_dim), np.float32)
+        if "images/pooled" in self.f:
+            out[order] = self.f["images/pooled"][rows[order]]
+            return out
+        feats = self.f["images/features"]
+        for j, r in enumerate(rows):
+            n = int(self.n_regions[r])
+            out[j] = feats[int(r), :n].astype(np.float32).mean(0)
+        return out
+
+    def text_means(self, key: str, rows: np.ndarray) -> np.ndarray:
+        """(n, H) float32 mean over each caption's tokens (attention mask) of the cached states."""
+        g = self.f[f"text/{key}"]
+        out = np.empty((len(rows), g["hidden"].shape[-1]), np.float32)
+        for j, r in enumerate(rows):
+            h, m = g["hidden"][int(r)].astype(np.float32), g["mask"][int(r)]
+            out[j] = h[m].mean(0)
+        return out
+
     def captions_without_words(self, key: str, rows: np.ndarray) -> np.ndarray:
         """Store caption indices among `rows` whose cached word mask is empty."""
         words = self.f[f"text/{key}/words"]

@@ -101,15 +101,21 @@ def plot_training(run_dir, smooth: int = 5):
     return fig
 
 
-def recall_frame(m: dict) -> pd.DataFrame:
-    """R@K, medr, meanr, NDCG per direction (one row each); rsum is the caption of the table."""
-    rows = {}
-    for d in ("i2t", "t2i"):
-        rows[d] = {k[len(d) + 1:]: v for k, v in m.items() if k.startswith(d + "_")}
-    df = pd.DataFrame(rows).T.round(3)
-    df.index = ["image → text", "text → image"]
-    extra = f", attribute-swap accuracy {m['swap_acc']:.1f} %" if "swap_acc" in m else ""
-    return df.style.format(precision=3).set_caption(f"rsum {m['rsum']:.2f}{extra}")
+def recall_frame(m: dict, base: dict | None = None):
+    """R@K, medr, meanr, NDCG per direction (one row each), and the ridge baseline's rows; rsum and
+    swap accuracy in a column of their own (once per model)."""
+    rows, index = [], []
+    for label, met in (("model", m), (base["variant"] if base else "", base)):
+        if met is None:
+            continue
+        for d, arrow in (("i2t", "image → text"), ("t2i", "text → image")):
+            row = {k[len(d) + 1:]: v for k, v in met.items() if k.startswith(d + "_")}
+            row["rsum"] = met["rsum"] if d == "i2t" else None
+            if "swap_acc" in met:
+                row["swap acc %"] = met["swap_acc"] if d == "i2t" else None
+            rows.append(row)
+            index.append(f"{label}: {arrow}")
+    return pd.DataFrame(rows, index=index).style.format(precision=3, na_rep="")
 
 
 @themed
@@ -235,11 +241,11 @@ def recall_at_k_frame(df: pd.DataFrame) -> pd.DataFrame:
 
 
 @themed
-def plot_ablations(df: pd.DataFrame):
-    """rsum, swap accuracy and training cost per variant (each seed a point, mean and sd), and
-    recall@K per direction."""
+def plot_ablations(df: pd.DataFrame, base: dict | None = None):
+    """rsum, swap accuracy and training speed per variant (each seed a point, mean and sd; the ridge
+    baseline as a dashed line), and recall@K per direction."""
     panels = [(c, t) for c, t in (("rsum", "test rsum"), ("swap_acc", "attribute-swap accuracy (%)"),
-                                  ("train_seconds", "training seconds")) if c in df]
+                                  ("steps_per_s", "training steps per second")) if c in df]
     fig, axes = plt.subplots(1, len(panels) + 2, figsize=(5 * (len(panels) + 2), 4))
     for ax, (col, title) in zip(axes, panels):
         sns.pointplot(data=df, x="variant", y=col, errorbar="sd", linestyle="none", ax=ax, color="black")
@@ -247,7 +253,10 @@ def plot_ablations(df: pd.DataFrame):
         ax.set_title(title)
         ax.tick_params(axis="x", rotation=45)
         if col == "swap_acc":
-            ax.axhline(50, ls="--", c="gray")
+            ax.axhline(50, ls=":", c="gray", label="chance")
+        if base is not None and col in base:
+            ax.axhline(base[col], ls="--", c="firebrick", label=base["variant"])
+            ax.legend(loc="best", fontsize=8)
     rec = recall_at_k_frame(df)
     for ax, d in zip(axes[len(panels):], ("i2t", "t2i")):
         sns.lineplot(data=rec[rec.direction == d], x="K", y="value", hue="variant", marker="o", ax=ax)
