@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 
 from . import code_version
-from .config import find_params, load, project_root, to_dict
-from .runs import PROGRESS_LOG, digest as _digest, run_dir_for
+from .config import find_params, load, project_root
+from .runs import PROGRESS_LOG, digest as _digest, portable_config, run_dir_for
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO / "notebooks"
@@ -64,7 +64,7 @@ def fingerprint(path: Path) -> str:
 
 
 def stage_digest(name: str, cfg, run_dir: Path) -> str:
-    inputs = {"params": to_dict(cfg), "code": code_version()}
+    inputs = {"params": portable_config(cfg), "code": code_version()}
     if name != "prepare":
         inputs["store"] = fingerprint(Path(cfg.data.store))
     if name == "evaluate":

@@ -30,17 +30,23 @@ NOT_WEIGHTS = {"name": "*", "output_root": "*", "eval": "*", "ablation": "*",
                "train": ("device", "workers", "threads", "log_every", "checkpoint_every")}
 
 
-def weights_config(cfg: RunConfig) -> dict:
-    """The part of the config that determines the trained weights (paths inside the project root
-    relative to it, so two clones of the project key the same run alike)."""
-    out, raw = {}, to_dict(cfg)
+def portable_config(cfg: RunConfig) -> dict:
+    """The config as a dict with paths inside a project root relative to it: two clones (or a moved
+    copy) of a project describe the same run alike."""
+    raw = to_dict(cfg)
     for key in PATH_KEYS:
         section, _, name = key.rpartition(".")
         holder = raw[section] if section else raw
         root = marked_root(holder[name]) if holder[name] and Path(holder[name]).is_absolute() else None
         if root is not None:
             holder[name] = str(Path(holder[name]).relative_to(root))
-    for section, value in raw.items():
+    return raw
+
+
+def weights_config(cfg: RunConfig) -> dict:
+    """The part of the (portable) config that determines the trained weights."""
+    out = {}
+    for section, value in portable_config(cfg).items():
         drop = NOT_WEIGHTS.get(section, ())
         if drop == "*":
             continue

@@ -242,7 +242,8 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, progress: bool = Tr
         step, epoch, start_batch, best = ck["step"], ck["epoch"], ck["batch_in_epoch"], ck["best_rsum"]
         set_rng_state(ck["rng"])
         if rank == 0:
-            print(f"resuming {run_dir} at epoch {epoch}, batch {start_batch}, step {step}, best rsum {best:.2f}")
+            print(f"resuming run {run_dir.name} at epoch {epoch}, batch {start_batch}, step {step}, "
+                  f"best rsum {best:.2f}")
     model = core
     if distributed:
         model = torch.nn.parallel.DistributedDataParallel(_DDPWrapper(core), device_ids=[device] if device.type == "cuda" else None)

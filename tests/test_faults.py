@@ -68,13 +68,16 @@ def test_stale_partial_from_other_inputs_is_discarded(tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_forced_stage_reruns_and_new_store_reruns_downstream(smoke_project):
+def test_killed_forced_stage_reruns_and_new_store_reruns_downstream(smoke_project, tmp_path):
     """pipeline --force killed inside 20_evaluate: the next plain run runs evaluate again; a store rebuilt
     afterwards makes training and evaluation run again (their markers depend on it)."""
-    root, proc = smoke_project
+    import shutil
+    shared, proc = smoke_project
     assert proc.returncode == 0, proc.stderr
+    root = tmp_path / "project"  # a copy: the shared project stays as the pipeline left it
+    shutil.copytree(shared, root)
     params = root / "params" / "demo.yaml"
-    run_dir = Path(proc.stdout.strip().splitlines()[-1].split("report: ")[1]).parent
+    run_dir = root / "outputs" / Path(proc.stdout.strip().splitlines()[-1].split("report: ")[1]).parent.name
     p = subprocess.Popen([sys.executable, "-m", "hosa_lib.pipeline", str(params), "--stages", "evaluate", "--force"],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
