@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import sys
 
-PROTOCOLS = ["all", "coco_1k", "coco_5k", "f30k_1k"]
-STAGES = ["prepare", "train", "evaluate", "ablations"]
+# pipeline stage -> its notebook (here, not in pipeline.py, so `--help` needs no torch)
+STAGES = {"prepare": "00_prepare_data", "train": "10_train", "evaluate": "20_evaluate", "ablations": "30_ablations"}
 
 
 def parser(name: str):
     import argparse
+
+    from .config import CHOICES
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the full traceback of an error")
@@ -31,7 +33,7 @@ def parser(name: str):
     elif name == "evaluate":
         ap.add_argument("params", nargs="?", help=params_help + "; omit for a TERAN checkpoint with --size")
         ap.add_argument("--checkpoint", required=True, help="checkpoint to evaluate (ours, or TERAN's with --size)")
-        ap.add_argument("--protocol", default=None, choices=PROTOCOLS, help="protocol (default: eval.protocol)")
+        ap.add_argument("--protocol", default=None, choices=CHOICES["eval.protocol"], help="protocol (default: eval.protocol)")
         ap.add_argument("--split", default=None, help="store split to evaluate (default: eval.split)")
         ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
         ap.add_argument("--out", default=None, help="folder for metrics.json (default: the checkpoint's folder)")
@@ -47,7 +49,7 @@ def parser(name: str):
                            help="float16 features and embeddings: half the memory, scores move by ~1e-4")
     elif name == "pipeline":
         ap.add_argument("params", help=params_help)
-        ap.add_argument("--stages", nargs="+", default=None, choices=STAGES, help="stages to run (default: all)")
+        ap.add_argument("--stages", nargs="+", default=None, choices=list(STAGES), help="stages to run (default: all)")
         ap.add_argument("--force", action="store_true", help="re-run stages even if they are up to date")
     return ap
 

@@ -25,12 +25,12 @@ import time
 from pathlib import Path
 
 from . import code_version
+from .cli import STAGES
 from .config import find_params, load, project_root
 from .runs import PROGRESS_LOG, digest as _digest, portable_config, run_dir_for
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO / "notebooks"
-STAGES = {"prepare": "00_prepare_data", "train": "10_train", "evaluate": "20_evaluate", "ablations": "30_ablations"}
 
 
 class PipelineError(RuntimeError):
