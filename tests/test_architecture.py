@@ -106,6 +106,7 @@ def test_importing_viz_and_building_a_model_leave_global_state_alone(smoke_store
 
 @pytest.mark.parametrize("key,reuses", [({"eval": {"protocol": "coco_5k"}}, True), ({"train": {"workers": 2}}, True),
                                         ({"train": {"device": "cpu"}}, True), ({"data": {"force": True}}, True),
+                                        ({"train": {"threads": 1}}, True),
                                         ({"train": {"log_every": 3}}, True), ({"train": {"lr": 1e-3}}, False),
                                         ({"scoring": {"bands": 2}}, False), ({"train": {"seed": 1}}, False),
                                         ({"data": {"n_images": 99}}, False)])

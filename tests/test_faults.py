@@ -325,3 +325,16 @@ def test_ctrl_c_saves_a_checkpoint_says_how_to_resume_and_logs_each_step_once(tm
     assert done.returncode == 0, done.stderr[-2000:]
     steps = [json.loads(line)["step"] for line in log.read_text().splitlines() if "loss" in line]
     assert steps == sorted(set(steps)) and saved in steps  # each step logged once, across the interruption
+
+
+def test_changed_captions_rebuild_the_store(tmp_path, capsys):
+    from hosa_lib.config import DataConfig
+    from hosa_lib.prepare import prepare
+    from tests.test_store_sources import make_image_folder
+    img, caps = make_image_folder(tmp_path)
+    dc = DataConfig(source="images", root=str(img), captions=str(caps), store=str(tmp_path / "s.h5"), image_size=64)
+    prepare(dc, progress=False)
+    assert prepare(dc, progress=False)["report"] == {"reused": True}  # unchanged: reused
+    caps.write_text(caps.read_text() + "0.png,one more caption of photo zero,train\n")
+    out = prepare(dc, progress=False)
+    assert "its source changed" in capsys.readouterr().out and out["summary"]["captions"] == 7
