@@ -51,8 +51,12 @@ def sample_grid(store_path, n: int = 6, split: str = "test", seed: int = 0):
         if s.image_file(int(pick[0])) is None:
             print("this store has no image files (precomputed features); nothing to show")
             return None
-        fig, axes = plt.subplots(1, len(pick), figsize=(3.6 * len(pick), 4.8))
-        for ax, i in zip(np.atleast_1d(axes), pick):
+        cols = min(3, len(pick))  # three per row: captions stay readable in a report's width
+        rows = -(-len(pick) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 5.0 * rows), squeeze=False)
+        for ax in axes.flat[len(pick):]:
+            ax.axis("off")
+        for ax, i in zip(axes.flat, pick):
             from PIL import Image
             im = Image.open(s.image_file(int(i)))
             ax.imshow(im)

@@ -22,6 +22,7 @@ SHAPES = ("square", "circle", "triangle", "diamond")
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 80, 220),
            "yellow": (235, 210, 40), "purple": (150, 60, 190), "white": (245, 245, 245)}
 SIZES = {"small": 0.11, "large": 0.2}  # radius as a fraction of the image side
+MARGIN = 0.03  # free border between an object and the image edge (fraction of the side)
 
 
 def _scene(rng: random.Random) -> list[dict]:
@@ -31,7 +32,7 @@ def _scene(rng: random.Random) -> list[dict]:
         row, col = divmod(cell, 3)
         o = {"shape": rng.choice(SHAPES), "colour": rng.choice(list(COLOURS)), "size": rng.choice(list(SIZES)),
              "x": (col + 0.5 + rng.uniform(-0.12, 0.12)) / 3, "y": (row + 0.5 + rng.uniform(-0.12, 0.12)) / 3}
-        r = SIZES[o["size"]]  # keep the whole object inside the canvas
+        r = SIZES[o["size"]] + MARGIN  # keep the whole object inside the canvas, clear of the edge
         o["x"], o["y"] = min(max(o["x"], r), 1 - r), min(max(o["y"], r), 1 - r)
         objs.append(o)
     return objs
