@@ -258,64 +258,63 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, progress: bool = Tr
 
     log = open_log(run_dir / "metrics.jsonl", step) if rank == 0 else None
     stop = _StopRequest()
-    t_start, last_val, first_epoch = time.perf_counter(), {}, epoch
-    core.train()
-    every = cfg.train.checkpoint_every
-    while epoch < cfg.train.epochs:
-        sampler.set_epoch(epoch, start_batch)
-        loader = torch.utils.data.DataLoader(data, batch_sampler=sampler, collate_fn=collate,
-                                             num_workers=cfg.train.workers)
-        bar = tqdm(loader, desc=f"epoch {epoch}", disable=not progress or rank != 0, mininterval=2,
-                   initial=start_batch, total=spe)
-        t0 = time.perf_counter()
-        for b, batch in enumerate(bar, start=start_batch):
-            out = train_step(model, batch, cfg, step, device, amp)
-            opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            if cfg.train.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(core.parameters(), cfg.train.grad_clip)
-            opt.step()
-            sched.step()
-            step += 1
-            if log and (step % cfg.train.log_every == 0 or b == spe - 1):
-                rate = (b + 1 - start_batch) * cfg.train.batch_size * world / (time.perf_counter() - t0)
-                rec = {"step": step, "epoch": epoch, **{k: v.item() for k, v in out.items()},
-                       "lr": sched.get_last_lr()[0], "pairs_per_s": rate}
-                log.write(json.dumps(rec) + "\n")
+    try:
+        t_start, last_val, first_epoch = time.perf_counter(), {}, epoch
+        core.train()
+        every = cfg.train.checkpoint_every
+        while epoch < cfg.train.epochs:
+            sampler.set_epoch(epoch, start_batch)
+            loader = torch.utils.data.DataLoader(data, batch_sampler=sampler, collate_fn=collate,
+                                                 num_workers=cfg.train.workers)
+            bar = tqdm(loader, desc=f"epoch {epoch}", disable=not progress or rank != 0, mininterval=2,
+                       initial=start_batch, total=spe)
+            t0 = time.perf_counter()
+            for b, batch in enumerate(bar, start=start_batch):
+                out = train_step(model, batch, cfg, step, device, amp)
+                opt.zero_grad(set_to_none=True)
+                out["loss"].backward()
+                if cfg.train.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(core.parameters(), cfg.train.grad_clip)
+                opt.step()
+                sched.step()
+                step += 1
+                if log and (step % cfg.train.log_every == 0 or b == spe - 1):
+                    rate = (b + 1 - start_batch) * cfg.train.batch_size * world / (time.perf_counter() - t0)
+                    rec = {"step": step, "epoch": epoch, **{k: v.item() for k, v in out.items()},
+                           "lr": sched.get_last_lr()[0], "pairs_per_s": rate}
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}", pairs_s=f"{rate:.0f}")
+                if every and step % every == 0 and b + 1 < spe:
+                    checkpoint(("last.pt",), b + 1, epoch)
+                if stop.requested:  # between steps the state is consistent: save it and stop
+                    checkpoint(("last.pt",), b + 1, epoch)
+                    raise KeyboardInterrupt(f"interrupted at step {step}: saved {ck_dir / 'last.pt'}; the same command "
+                                            "resumes from there")
+                if stop_after_steps is not None and step >= stop_after_steps:
+                    return {"run_dir": str(run_dir), "steps": step, "stopped": True}
+            start_batch = 0
+            epoch += 1
+            if rank == 0:
+                last_val = validate(core, cfg, text, device)
+                improved = last_val["rsum"] > best
+                best = max(best, last_val["rsum"])
+                log.write(json.dumps({"step": step, "epoch": epoch - 1, "split": "val", **last_val}) + "\n")
                 log.flush()
-                bar.set_postfix(loss=f"{rec['loss']:.3f}", pairs_s=f"{rate:.0f}")
-            if every and step % every == 0 and b + 1 < spe:
-                checkpoint(("last.pt",), b + 1, epoch)
-            if stop.requested:  # between steps the state is consistent: save it and stop
-                checkpoint(("last.pt",), b + 1, epoch)
-                if log:
-                    log.close()
-                stop.restore()
-                raise KeyboardInterrupt(f"interrupted at step {step}: saved {ck_dir / 'last.pt'}; the same command "
-                                        "resumes from there")
-            if stop_after_steps is not None and step >= stop_after_steps:
-                return {"run_dir": str(run_dir), "steps": step, "stopped": True}
-        start_batch = 0
-        epoch += 1
-        if rank == 0:
-            last_val = validate(core, cfg, text, device)
-            improved = last_val["rsum"] > best
-            best = max(best, last_val["rsum"])
-            log.write(json.dumps({"step": step, "epoch": epoch - 1, "split": "val", **last_val}) + "\n")
-            log.flush()
-            checkpoint(("last.pt", "best.pt") if improved else ("last.pt",), 0, epoch)
-            elapsed = time.perf_counter() - t_start
-            eta = elapsed / max(1, epoch - first_epoch) * (cfg.train.epochs - epoch)
-            line = (f"epoch {epoch}/{cfg.train.epochs}: loss {out['loss'].item():.3f}, val rsum {last_val['rsum']:.1f} "
-                    f"(best {best:.1f}), elapsed {format_seconds(elapsed)}, ETA {format_seconds(eta)}")
-            log_progress(run_dir, line)
-            if progress:
-                print(line)
-        if distributed:
-            dist.barrier()
-    stop.restore()
-    if log:
-        log.close()
+                checkpoint(("last.pt", "best.pt") if improved else ("last.pt",), 0, epoch)
+                elapsed = time.perf_counter() - t_start
+                eta = elapsed / max(1, epoch - first_epoch) * (cfg.train.epochs - epoch)
+                line = (f"epoch {epoch}/{cfg.train.epochs}: loss {out['loss'].item():.3f}, val rsum {last_val['rsum']:.1f} "
+                        f"(best {best:.1f}), elapsed {format_seconds(elapsed)}, ETA {format_seconds(eta)}")
+                log_progress(run_dir, line)
+                if progress:
+                    print(line)
+            if distributed:
+                dist.barrier()
+    finally:  # handlers back and the log closed however training ends
+        stop.restore()
+        if log:
+            log.close()
     return {"run_dir": str(run_dir), "best_rsum": best, "steps": step,
             "seconds": time.perf_counter() - t_start, "last_val": last_val}
 
