@@ -309,8 +309,9 @@ class Store:
 
     def captions_without_words(self, key: str, rows: np.ndarray) -> np.ndarray:
         """Store caption indices among `rows` whose cached word mask is empty."""
-        words = self.f[f"text/{key}/words"]
-        return np.asarray([int(r) for r in rows if not words[int(r)].any()], dtype=np.int64)
+        rows = np.asarray(rows, dtype=np.int64)
+        words = self.f[f"text/{key}/words"][:]  # (C, T) bool, small: one read, not one per caption
+        return rows[~words[rows].any(axis=1)]
 
     def relevance(self, split: str) -> dict[str, np.ndarray]:
         g = self.f.get(f"relevance/{split}")

@@ -11,3 +11,10 @@ def canonical_split(name: str, where: str) -> str:
     if name not in SPLIT_ALIASES:
         raise StoreError(f"{where}: unknown split name '{name}' (expected one of {', '.join(SPLIT_ALIASES)})")
     return SPLIT_ALIASES[name]
+
+
+def repeated(values) -> list:
+    """The values that occur more than once, sorted (one pass: sources hold up to ~10^5 images)."""
+    from collections import Counter
+
+    return sorted(v for v, n in Counter(values).items() if n > 1)

@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm  # plain tqdm: widget bars render blank in offline HTML
 
 from ..store import StoreError, StoreWriter, partial_attr
-from . import canonical_split
+from . import canonical_split, repeated
 
 
 def read_captions(path, split_fractions=(0.8, 0.1, 0.1)) -> list[dict]:
@@ -36,8 +36,7 @@ def read_captions(path, split_fractions=(0.8, 0.1, 0.1)) -> list[dict]:
         except (KeyError, TypeError, json.JSONDecodeError) as e:
             raise StoreError(f"{path}: not a Karpathy-format JSON (need images[].filename and "
                              f"images[].sentences[].raw): {e!r}") from None
-        names = [it["filename"] for it in items]
-        dupes = sorted({n for n in names if names.count(n) > 1})
+        dupes = repeated(it["filename"] for it in items)
         if dupes:
             raise StoreError(f"{path}: image(s) listed more than once: {dupes[:5]}")
     else:

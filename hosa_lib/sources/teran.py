@@ -20,7 +20,7 @@ import numpy as np
 from tqdm import tqdm  # plain tqdm: widget bars render blank in offline HTML
 
 from ..store import StoreError, StoreWriter
-from . import canonical_split
+from . import canonical_split, repeated
 
 KARPATHY = {"coco": "dataset_coco.json", "f30k": "dataset_flickr30k.json"}
 
@@ -35,8 +35,7 @@ def _karpathy(ann: Path, dataset: str) -> list[dict]:
             raise StoreError(f"{path}: image {i} ('{im.get('filename')}', id {fid}) has no sentences")
         out.append({"id": str(fid), "key": i, "split": canonical_split(im["split"], f"{path} image {i}"),
                     "captions": [s["raw"] for s in im["sentences"]], "filename": im["filename"]})
-    ids = [it["id"] for it in out]
-    dupes = sorted({x for x in ids if ids.count(x) > 1}) if len(set(ids)) < len(ids) else []
+    dupes = repeated(it["id"] for it in out)
     if dupes:
         raise StoreError(f"{path}: image id(s) listed more than once (an image in two splits?): {dupes[:5]}")
     return out
