@@ -26,7 +26,10 @@ def encode_texts(texts: list[str], name: str, layer: int = -1, max_words: int = 
         hidden.append(out.hidden_states[layer].half().cpu().numpy())
         masks.append(enc["attention_mask"].bool().numpy())
         words.append(w.numpy())
-    return np.concatenate(hidden), np.concatenate(masks), np.concatenate(words)
+    # batches are padded to their own longest caption: pad all to the longest overall
+    width = max(h.shape[1] for h in hidden)
+    pad = lambda x: np.pad(x, [(0, 0), (0, width - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+    return tuple(np.concatenate([pad(x) for x in part]) for part in (hidden, masks, words))
 
 
 def add_text_cache(store_path, name: str = "minilm", layer: int = -1, max_words: int = 32,

@@ -385,3 +385,14 @@ def test_synthetic_objects_stay_inside_the_canvas():
         for o in _scene(rng):
             r = SIZES[o["size"]] + 0.02
             assert r <= o["x"] <= 1 - r and r <= o["y"] <= 1 - r, o
+
+
+def test_text_cache_pads_batches_of_different_lengths():
+    """Captions are tokenised per batch, padded to that batch's longest: batches of different widths
+    must be padded to one width, with the same states as one batch (openclipart has such captions)."""
+    from hosa_lib.features import encode_texts
+    texts = ["a dog", "a small red house with a garden and a long fence by the road", "cat", "two birds"]
+    h1, m1, w1 = encode_texts(texts, "minilm", batch_size=2, progress=False)
+    h4, m4, w4 = encode_texts(texts, "minilm", batch_size=4, progress=False)
+    assert h1.shape == h4.shape and (m1 == m4).all() and (w1 == w4).all()
+    np.testing.assert_allclose(h1[m1].astype(np.float32), h4[m4].astype(np.float32), atol=2e-2)
