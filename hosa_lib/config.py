@@ -59,6 +59,7 @@ class ScoringConfig:
     w_global: float = 4.0          # alpha_g, weight of the global score s_g (in [-1, 1])
     padding: str = "ours"          # ours: padded regions take no part in the max | teran: TERAN's rule, padded
                                    # region-word alignments count as 0 and a caption without words scores 0
+    kernel: str = "auto"           # high-order term: auto (numba on CPU, triton on CUDA) | torch (eager) | numba | triton
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,9 @@ class ModelConfig:
     text_lr_scale: float = 0.1     # backbone learning rate = lr * this (fine-tune only)
     feat_layers: int = 0           # teran arch: transformer layers on region features before projection (TERAN: 4)
     word_layers: int = 0           # teran arch: transformer layers on backbone states before projection (TERAN: 0)
+    anchor: bool = False           # global vectors = a linear map of the pretrained pooled inputs (mean region feature;
+                                   # mean token state = the sentence embedding), initialised from the ridge baseline,
+                                   # plus a gated residual from the transformer's global token (gate starts at 0)
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,8 @@ class LossConfig:
     margin: float = 0.2
     max_violation: bool = True     # hardest negatives after warm-up
     warmup_steps: int = 200        # steps summing over all negatives before hardest negatives
+    kind: str = "hinge"            # hinge: VSE++ triplet (TERAN) | infonce: symmetric InfoNCE, learnable temperature
+    temperature: float = 0.05      # infonce: initial temperature (logits = scores / temperature)
 
 
 @dataclass(frozen=True)
@@ -143,6 +149,8 @@ CHOICES = {
     "scoring.local_pool": ("sum", "mean"),
     "scoring.direction": ("t2i", "i2t", "both"),
     "scoring.padding": ("ours", "teran"),
+    "scoring.kernel": ("auto", "torch", "numba", "triton"),
+    "loss.kind": ("hinge", "infonce"),
     "eval.protocol": ("all", "coco_1k", "coco_5k", "f30k_1k"),
 }
 

@@ -26,7 +26,7 @@ from .config import PATH_KEYS, RunConfig, marked_root, to_dict
 
 # Keys that never change the trained weights (section -> keys; "*" = the whole section).
 NOT_WEIGHTS = {"name": "*", "output_root": "*", "eval": "*", "ablation": "*",
-               "data": ("force", "relevance", "spice"),
+               "data": ("force", "relevance", "spice"), "scoring": ("kernel",),
                "train": ("device", "workers", "threads", "log_every", "checkpoint_every")}
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as nnf
 
+from . import fused
 from .config import ScoringConfig
 from .tproduct import t_product_reference
 
@@ -201,6 +202,23 @@ def _reconstruct_i2t(rho, img: Side, cap: Side, scale: float) -> torch.Tensor:
     return ((num / norm) * tm).sum(1) / tm.sum(1)
 
 
+def _high_fused(img: Side, cap: Side, cfg: ScoringConfig, kernel: str) -> torch.Tensor:
+    """The high-order term through a fused kernel (hosa_lib.fused): the band-share GEMM laid out
+    per anchor (caption for t2i, image for i2t), everything after it in one kernel. (Ni, Nc)."""
+    G, (Ni, M), (Nc, L) = img.bands.shape[0], img.mask.shape, cap.mask.shape
+    scale = cfg.temperature * G
+    mean_over = lambda m: m.to(img.bands.dtype) / m.sum(-1, keepdim=True)
+    ib, cb = img.bands.reshape(G, Ni * M, -1), cap.bands.reshape(G, Nc * L, -1)
+    parts = []
+    if cfg.direction in ("t2i", "both"):
+        rho = torch.matmul(cb, ib.transpose(1, 2)).view(G, Nc, L, Ni * M)
+        parts.append(fused.reconstruct(rho, cap.gram, cap.mask, mean_over(img.mask), scale, kernel).T)
+    if cfg.direction in ("i2t", "both"):
+        rho = torch.matmul(ib, cb.transpose(1, 2)).view(G, Ni, M, Nc * L)
+        parts.append(fused.reconstruct(rho, img.gram, img.mask, mean_over(cap.mask), scale, kernel))
+    return sum(parts) / len(parts)
+
+
 def pair_scores(img: Side, cap: Side, cfg: ScoringConfig) -> dict[str, torch.Tensor]:
     """All (image, caption) pair scores of two sides: dict of (Ni, Nc) tensors, terms and 'total'.
 
@@ -214,7 +232,10 @@ def pair_scores(img: Side, cap: Side, cfg: ScoringConfig) -> dict[str, torch.Ten
     if cfg.w_global != 0:
         out["global"] = img.glob @ cap.glob.T
     rho = None
-    if cfg.w_high != 0:
+    kernel = fused.resolve(cfg.kernel, img.local.device) if cfg.w_high != 0 else "torch"
+    if kernel != "torch":
+        out["high"] = _high_fused(img, cap, cfg, kernel)
+    elif cfg.w_high != 0:
         G = img.bands.shape[0]
         rho = torch.matmul(cap.bands.reshape(G, Nc * L, -1),
                            img.bands.reshape(G, Ni * M, -1).transpose(1, 2)).view(G, Nc, L, Ni, M)

@@ -1,0 +1,97 @@
+"""Fused GPU kernels (Triton) for the high-order term; contract in `hosa_lib.fused`.
+
+Forward: one program per (anchor a, block of BQ query positions) loops over the G bands with the
+(LP, BQ) tile of band shares in registers: softmax over the anchor's positions, sum alpha*rho,
+Gamma alpha as a small tl.dot, alpha^T Gamma alpha. Backward: one program per (band, anchor) walks
+the query blocks, writes d_rho and accumulates d_gram = sum_q w alpha alpha^T without atomics, so
+results are deterministic. Inputs float32, bfloat16 or float64; accumulation in float32 (float64
+for float64 inputs). Under TRITON_INTERPRET=1 the same kernels run on CPU tensors through numpy,
+which is how CI tests them.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BQ = 64
+
+
+@triton.jit
+def _softmax_tile(rho_ptr, base, ks, qs, kvalid, qvalid, Q, scale, ACC: tl.constexpr):
+    x = tl.load(rho_ptr + base + ks[:, None] * Q + qs[None, :], mask=kvalid[:, None] & qvalid[None, :],
+                other=0.0).to(ACC)
+    logits = tl.where(kvalid[:, None], x * scale, float("-inf"))
+    e = tl.exp(logits - tl.max(logits, 0)[None, :])
+    return x, e / tl.sum(e, 0)[None, :]
+
+
+@triton.jit
+def _forward_kernel(rho_ptr, gram_ptr, amask_ptr, num_ptr, n2_ptr, G, A, L, Q, scale,
+                    LP: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    a = tl.program_id(0).to(tl.int64)
+    ks = tl.arange(0, LP)
+    qs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    kvalid = (ks < L) & (tl.load(amask_ptr + a * L + ks, mask=ks < L, other=0) != 0)
+    qvalid = qs < Q
+    nu = tl.zeros([BLOCK], ACC)
+    nn = tl.zeros([BLOCK], ACC)
+    for g in range(G):
+        ga = g * A + a
+        x, al = _softmax_tile(rho_ptr, ga * L * Q, ks, qs, kvalid, qvalid, Q, scale, ACC)
+        gm = tl.load(gram_ptr + ga * L * L + ks[:, None] * L + ks[None, :],
+                     mask=kvalid[:, None] & kvalid[None, :], other=0.0).to(ACC)
+        nu += tl.sum(al * x, 0)
+        nn += tl.sum(al * tl.dot(gm, al, input_precision="ieee"), 0)
+    tl.store(num_ptr + a * Q + qs, nu, mask=qvalid)
+    tl.store(n2_ptr + a * Q + qs, nn, mask=qvalid)
+
+
+@triton.jit
+def _backward_kernel(rho_ptr, gram_ptr, amask_ptr, u_ptr, w_ptr, drho_ptr, dgram_ptr, G, A, L, Q, scale,
+                     LP: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    ga = tl.program_id(0).to(tl.int64)
+    a = ga % A
+    ks = tl.arange(0, LP)
+    kvalid = (ks < L) & (tl.load(amask_ptr + a * L + ks, mask=ks < L, other=0) != 0)
+    gm = tl.load(gram_ptr + ga * L * L + ks[:, None] * L + ks[None, :],
+                 mask=kvalid[:, None] & kvalid[None, :], other=0.0).to(ACC)
+    dg = tl.zeros([LP, LP], ACC)
+    for q0 in range(0, Q, BLOCK):
+        qs = q0 + tl.arange(0, BLOCK)
+        qvalid = qs < Q
+        x, al = _softmax_tile(rho_ptr, ga * L * Q, ks, qs, kvalid, qvalid, Q, scale, ACC)
+        uu = tl.load(u_ptr + a * Q + qs, mask=qvalid, other=0.0).to(ACC)
+        ww = tl.load(w_ptr + a * Q + qs, mask=qvalid, other=0.0).to(ACC)
+        c = uu[None, :] * x + 2.0 * ww[None, :] * tl.dot(gm, al, input_precision="ieee")
+        tot = tl.sum(al * c, 0)
+        dr = al * (uu[None, :] + scale * (c - tot[None, :]))  # zero on invalid positions (alpha = 0)
+        tl.store(drho_ptr + ga * L * Q + ks[:, None] * Q + qs[None, :], dr.to(drho_ptr.dtype.element_ty),
+                 mask=(ks < L)[:, None] & qvalid[None, :])
+        dg += tl.dot(al * ww[None, :], tl.trans(al), input_precision="ieee")
+    tl.store(dgram_ptr + ga * L * L + ks[:, None] * L + ks[None, :], dg.to(dgram_ptr.dtype.element_ty),
+             mask=(ks < L)[:, None] & (ks < L)[None, :])
+
+
+def _meta(rho: torch.Tensor) -> dict:
+    L = rho.shape[2]
+    return {"LP": max(16, triton.next_power_of_2(L)), "BLOCK": BQ,
+            "ACC": tl.float64 if rho.dtype == torch.float64 else tl.float32}
+
+
+def forward(rho, gram, amask, scale):
+    G, A, L, Q = rho.shape
+    acc = torch.float64 if rho.dtype == torch.float64 else torch.float32
+    num = torch.empty(A, Q, device=rho.device, dtype=acc)
+    n2 = torch.empty_like(num)
+    _forward_kernel[(A, triton.cdiv(Q, BQ))](rho, gram, amask.to(torch.int8), num, n2, G, A, L, Q, float(scale),
+                                             **_meta(rho))
+    return num, n2
+
+
+def backward(rho, gram, amask, u, w, scale):
+    G, A, L, Q = rho.shape
+    d_rho, d_gram = torch.empty_like(rho), torch.empty_like(gram)
+    _backward_kernel[(G * A,)](rho, gram, amask.to(torch.int8), u.contiguous(), w.contiguous(), d_rho, d_gram,
+                               G, A, L, Q, float(scale), **_meta(rho))
+    return d_rho, d_gram

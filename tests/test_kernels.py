@@ -1,0 +1,143 @@
+"""Fused high-order kernels (hosa_lib.fused): numba on CPU, Triton (through its CPU interpreter when
+no GPU is present) and the eager definition, each against the float64 explicit reference."""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # must precede the kernels' import: @triton.jit reads it then
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from hosa_lib import fused  # noqa: E402
+from hosa_lib.config import ScoringConfig  # noqa: E402
+from hosa_lib.scoring import make_side, pair_scores, pair_scores_reference, score_all_pairs  # noqa: E402
+from test_scoring import random_side  # noqa: E402
+
+KERNELS = ["torch", "numba", pytest.param("triton", marks=pytest.mark.skipif(
+    fused._unavailable("triton", torch.device("cuda" if torch.cuda.is_available() else "cpu")) is not None,
+    reason="triton not installed"))]
+
+
+def device_for(kernel):
+    return "cuda" if kernel == "triton" and torch.cuda.is_available() else "cpu"
+
+
+def scores(img, cap, cfg, device="cpu"):
+    to = lambda s: {k: v.to(device) for k, v in s.items()}
+    return pair_scores(make_side(**to(img), cfg=cfg), make_side(**to(cap), cfg=cfg), cfg)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("d", [32, 33])
+@pytest.mark.parametrize("bands", [1, 3, 16])
+@pytest.mark.parametrize("direction", ["t2i", "i2t", "both"])
+def test_kernel_equals_float64_reference(kernel, d, bands, direction):
+    cfg = ScoringConfig(bands=bands, direction=direction, temperature=2.0, w_local=0.5, w_high=2.0,
+                        w_global=0.5, kernel=kernel)
+    img, cap = random_side(3, 5, d, seed=d * bands), random_side(4, 6, d, seed=d + bands)  # padded both sides
+    got, ref = scores(img, cap, cfg, device_for(kernel)), pair_scores_reference(img, cap, cfg)
+    for k in ("high", "total"):
+        torch.testing.assert_close(got[k].cpu(), ref[k], rtol=1e-9, atol=1e-9, msg=k)
+
+
+@pytest.mark.parametrize("kernel", KERNELS[1:])
+@pytest.mark.parametrize("bands,direction", [(1, "t2i"), (3, "i2t"), (16, "both"), (16, "t2i")])
+def test_kernel_gradients_equal_eager(kernel, bands, direction):
+    """Gradients with respect to both sides' local features (through the GEMM, Gram and the fused
+    backward) equal eager autograd's, float64, with padding on both sides."""
+    def grads(k):
+        cfg = ScoringConfig(bands=bands, direction=direction, temperature=3.0, w_local=0, w_global=0, kernel=k)
+        img, cap = random_side(4, 5, 33, seed=bands), random_side(3, 7, 33, seed=bands + 1)
+        dev = device_for(k)
+        li, lc = (s["local"].to(dev).requires_grad_(True) for s in (img, cap))
+        s = pair_scores(make_side(img["glob"].to(dev), li, img["mask"].to(dev), cfg),
+                        make_side(cap["glob"].to(dev), lc, cap["mask"].to(dev), cfg), cfg)["high"]
+        up = torch.randn(s.shape, generator=torch.Generator().manual_seed(9), dtype=s.dtype).to(dev)
+        return [g.cpu() for g in torch.autograd.grad((s * up).sum(), (li, lc))]
+
+    ref = grads("torch")
+    for a, b in zip(grads(kernel), ref):
+        assert b.abs().sum() > 0
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("kernel", KERNELS[1:])
+def test_kernel_gradcheck(kernel):
+    g = torch.Generator().manual_seed(0)
+    G, A, L, B, n = 3, 3, 5, 2, 4
+    dev = device_for(kernel)
+    feats = torch.randn(G, A, L, 6, generator=g, dtype=torch.float64)
+    amask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 1, 1, 0]], dtype=torch.bool)
+    feats = feats * amask[None, :, :, None]
+    rho = torch.randn(G, A, L, B * n, generator=g, dtype=torch.float64).to(dev).requires_grad_(True)
+    gram = (feats @ feats.transpose(-1, -2)).to(dev).requires_grad_(True)
+    weight = torch.tensor([[0.5, 0.5, 0, 0], [0.25] * 4], dtype=torch.float64, device=dev)
+    f = lambda r, gm: fused.reconstruct(r, gm, amask.to(dev), weight, 2.5, kernel)
+    assert torch.autograd.gradcheck(f, (rho, gram))
+
+
+@pytest.mark.parametrize("kernel", KERNELS[1:])
+def test_float32_kernel_close_to_float64(kernel):
+    cfg64 = ScoringConfig(bands=16, direction="both", kernel="torch")
+    cfg = ScoringConfig(bands=16, direction="both", kernel=kernel)
+    img, cap = random_side(5, 9, 64, seed=1), random_side(6, 12, 64, seed=2)
+    ref = scores(img, cap, cfg64)["total"]
+    f32 = lambda s: {k: v.float() if v.is_floating_point() else v for k, v in s.items()}
+    got = scores(f32(img), f32(cap), cfg, device_for(kernel))["total"].cpu().double()
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel", KERNELS[1:])
+def test_chunked_all_pairs_with_kernel_equals_unchunked_eager(kernel):
+    cfg = ScoringConfig(bands=4, direction="both", kernel=kernel)
+    img, cap = random_side(13, 5, 16, seed=7), random_side(17, 6, 16, seed=8)
+    full = scores(img, cap, ScoringConfig(bands=4, direction="both", kernel="torch"))
+    chunked = score_all_pairs(img, cap, cfg, max_elems=4 * 5 * 6 * 7, terms=("total", "high"),
+                              device=device_for(kernel))
+    for k in ("total", "high"):
+        torch.testing.assert_close(chunked[k].double(), full[k], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", KERNELS[1:])
+def test_g1_kernel_is_scalar_cross_attention(kernel):
+    cfg = ScoringConfig(bands=1, temperature=5.0, w_local=0, w_global=0, w_high=1, kernel=kernel)
+    img, cap = random_side(2, 4, 12, seed=3), random_side(3, 5, 12, seed=4)
+    got = scores(img, cap, cfg, device_for(kernel))["high"].cpu()
+    for i in range(2):
+        v = torch.nn.functional.normalize(img["local"][i][img["mask"][i]], dim=-1)
+        for c in range(3):
+            t = torch.nn.functional.normalize(cap["local"][c][cap["mask"][c]], dim=-1)
+            attn = torch.softmax(5.0 * (v @ t.T), dim=1)
+            expect = torch.nn.functional.cosine_similarity(v, attn @ t, dim=-1).mean()
+            torch.testing.assert_close(got[i, c], expect)
+
+
+def test_dispatch_rules_and_messages(monkeypatch, capsys):
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    assert fused.resolve("auto", cpu) == "numba"
+    assert fused.resolve("torch", cpu) == "torch"
+    with pytest.raises(ValueError, match="scoring.kernel='cuda'.*expected one of auto, torch, numba, triton"):
+        fused.resolve("cuda", cpu)
+    with pytest.raises(ValueError, match="numba runs on CPU tensors"):
+        fused.resolve("numba", torch.device("cuda"))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="triton needs CUDA tensors .* or TRITON_INTERPRET=1"):
+        fused.resolve("triton", cpu)
+    assert fused.resolve("auto", meta) == "torch"
+    # numba missing: auto falls back to eager with one notice; asking for numba by name is an error
+    real = fused.importlib.import_module
+    monkeypatch.setattr(fused.importlib, "import_module",
+                        lambda n: (_ for _ in ()).throw(ImportError(n)) if n == "numba" else real(n))
+    monkeypatch.setattr(fused, "_told", set())
+    assert fused.resolve("auto", cpu) == "torch" and fused.resolve("auto", cpu) == "torch"
+    err = capsys.readouterr().err
+    assert err.count("scoring.kernel=auto uses eager torch: numba is not installed") == 1
+    with pytest.raises(ValueError, match="numba is not installed"):
+        fused.resolve("numba", cpu)
+
+
+def test_kernel_choice_does_not_change_the_run_folder():
+    from hosa_lib.config import RunConfig, override
+    from hosa_lib.runs import weights_key
+    cfg = RunConfig()
+    assert weights_key(cfg) == weights_key(override(cfg, {"scoring": {"kernel": "torch"}}))
