@@ -41,6 +41,28 @@ def split_vectors(s: Store, split: str, text_key: str) -> tuple[np.ndarray, np.n
     return s.pooled(imgs), s.text_means(text_key, caps), pos[s.caption_image[caps]]
 
 
+def choose_ridge(x_tr, y_tr, ci_tr, x_va, y_va, ci_va, lambdas=LAMBDAS):
+    """Centre on train, fit for each lambda, keep the best val rsum: (W, mean_x, mean_y, lambda, {lambda: rsum})."""
+    mx, my = x_tr.mean(0), y_tr.mean(0)
+    pairs_x = x_tr[ci_tr] - mx  # one row per train caption: its image's vector
+    by_lambda = {}
+    for lam in lambdas:
+        w = fit_ridge(pairs_x, y_tr - my, lam)
+        by_lambda[lam] = evaluate_scores(cosine_scores((x_va - mx) @ w, y_va - my), ci_va)["rsum"]
+    lam = max(by_lambda, key=by_lambda.get)
+    return fit_ridge(pairs_x, y_tr - my, lam), mx, my, lam, by_lambda
+
+
+def ridge_map(store_path, text_key: str, lambdas=LAMBDAS) -> dict:
+    """The baseline's map fitted on train (lambda chosen on val), for initialising anchored models:
+    {"w" (D, H), "mean_x" (D,), "mean_y" (H,), "lambda", "y_train" (n, H) caption vectors}."""
+    with Store(store_path, check_values=False) as s:
+        x_tr, y_tr, ci_tr = split_vectors(s, "train", text_key)
+        x_va, y_va, ci_va = split_vectors(s, "val", text_key)
+    w, mx, my, lam, _ = choose_ridge(x_tr, y_tr, ci_tr, x_va, y_va, ci_va, lambdas)
+    return {"w": w, "mean_x": mx, "mean_y": my, "lambda": lam, "y_train": y_tr}
+
+
 def ridge_baseline(store_path, text_key: str, split: str = "test", lambdas=LAMBDAS, ndcg_k: int = 25) -> dict:
     """Fit on train, choose lambda on val (rsum), evaluate on `split` (protocol all)."""
     t0 = time.perf_counter()
@@ -53,14 +75,7 @@ def ridge_baseline(store_path, text_key: str, split: str = "test", lambdas=LAMBD
         if swaps is not None:
             pos = {int(i): p for p, i in enumerate(s.split_images(split))}
             swaps = np.array([[pos[a], pos[b]] for a, b in swaps if a in pos and b in pos])
-    mx, my = x_tr.mean(0), y_tr.mean(0)
-    pairs_x = x_tr[ci_tr] - mx  # one row per train caption: its image's vector
-    by_lambda = {}
-    for lam in lambdas:
-        w = fit_ridge(pairs_x, y_tr - my, lam)
-        by_lambda[lam] = evaluate_scores(cosine_scores((x_va - mx) @ w, y_va - my), ci_va)["rsum"]
-    lam = max(by_lambda, key=by_lambda.get)
-    w = fit_ridge(pairs_x, y_tr - my, lam)
+    w, mx, my, lam, by_lambda = choose_ridge(x_tr, y_tr, ci_tr, x_va, y_va, ci_va, lambdas)
     scores = cosine_scores((x_te - mx) @ w, y_te - my)
     m = evaluate_scores(scores, ci_te, "all", relevance, ndcg_k)
     if swaps is not None and len(swaps):

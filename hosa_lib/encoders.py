@@ -26,6 +26,22 @@ def run_layers(stack: nn.TransformerEncoder | None, x: torch.Tensor, pad: torch.
     return x if stack is None else stack(x, src_key_padding_mask=pad)
 
 
+class Anchor(nn.Module):
+    """Global vector anchored on the frozen pretrained space: map(masked mean of the inputs) +
+    gate * the transformer's global token. `factory.init_anchors` sets both maps from the ridge
+    baseline before training, so training starts where the baseline is; the gate starts at 0."""
+
+    def __init__(self, in_dim: int, embed: int):
+        super().__init__()
+        self.map = nn.Linear(in_dim, embed)
+        self.gate = nn.Parameter(torch.zeros(()))
+
+    def forward(self, inputs, mask, token):
+        m = mask.to(inputs.dtype).unsqueeze(-1)
+        mean = (inputs * m).sum(1) / m.sum(1).clamp_min(1)
+        return self.map(mean) + self.gate * token
+
+
 class ImageEncoder(nn.Module):
     """regions (B, K, D) + boxes (B, K, 4) + n_regions -> glob (B, d), local (B, K, d), mask (B, K)."""
 
@@ -35,15 +51,18 @@ class ImageEncoder(nn.Module):
         self.proj = nn.Linear(feat_dim + (5 if cfg.box_geometry else 0), cfg.embed)
         self.cls = nn.Parameter(torch.zeros(1, 1, cfg.embed))
         self.layers = transformer(cfg, cfg.image_layers)
+        self.anchor = Anchor(feat_dim, cfg.embed) if cfg.anchor else None
 
     def forward(self, regions, boxes, mask, shared=None):
+        raw = regions
         if self.box_geometry:  # (x1, y1, x2, y2, area), TERAN's concat-and-process
             area = ((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])).unsqueeze(-1)
             regions = torch.cat([regions, boxes, area], dim=-1)
         x = torch.cat([self.cls.expand(len(regions), -1, -1), self.proj(regions)], dim=1)  # (B, 1+K, d)
         pad = torch.cat([mask.new_zeros(len(mask), 1), ~mask], dim=1)
         x = run_layers(shared, run_layers(self.layers, x, pad), pad)
-        return x[:, 0], x[:, 1:], mask
+        glob = x[:, 0] if self.anchor is None else self.anchor(raw, mask, x[:, 0])
+        return glob, x[:, 1:], mask
 
 
 class TextEncoder(nn.Module):
@@ -54,6 +73,7 @@ class TextEncoder(nn.Module):
         self.backbone = backbone  # truncated at the extraction layer: its last hidden state is used
         self.proj = nn.Linear(hidden_dim, cfg.embed)
         self.layers = transformer(cfg, cfg.text_layers)
+        self.anchor = Anchor(hidden_dim, cfg.embed) if cfg.anchor else None
 
     def forward(self, text_mask, word_mask, hidden=None, input_ids=None, shared=None):
         if self.backbone is not None:
@@ -62,4 +82,5 @@ class TextEncoder(nn.Module):
         x = self.proj(hidden)
         pad = ~text_mask
         x = run_layers(shared, run_layers(self.layers, x, pad), pad)
-        return x[:, 0], x, word_mask
+        glob = x[:, 0] if self.anchor is None else self.anchor(hidden, text_mask, x[:, 0])
+        return glob, x, word_mask

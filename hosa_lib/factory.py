@@ -7,6 +7,9 @@ initialisation (training) seed it themselves first.
 """
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 from .config import ConfigError, RunConfig, from_dict, override
@@ -44,8 +47,34 @@ def build_model(cfg: RunConfig, device="cpu", pretrained: bool = True,
         text = TextInput(tokenizer=dc.text_model, max_words=dc.max_words)
     if seed is not None:
         torch.manual_seed(seed)
-    model = HOSA(cfg.model, cfg.scoring, feat_dim, text_dim, backbone).to(device)
-    return model, text
+    log_scale = math.log(1 / cfg.loss.temperature) if cfg.loss.kind == "infonce" else None
+    model = HOSA(cfg.model, cfg.scoring, feat_dim, text_dim, backbone, log_scale=log_scale)
+    if cfg.model.anchor and seed is not None:  # training starts at the baseline; checkpoints bring their own
+        init_anchors(model, dc.store, cache_key(dc.text_model, dc.text_layer))
+    return model.to(device), text
+
+
+@torch.no_grad()
+def init_anchors(model: HOSA, store_path, text_key: str) -> float:
+    """Set the anchored global maps (model.anchor) so that the untrained model's global score is
+    the ridge baseline: text map = P (centred), image map = P W^T (centred), with W the baseline's
+    ridge map (lambda chosen on val) and P an orthonormal (embed, H) projection — the identity when
+    embed >= H, else the top principal directions of the train caption vectors. Returns lambda."""
+    from .baseline import ridge_map
+    if model.image.anchor is None or model.text.anchor is None:
+        raise ValueError("model.anchor: this architecture has no anchored global vectors")
+    r = ridge_map(store_path, text_key)
+    w, mx, my = (torch.from_numpy(np.asarray(r[k], np.float64)) for k in ("w", "mean_x", "mean_y"))
+    embed, h = model.text.anchor.map.weight.shape
+    if embed >= h:
+        p = torch.eye(embed, h, dtype=torch.float64)
+    else:
+        yc = torch.from_numpy(np.asarray(r["y_train"], np.float64)) - my
+        p = torch.linalg.svd(yc, full_matrices=False).Vh[:embed]  # (embed, H)
+    for anchor, weight, mean in ((model.text.anchor, p, my), (model.image.anchor, p @ w.T, mx)):
+        anchor.map.weight.copy_(weight)
+        anchor.map.bias.copy_(-(weight @ mean))
+    return r["lambda"]
 
 
 def is_teran_checkpoint(ck: dict) -> bool:

@@ -1,4 +1,5 @@
-"""VSE++ hinge triplet loss on a score matrix (images x captions), both directions."""
+"""Losses on a score matrix (images x captions), both directions: VSE++ hinge triplet (TERAN's)
+and symmetric InfoNCE with a learnable temperature (`loss.kind`)."""
 from __future__ import annotations
 
 import torch
@@ -33,3 +34,23 @@ def triplet_loss(scores: torch.Tensor, positives: torch.Tensor, cfg: LossConfig,
         i2t, t2i = cost_i2t.sum(), cost_t2i.sum()
     return {"loss": i2t + t2i, "i2t": i2t.detach(), "t2i": t2i.detach(),
             "hardest": torch.tensor(float(hardest))}
+
+
+def infonce_loss(scores: torch.Tensor, positives: torch.Tensor, log_scale: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Symmetric InfoNCE: cross-entropy of each caption over the batch's images and of each image
+    over the batch's captions, logits = scores * exp(log_scale) (log_scale learnable, CLIP-style,
+    clamped at a scale of 100). A row with several positives (an image twice in the batch, two
+    captions of one image) counts all of them: -log(sum over positives / sum over all).
+    Returns {"loss", "i2t", "t2i", "scale"}."""
+    if scores.shape != positives.shape:
+        raise ValueError(f"scores {tuple(scores.shape)} and positives {tuple(positives.shape)} differ")
+    if not positives.any(0).all():
+        raise ValueError("positives: every caption (column) needs a positive image")
+    scale = log_scale.clamp(max=4.6052).exp()
+    logits = scores * scale
+    neg_inf = torch.finfo(logits.dtype).min
+    pos_logits = logits.masked_fill(~positives, neg_inf)
+    t2i = (logits.logsumexp(0) - pos_logits.logsumexp(0)).mean()  # caption query over images
+    has = positives.any(1)
+    i2t = (logits.logsumexp(1) - pos_logits.logsumexp(1))[has].mean()
+    return {"loss": i2t + t2i, "i2t": i2t.detach(), "t2i": t2i.detach(), "scale": scale.detach()}

@@ -14,9 +14,11 @@ from .scoring import make_side, pair_scores
 
 class HOSA(nn.Module):
     def __init__(self, mcfg: ModelConfig, scfg: ScoringConfig, feat_dim: int, text_dim: int,
-                 backbone: nn.Module | None = None):
+                 backbone: nn.Module | None = None, log_scale: float | None = None):
         super().__init__()
         self.mcfg, self.scfg = mcfg, scfg
+        if log_scale is not None:  # InfoNCE's learnable inverse temperature (log), saved with the weights
+            self.log_scale = nn.Parameter(torch.tensor(float(log_scale)))
         if mcfg.arch == "teran":  # TERAN's exact module layout (checkpoint import)
             from .teran import TeranImageEncoder, TeranTextEncoder
             if backbone is None:

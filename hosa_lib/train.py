@@ -28,7 +28,7 @@ from .config import RunConfig, load, override, to_dict
 from .data import CaptionDataset, EpochSampler, collate, positives, to_device
 from .evaluate import encode_split, evaluate_embeddings
 from .factory import build_model, resolve_device
-from .loss import triplet_loss
+from .loss import infonce_loss, triplet_loss
 from .model import HOSA
 from .perf import tune_cpu_allocator
 from .runs import (CheckpointError, format_seconds, load_checkpoint, log_progress, rng_state, run_dir_for, save_checkpoint,
@@ -99,7 +99,11 @@ def train_step(model, batch, cfg: RunConfig, step: int, device, amp: bool) -> di
     else:
         pos = positives(batch["images"]["index"], batch["captions"]["image"])
     scores = core.score(img, cap)
-    return {**triplet_loss(scores["total"], pos, cfg.loss, step), "n_pairs": torch.tensor(float(scores["total"].numel()))}
+    if cfg.loss.kind == "infonce":
+        out = infonce_loss(scores["total"], pos, core.log_scale)
+    else:
+        out = triplet_loss(scores["total"], pos, cfg.loss, step)
+    return {**out, "n_pairs": torch.tensor(float(scores["total"].numel()))}
 
 
 class _DDPWrapper(torch.nn.Module):

@@ -1,0 +1,90 @@
+"""Training-recipe options (issue: models that learn on real images): InfoNCE with a learnable
+temperature, global vectors anchored on the frozen pretrained spaces (starting at the ridge
+baseline), and a training step with both on the smoke store."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from hosa_lib.config import from_dict, load, override, to_dict
+from hosa_lib.loss import infonce_loss
+
+
+def test_infonce_equals_explicit_cross_entropy_and_counts_every_positive():
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(4, 5, generator=g)
+    pos = torch.zeros(4, 5, dtype=torch.bool)
+    pos[[0, 1, 2, 3, 0], [0, 1, 2, 3, 4]] = True  # image 0 has two captions
+    log_scale = torch.tensor(math.log(10.0), requires_grad=True)
+    out = infonce_loss(s, pos, log_scale)
+    logits = s * 10
+    t2i = torch.stack([-torch.log_softmax(logits[:, c], 0)[pos[:, c]].exp().sum().log() for c in range(5)]).mean()
+    i2t = torch.stack([-torch.log_softmax(logits[i], 0)[pos[i]].exp().sum().log() for i in range(4)]).mean()
+    torch.testing.assert_close(out["loss"], i2t + t2i)
+    out["loss"].backward()
+    assert log_scale.grad is not None and log_scale.grad != 0
+    # an image without a caption in the batch takes no part in i2t
+    pos2 = pos.clone()
+    pos2[3] = False
+    pos2[0, 3] = True
+    assert torch.isfinite(infonce_loss(s, pos2, log_scale)["loss"])
+    with pytest.raises(ValueError, match="every caption"):
+        infonce_loss(s, torch.zeros_like(pos), log_scale)
+
+
+def anchored_cfg(store, **model):
+    raw = to_dict(load("params/smoke.yaml"))
+    raw["data"]["store"] = store
+    raw["model"].update(anchor=True, dropout=0.0, **model)
+    raw["loss"].update(kind="infonce")
+    return from_dict(raw)
+
+
+def test_anchored_model_starts_at_the_ridge_baseline(smoke_store):
+    """With embed = the text width (P = identity) the untrained model's global cosine scores are the
+    baseline's: training starts where the least-squares fit is."""
+    from hosa_lib.baseline import choose_ridge, cosine_scores, split_vectors
+    from hosa_lib.evaluate import encode_split
+    from hosa_lib.factory import build_model
+    from hosa_lib.store import Store
+    from hosa_lib.text import cache_key
+    key = cache_key("minilm", -1)
+    with Store(smoke_store.store, check_values=False) as s:
+        tr, va, te = (split_vectors(s, split, key) for split in ("train", "val", "test"))
+    w, mx, my, _, _ = choose_ridge(*tr, *va)
+    expect = cosine_scores((te[0] - mx) @ w, te[1] - my)
+    h = Store(smoke_store.store, check_values=False).text_dim(key)
+    model, text = build_model(anchored_cfg(smoke_store.store, embed=h, heads=4), seed=0)
+    img, cap, _ = encode_split(model, smoke_store.store, "test", text)
+    got = torch.nn.functional.normalize(img["glob"], dim=-1) @ torch.nn.functional.normalize(cap["glob"], dim=-1).T
+    np.testing.assert_allclose(got.numpy(), expect, atol=2e-3)  # region features are stored in float16
+    # a narrower model projects on the top principal directions of the captions: close, not equal
+    small, text = build_model(anchored_cfg(smoke_store.store), seed=0)
+    img, cap, _ = encode_split(small, smoke_store.store, "test", text)
+    got = torch.nn.functional.normalize(img["glob"], dim=-1) @ torch.nn.functional.normalize(cap["glob"], dim=-1).T
+    assert np.corrcoef(got.numpy().ravel(), expect.ravel())[0, 1] > 0.8
+
+
+def test_anchor_and_infonce_train_step_shapes_and_gradients(smoke_store):
+    """One training step with the recipe options: finite loss, and gradients reach the anchor maps,
+    the residual gates, the learnable temperature and the local encoders."""
+    from hosa_lib.data import CaptionDataset, collate
+    from hosa_lib.factory import build_model
+    from hosa_lib.train import train_step
+    cfg = anchored_cfg(smoke_store.store)
+    model, text = build_model(cfg, seed=0)
+    ds = CaptionDataset(smoke_store.store, "train", text)
+    batch = collate(ds.__getitems__(np.arange(8)))
+    out = train_step(model, batch, cfg, step=0, device=torch.device("cpu"), amp=False)
+    assert torch.isfinite(out["loss"]) and out["scale"] == pytest.approx(1 / cfg.loss.temperature)
+    out["loss"].backward()
+    for name in ("image.anchor.map.weight", "text.anchor.map.weight", "image.anchor.gate", "text.anchor.gate",
+                 "log_scale", "image.proj.weight", "text.proj.weight"):
+        grad = dict(model.named_parameters())[name].grad
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
+    # a checkpoint of the recipe reloads strictly (log_scale and anchors are part of the weights)
+    from hosa_lib.factory import build_model as rebuild
+    again, _ = rebuild(cfg)
+    again.load_state_dict(model.state_dict(), strict=True)
+    assert override(cfg, {"loss": {"kind": "hinge"}}).loss.kind == "hinge"
