@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from .metrics import evaluate_scores, swap_accuracy
+from .metrics import TWINS, evaluate_scores, twin_accuracies
 from .store import Store
 
 LAMBDAS = (1.0, 10.0, 100.0, 1000.0, 10000.0)
@@ -71,13 +71,9 @@ def ridge_baseline(store_path, text_key: str, split: str = "test", lambdas=LAMBD
         x_va, y_va, ci_va = split_vectors(s, "val", text_key)
         x_te, y_te, ci_te = split_vectors(s, split, text_key)
         relevance = s.relevance(split)
-        swaps = s.extra("swap_pairs")
-        if swaps is not None:
-            pos = {int(i): p for p, i in enumerate(s.split_images(split))}
-            swaps = np.array([[pos[a], pos[b]] for a, b in swaps if a in pos and b in pos])
+        twins = {n: p for n in TWINS if (p := s.split_pairs(n, split)) is not None}
     w, mx, my, lam, by_lambda = choose_ridge(x_tr, y_tr, ci_tr, x_va, y_va, ci_va, lambdas)
     scores = cosine_scores((x_te - mx) @ w, y_te - my)
     m = evaluate_scores(scores, ci_te, "all", relevance, ndcg_k)
-    if swaps is not None and len(swaps):
-        m["swap_acc"] = swap_accuracy(scores, ci_te, swaps)
+    m.update(twin_accuracies(scores, ci_te, twins))
     return {"metrics": m, "lambda": lam, "val_rsum_by_lambda": by_lambda, "seconds": time.perf_counter() - t0}

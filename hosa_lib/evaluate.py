@@ -27,7 +27,7 @@ from tqdm import tqdm  # plain tqdm: widget bars render blank in offline HTML
 from .config import ConfigError, EvalConfig, RunConfig, ScoringConfig, override, to_dict
 from .data import CaptionDataset, ImageDataset, TextInput, collate_captions, collate_images, to_device
 from .factory import load_model
-from .metrics import evaluate_scores, swap_accuracy
+from .metrics import TWINS, evaluate_scores, twin_accuracies
 from .scoring import score_all_pairs
 from .store import Store, load_embeddings, save_embeddings
 
@@ -129,7 +129,7 @@ def protocol_scores(img, cap, cap_img, scfg: ScoringConfig, ecfg: EvalConfig, de
 
 
 def evaluate_embeddings(img, cap, cap_img, scfg: ScoringConfig, ecfg: EvalConfig, relevance=None,
-                        swap_pairs=None, device="cpu", progress=False) -> tuple[dict, torch.Tensor]:
+                        twins=None, device="cpu", progress=False) -> tuple[dict, torch.Tensor]:
     """Score (the protocol's pairs, or two-stage with eval.shortlist) and compute its metrics."""
     t0 = time.perf_counter()
     if ecfg.shortlist > 0:
@@ -138,21 +138,16 @@ def evaluate_embeddings(img, cap, cap_img, scfg: ScoringConfig, ecfg: EvalConfig
         scores = protocol_scores(img, cap, cap_img, scfg, ecfg, device, progress)
     t_score = time.perf_counter() - t0
     m = evaluate_scores(scores.numpy(), cap_img, ecfg.protocol, relevance, ecfg.ndcg_k)
-    if swap_pairs is not None and len(swap_pairs):
-        m["swap_acc"] = swap_accuracy(scores.numpy(), cap_img, swap_pairs)
+    m.update(twin_accuracies(scores.numpy(), cap_img, twins))
     m["score_seconds"] = t_score
     return m, scores
 
 
-def split_extras(store_path, split: str) -> tuple[dict, np.ndarray | None]:
-    """Relevance matrices and attribute-swap pairs (as split positions) of a split."""
+def split_extras(store_path, split: str) -> tuple[dict, dict]:
+    """Relevance matrices and twin pairs ({store extra name: pairs as split positions}) of a split."""
     with Store(store_path, check_values=False) as s:
-        relevance = s.relevance(split)
-        swaps = s.extra("swap_pairs")
-        if swaps is not None:  # store indices -> split positions
-            pos = {int(i): p for p, i in enumerate(s.split_images(split))}
-            swaps = np.array([[pos[a], pos[b]] for a, b in swaps if a in pos and b in pos])
-    return relevance, swaps
+        twins = {n: p for n in TWINS if (p := s.split_pairs(n, split)) is not None}
+        return s.relevance(split), twins
 
 
 def check_scoring(params: ScoringConfig, trained: ScoringConfig, checkpoint) -> None:
@@ -237,7 +232,8 @@ def format_table(m: dict) -> str:
     for d, label in (("i2t", "Image to text"), ("t2i", "Text to image")):
         rows.append(f"{label:14s}{m[f'{d}_r1']:8.1f}{m[f'{d}_r5']:8.1f}{m[f'{d}_r10']:8.1f}{m[f'{d}_medr']:7.0f}"
                     f"{m[f'{d}_meanr']:8.1f}" + "".join(f"{m[f'{d}_ndcg_{n}']:14.4f}" for n in ndcg))
-    rows.append(f"rsum: {m['rsum']:.2f}" + (f"   swap acc: {m['swap_acc']:.1f}%" if "swap_acc" in m else ""))
+    rows.append(f"rsum: {m['rsum']:.2f}" + (f"   swap acc: {m['swap_acc']:.1f}%" if "swap_acc" in m else "")
+                + (f"   relation acc: {m['relation_acc']:.1f}%" if "relation_acc" in m else ""))
     return "\n".join(rows)
 
 

@@ -107,6 +107,9 @@ def backward(rho, gram, valid, nvalid, scale, u, w, d_rho, d_gram, fast):
         al = np.empty((nv, QB), dtype=rho.dtype)
         cc = np.empty((nv, QB), dtype=rho.dtype)
         tot = np.empty(QB, dtype=rho.dtype)
+        uq = np.empty(QB, dtype=rho.dtype)
+        w2 = np.empty(QB, dtype=rho.dtype)
+        wal = np.empty(QB, dtype=rho.dtype)
         bits = np.empty(QB, dtype=np.int32)
         zero = np.zeros(1, dtype=rho.dtype)[0]  # typed accumulator start: a 0.0 literal would be float64
         used = np.zeros(L, dtype=np.bool_)
@@ -121,29 +124,32 @@ def backward(rho, gram, valid, nvalid, scale, u, w, d_rho, d_gram, fast):
             n = min(QB, Q - q0)
             _softmax_tile(rho, g, a, q0, n, valid, nv, scale, al, bits, fast)
             for q in range(n):
-                tot[q] = 0.0
+                tot[q] = zero
+                uq[q] = u[a, q0 + q]
+                w2[q] = w[a, q0 + q] + w[a, q0 + q]
             for kk in range(nv):
                 k = valid[a, kk]
                 for q in range(n):
-                    cc[kk, q] = 0.0
-                for jj in range(nv):
+                    cc[kk, q] = zero
+                for jj in range(nv):  # beta_k = (Gamma alpha)_k
                     gkj = gram[g, a, k, valid[a, jj]]
                     for q in range(n):
                         cc[kk, q] += gkj * al[jj, q]
                 for q in range(n):
-                    wq = w[a, q0 + q]
-                    cc[kk, q] = u[a, q0 + q] * rho[g, a, k, q0 + q] + 2.0 * wq * cc[kk, q]
-                    tot[q] += al[kk, q] * cc[kk, q]
-                for jj in range(kk + 1):
-                    s = zero
+                    c = uq[q] * rho[g, a, k, q0 + q] + w2[q] * cc[kk, q]
+                    cc[kk, q] = c
+                    tot[q] += al[kk, q] * c
+                    wal[q] = w2[q] * al[kk, q]
+                for jj in range(kk + 1):  # d_gram (symmetric): 2 w alpha_k alpha_j, halved at the end
+                    acc = zero
                     for q in range(n):
-                        s += w[a, q0 + q] * al[kk, q] * al[jj, q]
-                    dg[kk, jj] += s
+                        acc += wal[q] * al[jj, q]
+                    dg[kk, jj] += acc
             for kk in range(nv):
                 k = valid[a, kk]
                 for q in range(n):
-                    d_rho[g, a, k, q0 + q] = al[kk, q] * (u[a, q0 + q] + scale * (cc[kk, q] - tot[q]))
+                    d_rho[g, a, k, q0 + q] = al[kk, q] * (uq[q] + scale * (cc[kk, q] - tot[q]))
         for kk in range(nv):
             for jj in range(kk + 1):
-                d_gram[g, a, valid[a, kk], valid[a, jj]] = dg[kk, jj]
-                d_gram[g, a, valid[a, jj], valid[a, kk]] = dg[kk, jj]
+                d_gram[g, a, valid[a, kk], valid[a, jj]] = 0.5 * dg[kk, jj]
+                d_gram[g, a, valid[a, jj], valid[a, kk]] = 0.5 * dg[kk, jj]

@@ -90,9 +90,17 @@ def evaluate_scores(scores: np.ndarray, cap_img: np.ndarray, protocol: str = "al
     return {key: float(np.mean([m[key] for m in per_fold])) for key in per_fold[0]}
 
 
+TWINS = {"swap_pairs": "swap_acc", "relation_pairs": "relation_acc"}  # store extra -> metric
+
+
+def twin_accuracies(scores: np.ndarray, cap_img: np.ndarray, twins: dict | None) -> dict[str, float]:
+    """{metric: accuracy} for each kind of twin pairs given (split positions), e.g. swap_acc."""
+    return {TWINS[k]: swap_accuracy(scores, cap_img, p) for k, p in (twins or {}).items() if len(p)}
+
+
 def swap_accuracy(scores: np.ndarray, cap_img: np.ndarray, pairs: np.ndarray) -> float:
-    """Attribute-swapped twins (a, b): fraction of comparisons where a caption scores its own twin
-    above the other (both directions, all captions of both twins). 50% = cannot bind attributes."""
+    """Twins (a, b) (attribute- or relation-swapped): fraction of comparisons where a caption scores
+    its own twin above the other (all captions of both twins). 50% = cannot tell them apart."""
     wins = []
     for a, b in np.asarray(pairs):
         for own, other in ((a, b), (b, a)):

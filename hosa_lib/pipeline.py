@@ -137,7 +137,7 @@ def write_index(run_dir: Path, cfg_name: str, params_path: Path, results: list[d
     table = ""
     if metrics.is_file():
         m = json.loads(metrics.read_text())
-        keep = [k for k in m if k.endswith(("_r1", "_r5", "_r10")) or k in ("rsum", "swap_acc")]
+        keep = [k for k in m if k.endswith(("_r1", "_r5", "_r10")) or k in ("rsum", "swap_acc", "relation_acc")]
         table = "<table>" + "".join(f"<tr><td>{html.escape(k)}</td><td>{m[k]:.2f}</td></tr>" for k in keep) + "</table>"
     history = json.loads((run_dir / "stages.json").read_text()) if (run_dir / "stages.json").is_file() else {}
     now = {r["stage"]: r for r in results}

@@ -27,15 +27,17 @@ def build_store(dc: DataConfig, store: Path, progress: bool = True) -> dict:
 
         raw = Path(dc.store).with_suffix("")  # outputs/data/<name>/ : images + dataset.json
         ds_json = generate(raw, dc.n_images, seed=dc.seed, size=dc.image_size, progress=progress)
-        pairs = json.loads((raw / "swap_pairs.json").read_text())
+        def twins(name):  # file-name pairs -> store indices of the images kept
+            pairs = json.loads((raw / f"{name}.json").read_text())
 
-        def swap_pairs(kept):
-            pos = {f: i for i, f in enumerate(kept)}
-            return [[pos[a], pos[b]] for a, b in pairs if a in pos and b in pos]
+            def to_indices(kept):
+                pos = {f: i for i, f in enumerate(kept)}
+                return [[pos[a], pos[b]] for a, b in pairs if a in pos and b in pos]
+            return to_indices
 
         return convert_image_folder(raw / "images", ds_json, store, image_size=dc.image_size,
                                     batch_size=dc.batch_size, on_bad_image=dc.on_bad_image,
-                                    extras={"swap_pairs": swap_pairs}, source=f"synthetic(seed={dc.seed})",
+                                    extras={n: twins(n) for n in ("swap_pairs", "relation_pairs")}, source=f"synthetic(seed={dc.seed})",
                                     progress=progress, **image_options(dc))
     if dc.source == "images":
         from .sources.imagefolder import convert_image_folder

@@ -323,6 +323,15 @@ class Store:
     def extra(self, name: str):
         return self.f[f"extra/{name}"][:] if f"extra/{name}" in self.f else None
 
+    def split_pairs(self, name: str, split: str) -> np.ndarray | None:
+        """Image pairs stored as extra/<name> (store indices, e.g. swap_pairs) whose two images are
+        both in `split`, as positions within the split; None when the store has no such pairs."""
+        pairs = self.extra(name)
+        if pairs is None:
+            return None
+        pos = {int(i): p for p, i in enumerate(self.split_images(split))}
+        return np.array([[pos[a], pos[b]] for a, b in pairs if a in pos and b in pos], dtype=np.int64).reshape(-1, 2)
+
     def summary(self) -> dict:
         caps_per = np.bincount(self.caption_image, minlength=self.n_images)
         out = {"store": self.path.name, "source": self.attrs.get("source"),

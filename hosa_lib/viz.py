@@ -115,8 +115,9 @@ def recall_frame(m: dict, base: dict | None = None):
         for d, arrow in (("i2t", "image → text"), ("t2i", "text → image")):
             row = {k[len(d) + 1:]: v for k, v in met.items() if k.startswith(d + "_")}
             row["rsum"] = met["rsum"] if d == "i2t" else None
-            if "swap_acc" in met:
-                row["swap acc %"] = met["swap_acc"] if d == "i2t" else None
+            for key, col in (("swap_acc", "swap acc %"), ("relation_acc", "relation acc %")):
+                if key in met:
+                    row[col] = met[key] if d == "i2t" else None
             rows.append(row)
             index.append(f"{label}: {arrow}")
     return pd.DataFrame(rows, index=index).style.format(precision=3, na_rep="")
@@ -249,6 +250,7 @@ def plot_ablations(df: pd.DataFrame, base: dict | None = None):
     """rsum, swap accuracy and training speed per variant (each seed a point, mean and sd; the ridge
     baseline as a dashed line), and recall@K per direction."""
     panels = [(c, t) for c, t in (("rsum", "test rsum"), ("swap_acc", "attribute-swap accuracy (%)"),
+                                  ("relation_acc", "relation-swap accuracy (%)"),
                                   ("steps_per_s", "training steps per second")) if c in df]
     fig, axes = plt.subplots(1, len(panels) + 2, figsize=(5 * (len(panels) + 2), 4))
     for ax, (col, title) in zip(axes, panels):
@@ -256,7 +258,7 @@ def plot_ablations(df: pd.DataFrame, base: dict | None = None):
         sns.stripplot(data=df, x="variant", y=col, ax=ax, alpha=0.6)
         ax.set_title(title)
         ax.tick_params(axis="x", rotation=45)
-        if col == "swap_acc":
+        if col in ("swap_acc", "relation_acc"):
             ax.axhline(50, ls=":", c="gray", label="chance")
         if base is not None and col in base:
             ax.axhline(base[col], ls="--", c="firebrick", label=base["variant"])

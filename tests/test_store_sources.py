@@ -260,6 +260,8 @@ def test_synthetic_store_and_dataloader_workers(smoke_store):
         assert len(pairs) >= 2 and set(pairs.flatten()) <= set(s.split_images("test").tolist())
         a, b = pairs[0]
         assert not np.array_equal(s.features([a]), s.features([b]))
+        rel_pairs = s.split_pairs("relation_pairs", "test")
+        assert len(rel_pairs) >= 1 and s.split_pairs("relation_pairs", "train").shape == (0, 2)
         rel = s.relevance("test")["rougeL"]
         assert rel.shape == (len(s.split_captions("test")), len(s.split_images("test")))
         key = s.text_keys()[0]
@@ -396,3 +398,28 @@ def test_text_cache_pads_batches_of_different_lengths():
     h4, m4, w4 = encode_texts(texts, "minilm", batch_size=4, progress=False)
     assert h1.shape == h4.shape and (m1 == m4).all() and (w1 == w4).all()
     np.testing.assert_allclose(h1[m1].astype(np.float32), h4[m4].astype(np.float32), atol=2e-2)
+
+
+def test_relation_twins_swap_positions_and_name_the_flipped_relation(tmp_path):
+    """Relation twins: the same two objects with their positions exchanged; every caption names a
+    relation, and each twin's captions name the opposite of the other's."""
+    import json
+
+    from hosa_lib.sources.synthetic import generate
+    ds = json.loads(generate(tmp_path, 60, seed=4, size=64, progress=False).read_text())
+    by_name = {im["filename"]: im for im in ds["images"]}
+    pairs = json.loads((tmp_path / "relation_pairs.json").read_text())
+    assert len(pairs) == max(1, 6 // 4)  # n_test = 6 attribute-twin images -> 1 relation pair
+    flips = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+    for a, b in pairs:
+        oa, ob = by_name[a]["objects"], by_name[b]["objects"]
+        assert by_name[a]["split"] == by_name[b]["split"] == "test" and len(oa) == len(ob) == 2
+        assert [(o["shape"], o["colour"], o["size"]) for o in oa] == [(o["shape"], o["colour"], o["size"]) for o in ob]
+        assert (oa[0]["x"], oa[0]["y"]) == (ob[1]["x"], ob[1]["y"]) and (oa[1]["x"], oa[1]["y"]) == (ob[0]["x"], ob[0]["y"])
+        for s in by_name[a]["sentences"] + by_name[b]["sentences"]:
+            assert any(r in s["raw"] for r in flips), s["raw"]
+    # the relation itself flips between twins
+    from hosa_lib.sources.synthetic import _relation
+    a, b = pairs[0]
+    oa, ob = by_name[a]["objects"], by_name[b]["objects"]
+    assert flips[_relation(oa[0], oa[1])] == _relation(ob[0], ob[1])

@@ -2,12 +2,14 @@
 
 Each scene holds 2-5 objects (shape, colour, size) on a 3x3 layout with jitter, rendered with
 PIL; five captions per image come from varied templates naming attributes and spatial
-relations. The test split is built from attribute-swapped *twins*: the same objects at the same
-places with the colours of two objects exchanged. A global bag of features sees nearly the same
-scene in both twins; telling them apart requires binding each colour to its object.
+relations. The test split is built from *twins*. Attribute-swapped twins (swap_pairs): the same
+objects at the same places with the colours of two objects exchanged; a global bag of features
+sees nearly the same scene in both, telling them apart requires binding each colour to its object.
+Relation-swapped twins (relation_pairs): two distinct objects whose positions are exchanged, every
+caption naming their spatial relation; telling them apart requires binding words to places.
 
 `generate` writes the image-folder source format (PNG files + Karpathy-style dataset.json) plus
-swap_pairs.json; the store is then built by the same converter as user images.
+swap_pairs.json and relation_pairs.json; the store is then built by the same converter as user images.
 """
 from __future__ import annotations
 
@@ -48,6 +50,19 @@ def _swapped(objs: list[dict], rng: random.Random) -> list[dict] | None:
     return twin
 
 
+def _relation_twins(rng: random.Random) -> tuple[list[dict], list[dict]]:
+    """Two distinguishable objects in different cells, one not straight above/beside the other's
+    mirror, and the same two with their positions exchanged (the relation between them flips)."""
+    while True:
+        objs = _scene(rng)[:2]
+        if _np(objs[0]) != _np(objs[1]):
+            break
+    twin = [dict(o) for o in objs]
+    for k in ("x", "y"):
+        twin[0][k], twin[1][k] = objs[1][k], objs[0][k]
+    return objs, twin
+
+
 def render(objs: list[dict], size: int, rng: random.Random) -> Image.Image:
     shade = rng.randint(90, 130)
     img = Image.new("RGB", (size, size), (shade, shade, shade))
@@ -78,10 +93,10 @@ def _relation(a: dict, b: dict) -> str:
     return "above" if dy > 0 else "below"
 
 
-def captions(objs: list[dict], rng: random.Random, n: int = 5) -> list[str]:
-    """n distinct-ish captions from varied templates."""
+def captions(objs: list[dict], rng: random.Random, n: int = 5, relational: bool = False) -> list[str]:
+    """n distinct-ish captions from varied templates (relational: only templates naming a relation)."""
     out = []
-    templates = ["relation", "pair", "list", "colour_of", "count"]
+    templates = ["relation", "colour_of", "count"] if relational else ["relation", "pair", "list", "colour_of", "count"]
     for k in range(n):
         kind = templates[k % len(templates)] if k < len(templates) else rng.choice(templates)
         a, b = rng.sample(objs, 2)
@@ -102,7 +117,9 @@ def captions(objs: list[dict], rng: random.Random, n: int = 5) -> list[str]:
 
 def generate(out_dir, n_images: int, seed: int = 0, size: int = 224, val_frac: float = 0.1,
              test_frac: float = 0.1, progress: bool = True) -> Path:
-    """Write n_images scenes as PNGs + dataset.json (Karpathy format) + swap_pairs.json. Returns dataset.json."""
+    """Write n_images scenes as PNGs + dataset.json (Karpathy format) + swap_pairs.json +
+    relation_pairs.json. The test split holds int(n_images * test_frac) attribute twins and half as
+    many relation twins. Returns dataset.json."""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -116,15 +133,20 @@ def generate(out_dir, n_images: int, seed: int = 0, size: int = 224, val_frac: f
             continue
         pairs.append((len(scenes), len(scenes) + 1))
         scenes += [(objs, "test"), (twin, "test")]
+    rel_pairs = []
+    for _ in range(max(1, n_test // 4)):  # test split: relation-swapped twins
+        rel_pairs.append((len(scenes), len(scenes) + 1))
+        scenes += [(o, "test_relation") for o in _relation_twins(rng)]
     scenes += [(_scene(rng), "val") for _ in range(n_val)]
     scenes += [(_scene(rng), "train") for _ in range(n_images - len(scenes))]
     images = []
     for i, (objs, split) in enumerate(tqdm(scenes, desc="render scenes", disable=not progress, mininterval=2)):
         name = f"scene_{i:06d}.png"
         render(objs, size, rng).save(out / "images" / name)
-        images.append({"filename": name, "imgid": i, "split": split, "objects": objs,
-                       "sentences": [{"raw": c, "tokens": c.split()} for c in captions(objs, rng)]})
+        caps = captions(objs, rng, relational=split == "test_relation")
+        images.append({"filename": name, "imgid": i, "split": split.removesuffix("_relation"), "objects": objs,
+                       "sentences": [{"raw": c, "tokens": c.split()} for c in caps]})
     (out / "dataset.json").write_text(json.dumps({"dataset": "synthetic", "images": images}))
-    (out / "swap_pairs.json").write_text(json.dumps(
-        [[images[a]["filename"], images[b]["filename"]] for a, b in pairs]))
+    for name, twins in (("swap_pairs", pairs), ("relation_pairs", rel_pairs)):
+        (out / f"{name}.json").write_text(json.dumps([[images[a]["filename"], images[b]["filename"]] for a, b in twins]))
     return out / "dataset.json"
