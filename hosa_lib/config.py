@@ -220,9 +220,10 @@ PATH_KEYS = ("output_root", "data.store", "data.root", "data.captions", "data.fe
              "data.spice", "ablation.grid")
 
 
-def marked_root(start: str | Path) -> Path | None:
-    """The nearest folder at or above `start` holding params/base.yaml, or None."""
-    origin = Path(start).resolve()
+def marked_root(start: str | Path, resolve: bool = True) -> Path | None:
+    """The nearest folder at or above `start` holding params/base.yaml, or None. resolve=False walks
+    the path as written (a symlinked outputs/ or data/ folder still belongs to its project)."""
+    origin = Path(start).resolve() if resolve else Path(os.path.abspath(start))
     return next((d for d in [origin, *origin.parents] if (d / MARKER).is_file()), None)
 
 

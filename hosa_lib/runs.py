@@ -37,7 +37,7 @@ def portable_config(cfg: RunConfig) -> dict:
     for key in PATH_KEYS:
         section, _, name = key.rpartition(".")
         holder = raw[section] if section else raw
-        root = marked_root(holder[name]) if holder[name] and Path(holder[name]).is_absolute() else None
+        root = marked_root(holder[name], resolve=False) if holder[name] and Path(holder[name]).is_absolute() else None
         if root is not None:
             holder[name] = str(Path(holder[name]).relative_to(root))
     return raw

@@ -107,7 +107,9 @@ def test_importing_viz_and_building_a_model_leave_global_state_alone(smoke_store
 @pytest.mark.parametrize("key,reuses", [({"eval": {"protocol": "coco_5k"}}, True), ({"train": {"workers": 2}}, True),
                                         ({"train": {"device": "cpu"}}, True), ({"data": {"force": True}}, True),
                                         ({"train": {"threads": 1}}, True),
-                                        ({"train": {"log_every": 3}}, True), ({"train": {"lr": 1e-3}}, False),
+                                        ({"train": {"log_every": 3}}, True), ({"scoring": {"kernel": "torch"}}, True),
+                                        ({"train": {"lr": 1e-3}}, False), ({"loss": {"kind": "infonce"}}, False),
+                                        ({"model": {"anchor": True}}, False),
                                         ({"scoring": {"bands": 2}}, False), ({"train": {"seed": 1}}, False),
                                         ({"data": {"n_images": 99}}, False)])
 def test_run_folder_key_covers_exactly_what_changes_weights(key, reuses):
@@ -115,3 +117,24 @@ def test_run_folder_key_covers_exactly_what_changes_weights(key, reuses):
     from hosa_lib.runs import run_dir_for
     base = RunConfig()
     assert (run_dir_for(override(base, key)) == run_dir_for(base)) == reuses
+
+
+def test_run_key_is_the_same_with_a_symlinked_outputs_folder(tmp_path, monkeypatch):
+    """outputs/ (or data/) symlinked to a bigger disk — or into another project — keeps the run key."""
+    from hosa_lib.config import load
+    from hosa_lib.runs import weights_key
+    keys = []
+    for name, link in (("plain", False), ("linked", True)):
+        root = tmp_path / name
+        (root / "params").mkdir(parents=True)
+        (root / "params" / "base.yaml").write_text("name: x\n")
+        if link:
+            (tmp_path / "elsewhere" / "params").mkdir(parents=True)  # the target lies in another project
+            (tmp_path / "elsewhere" / "params" / "base.yaml").write_text("name: y\n")
+            (tmp_path / "elsewhere" / "outputs").mkdir()
+            (root / "outputs").symlink_to(tmp_path / "elsewhere" / "outputs")
+        else:
+            (root / "outputs").mkdir()
+        monkeypatch.chdir(root)
+        keys.append(weights_key(load(root / "params" / "base.yaml")))
+    assert keys[0] == keys[1]
