@@ -141,3 +141,26 @@ def test_kernel_choice_does_not_change_the_run_folder():
     from hosa_lib.runs import weights_key
     cfg = RunConfig()
     assert weights_key(cfg) == weights_key(override(cfg, {"scoring": {"kernel": "torch"}}))
+
+
+@pytest.mark.parametrize("kernel", KERNELS[2:])
+def test_triton_bfloat16_inputs_accumulate_in_float32(kernel):
+    """bf16 band shares and Gram matrices (autocast on GPU): float32 output, bf16 gradients, close to
+    the float32 kernel (only the inputs' rounding differs)."""
+    dev = device_for("triton")
+    g = torch.Generator().manual_seed(0)
+    fa, fq = torch.randn(3, 4, 5, 6, generator=g), torch.randn(3, 12, 6, generator=g)
+    rho, gram = torch.einsum("galp,gqp->galq", fa, fq) * 0.1, fa @ fa.transpose(-1, -2)
+    amask = torch.ones(4, 5, dtype=torch.bool)
+    amask[1, 3:] = False
+    weight = torch.full((3, 4), 0.25)
+    outs, grads = [], []
+    for dt in (torch.float32, torch.bfloat16):
+        r = rho.to(dev, dt, copy=True).requires_grad_(True)
+        out = fused.reconstruct(r, gram.to(dev, dt), amask.to(dev), weight.to(dev), 7.0, "triton")
+        out.sum().backward()
+        outs.append(out.float().cpu())
+        grads.append(r.grad)
+    assert outs[1].dtype == torch.float32 and grads[1].dtype == torch.bfloat16
+    torch.testing.assert_close(outs[1], outs[0], rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(grads[1].float().cpu(), grads[0].cpu(), rtol=5e-2, atol=2e-2)
