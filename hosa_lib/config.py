@@ -59,6 +59,8 @@ class ScoringConfig:
     w_global: float = 4.0          # alpha_g, weight of the global score s_g (in [-1, 1])
     padding: str = "ours"          # ours: padded regions take no part in the max | teran: TERAN's rule, padded
                                    # region-word alignments count as 0 and a caption without words scores 0
+    condition: bool = False        # local-global H: the softmax of H also sees lambda * cos(position, other side's
+                                   # global vector) (t2i: each word's cosine with the image's global vector)
     kernel: str = "auto"           # high-order term: auto (numba on CPU, triton on CUDA) | torch (eager) | numba | triton
 
 

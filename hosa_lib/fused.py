@@ -58,6 +58,18 @@ def resolve(kernel: str, device: torch.device) -> str:
     return kernel
 
 
+def eager_for(feature: str, kernel: str) -> str:
+    """Eager torch for a scoring option the fused kernels do not implement; a notice once when the
+    kernel was chosen by auto, an error when it was asked for by name."""
+    if kernel != "auto":
+        raise ValueError(f"scoring.kernel={kernel}: {feature} runs in the eager kernel only; use auto or torch")
+    why = f"{feature} runs in the eager kernel only"
+    if why not in _told:
+        _told.add(why)
+        print(f"hosa: scoring.kernel=auto uses eager torch: {why}", file=sys.stderr)
+    return "torch"
+
+
 def _valid_index(amask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, L) bool -> (A, L) int32 indices of the valid positions first, and their count (A,)."""
     order = torch.argsort((~amask).to(torch.int8), dim=1, stable=True).to(torch.int32)

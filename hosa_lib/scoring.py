@@ -147,10 +147,12 @@ class _HighOrderT2I(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, rho, gram, cmask, vmask, scale):
+    def forward(ctx, rho, gram, cmask, vmask, scale, bias=None):
         # Big (G, Nc, L, Ni, M) buffers are few and reused: fresh large allocations page-fault on CPU.
         G, Nc, L, Ni, M = rho.shape
         alpha = rho * scale
+        if bias is not None:  # scoring.condition: (Nc, L, Ni) logit offsets shared by bands and regions
+            alpha.add_(bias[None, :, :, :, None])
         if not cmask.all():
             alpha.masked_fill_(~cmask[None, :, :, None, None], float("-inf"))
         alpha.sub_(alpha.amax(dim=2, keepdim=True)).exp_()
@@ -161,9 +163,9 @@ class _HighOrderT2I(torch.autograd.Function):
         norm = torch.mul(beta, alpha, out=tmp).sum(dim=(0, 2)).clamp_min(1e-12).sqrt()  # |v~_r|
         del tmp
         weight = vmask.to(rho.dtype) / vmask.sum(-1, keepdim=True)  # (Ni, M): mean over valid regions
-        if any(ctx.needs_input_grad[:2]):
+        if any(ctx.needs_input_grad[:2]) or (bias is not None and ctx.needs_input_grad[5]):
             ctx.save_for_backward(rho, alpha, gram, num, norm, weight)
-            ctx.scale = scale
+            ctx.scale, ctx.has_bias = scale, bias is not None
         return (num / norm * weight).sum(-1)
 
     @staticmethod
@@ -177,21 +179,26 @@ class _HighOrderT2I(torch.autograd.Function):
         a = torch.bmm(gram.reshape(G * Nc, L, L), alpha.view(G * Nc, L, Ni * M)).view_as(alpha)
         a.mul_(2 * w).addcmul_(rho, u)  # dL/dalpha
         tmp = torch.mul(alpha, a)
-        a.sub_(tmp.sum(dim=2, keepdim=True)).mul_(alpha).mul_(ctx.scale)  # softmax backward
-        d_rho = a.addcmul_(alpha, u)
+        a.sub_(tmp.sum(dim=2, keepdim=True)).mul_(alpha)  # softmax backward: dL/dlogits
+        d_bias = a.sum(dim=(0, 4)) if ctx.has_bias else None
+        d_rho = a.mul_(ctx.scale).addcmul_(alpha, u)
         aw = torch.mul(alpha, w, out=tmp).view(G * Nc, L, Ni * M)
         d_gram = torch.bmm(aw, alpha.view(G * Nc, L, Ni * M).transpose(1, 2)).view(G, Nc, L, L)
-        return d_rho, d_gram, None, None, None
+        return d_rho, d_gram, None, None, None, d_bias
 
 
-def _reconstruct_t2i(rho, img: Side, cap: Side, scale: float) -> torch.Tensor:
-    """Image from caption. rho (G, Nc, L, Ni, M) -> mean_r cos(v_r, v~_r), (Nc, Ni)."""
-    return _HighOrderT2I.apply(rho, cap.gram, cap.mask, img.mask, scale)
+def _reconstruct_t2i(rho, img: Side, cap: Side, scale: float, bias=None) -> torch.Tensor:
+    """Image from caption. rho (G, Nc, L, Ni, M) -> mean_r cos(v_r, v~_r), (Nc, Ni).
+    bias (Nc, L, Ni): logit offsets per word and image (scoring.condition)."""
+    return _HighOrderT2I.apply(rho, cap.gram, cap.mask, img.mask, scale, bias)
 
 
-def _reconstruct_i2t(rho, img: Side, cap: Side, scale: float) -> torch.Tensor:
-    """Caption from image. rho (G, Nc, L, Ni, M) -> mean_k cos(t_k, t~_k), (Nc, Ni)."""
+def _reconstruct_i2t(rho, img: Side, cap: Side, scale: float, bias=None) -> torch.Tensor:
+    """Caption from image. rho (G, Nc, L, Ni, M) -> mean_k cos(t_k, t~_k), (Nc, Ni).
+    bias (Ni, M, Nc): logit offsets per region and caption (scoring.condition)."""
     logits = rho * scale
+    if bias is not None:
+        logits = logits + bias.permute(2, 0, 1)[None, :, None]  # (1, Nc, 1, Ni, M)
     if not img.mask.all():
         logits = logits.masked_fill(~img.mask[None, None, None], float("-inf"))
     alpha = torch.softmax(logits, dim=4)  # over regions
@@ -233,6 +240,8 @@ def pair_scores(img: Side, cap: Side, cfg: ScoringConfig) -> dict[str, torch.Ten
         out["global"] = img.glob @ cap.glob.T
     rho = None
     kernel = fused.resolve(cfg.kernel, img.local.device) if cfg.w_high != 0 else "torch"
+    if cfg.condition and kernel != "torch":
+        kernel = fused.eager_for("scoring.condition", cfg.kernel)
     if kernel != "torch":
         out["high"] = _high_fused(img, cap, cfg, kernel)
     elif cfg.w_high != 0:
@@ -246,10 +255,12 @@ def pair_scores(img: Side, cap: Side, cfg: ScoringConfig) -> dict[str, torch.Ten
     if rho is not None:
         scale = cfg.temperature * rho.shape[0]  # lambda * G
         parts = []
-        if cfg.direction in ("t2i", "both"):
-            parts.append(_reconstruct_t2i(rho, img, cap, scale))
-        if cfg.direction in ("i2t", "both"):
-            parts.append(_reconstruct_i2t(rho, img, cap, scale))
+        if cfg.direction in ("t2i", "both"):  # condition: each word's cosine with the image's global vector
+            bias = cfg.temperature * torch.einsum("cld,id->cli", cap.local, img.glob) if cfg.condition else None
+            parts.append(_reconstruct_t2i(rho, img, cap, scale, bias))
+        if cfg.direction in ("i2t", "both"):  # condition: each region's cosine with the caption's global vector
+            bias = cfg.temperature * torch.einsum("imd,cd->imc", img.local, cap.glob) if cfg.condition else None
+            parts.append(_reconstruct_i2t(rho, img, cap, scale, bias))
         out["high"] = (sum(parts) / len(parts)).T
     weights = {"global": cfg.w_global, "local": cfg.w_local, "high": cfg.w_high}
     out["total"] = sum(weights[k] * v for k, v in out.items())
@@ -319,14 +330,17 @@ def score_all_pairs(img: dict, cap: dict, cfg: ScoringConfig, max_elems: int = 1
 
 # ----------------------------------------------------------------------------- slow references
 def high_order_reference(v: torch.Tensor, t: torch.Tensor, bands: int, temperature: float,
-                         direction: str = "t2i") -> torch.Tensor:
+                         direction: str = "t2i", glob: tuple | None = None) -> torch.Tensor:
     """One pair, explicit: builds H in the Fourier domain, goes back to tubes, and reconstructs
-    with the block-circulant t-product. v (m, d), t (l, d) unpadded, any norm. Returns s_h."""
+    with the block-circulant t-product. v (m, d), t (l, d) unpadded, any norm. Returns s_h.
+    glob (image global, caption global) conditions H (scoring.condition): the softmax logits add
+    lambda * cos(softmax-side position, global vector of the side being reconstructed)."""
     v = nnf.normalize(v.double(), dim=-1)
     t = nnf.normalize(t.double(), dim=-1)
     if direction == "both":
-        return (high_order_reference(v, t, bands, temperature, "t2i")
-                + high_order_reference(v, t, bands, temperature, "i2t")) / 2
+        return (high_order_reference(v, t, bands, temperature, "t2i", glob)
+                + high_order_reference(v, t, bands, temperature, "i2t", glob)) / 2
+    g = None if glob is None else nnf.normalize(glob[0 if direction == "t2i" else 1].double(), dim=-1)
     if direction == "i2t":
         v, t = t, v  # reconstruct the words from the regions
     d = v.shape[-1]
@@ -335,7 +349,10 @@ def high_order_reference(v: torch.Tensor, t: torch.Tensor, bands: int, temperatu
     w = parseval_weights(d, dtype=torch.float64)
     cross = (torch.fft.rfft(v)[:, None, :] * torch.fft.rfft(t)[None, :, :].conj()).real * w  # (m, l, F)
     rho = torch.stack([cross[..., owner == b].sum(-1) for b in range(bands)], dim=-1)  # (m, l, G)
-    h_hat = torch.softmax(temperature * bands * rho, dim=1)[..., owner]  # (m, l, F), softmax over words
+    logits = temperature * bands * rho
+    if g is not None:
+        logits = logits + temperature * (t @ g)[None, :, None]
+    h_hat = torch.softmax(logits, dim=1)[..., owner]  # (m, l, F), softmax over words
     h = torch.fft.irfft(h_hat.to(torch.complex128), n=d)  # (m, l, d) real tubes
     v_rec = t_product_reference(h, t.unsqueeze(1))[:, 0, :]  # (m, d) = H * T
     return nnf.cosine_similarity(v, v_rec, dim=-1).mean()
@@ -353,6 +370,7 @@ def pair_scores_reference(img: dict, cap: dict, cfg: ScoringConfig) -> dict[str,
             a = nnf.normalize(v, dim=-1) @ nnf.normalize(t, dim=-1).T  # (m, l)
             best = a.max(dim=0).values
             out["local"][i, c] = best.mean() if cfg.local_pool == "mean" else best.sum()
-            out["high"][i, c] = high_order_reference(v, t, cfg.bands, cfg.temperature, cfg.direction)
+            glob = (img["glob"][i], cap["glob"][c]) if cfg.condition else None
+            out["high"][i, c] = high_order_reference(v, t, cfg.bands, cfg.temperature, cfg.direction, glob)
     out["total"] = cfg.w_global * out["global"] + cfg.w_local * out["local"] + cfg.w_high * out["high"]
     return out

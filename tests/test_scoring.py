@@ -170,3 +170,47 @@ def test_teran_padding_rule_against_explicit_loops():
     assert got[0, 0] == 0 and got[1, 0] < 0  # padded image: the zero alignment wins over negative cosines
     with pytest.raises(ValueError, match="no valid"):
         score_all_pairs(img, cap, override(cfg, {"padding": "ours"}))
+
+
+@pytest.mark.parametrize("direction", ["t2i", "i2t", "both"])
+def test_local_global_conditioned_h_equals_explicit_reference(direction):
+    """scoring.condition: H's softmax also sees lambda * cos(position, the other side's global vector);
+    the fast form equals the explicit t-product reference, and the global vectors get gradients."""
+    cfg = ScoringConfig(bands=3, direction=direction, temperature=4.0, condition=True, w_local=0.5, w_high=2.0,
+                        w_global=0.5)
+    img, cap = random_side(3, 5, 17, seed=21), random_side(4, 6, 17, seed=22)
+    got, ref = fast(img, cap, cfg), pair_scores_reference(img, cap, cfg)
+    for k in ("high", "total"):
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-9, atol=1e-9, msg=k)
+    plain = pair_scores_reference(img, cap, override(cfg, {"condition": False}))["high"]
+    assert (got["high"] - plain).abs().max() > 1e-3  # the conditioning changes the score
+    img["glob"].requires_grad_(True)
+    cap["glob"].requires_grad_(True)
+    fast(img, cap, override(cfg, {"w_global": 0.0}))["total"].sum().backward()
+    if direction != "i2t":  # t2i conditions on the image's global vector, i2t on the caption's
+        assert img["glob"].grad.abs().sum() > 0
+    if direction != "t2i":
+        assert cap["glob"].grad.abs().sum() > 0
+
+
+def test_conditioned_t2i_backward_gradcheck():
+    from hosa_lib.scoring import _HighOrderT2I
+    g = torch.Generator().manual_seed(1)
+    G, Nc, L, Ni, M = 2, 2, 4, 3, 3
+    rho = torch.randn(G, Nc, L, Ni, M, generator=g, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(G, Nc, L, 5, generator=g, dtype=torch.float64)
+    gram = (u @ u.transpose(-1, -2)).requires_grad_(True)
+    bias = torch.randn(Nc, L, Ni, generator=g, dtype=torch.float64, requires_grad=True)
+    cmask = torch.tensor([[True, True, True, False], [True] * 4])
+    vmask = torch.tensor([[True] * 3, [True, False, False], [True, True, False]])
+    assert torch.autograd.gradcheck(lambda r, gm, b: _HighOrderT2I.apply(r, gm, cmask, vmask, 2.0, b), (rho, gram, bias))
+
+
+def test_conditioned_h_uses_the_eager_kernel(capsys):
+    from hosa_lib import fused
+    img, cap = random_side(2, 4, 16, seed=1), random_side(2, 4, 16, seed=2)
+    fused._told.discard("scoring.condition runs in the eager kernel only")
+    fast(img, cap, ScoringConfig(bands=4, condition=True))
+    assert "scoring.condition runs in the eager kernel only" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="condition runs in the eager kernel only; use auto or torch"):
+        fast(img, cap, ScoringConfig(bands=4, condition=True, kernel="numba"))
