@@ -36,7 +36,10 @@ def jupyterlab(smoke_project, tmp_path):
     port = free_port()
     cmd = [str(Path(sys.executable).parent / "jupyter"), "lab", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
            "--IdentityProvider.token=check", f"--ServerApp.root_dir={root}",
-           "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate", "--LabApp.expose_app_in_browser=True"]
+           "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate", "--LabApp.expose_app_in_browser=True",
+           # a workspace of its own: the user's saved one (~/.jupyter/lab/workspaces, e.g. from `make lab`)
+           # would restore other open notebooks over the one under test
+           f"--LabApp.workspaces_dir={tmp_path / 'workspaces'}"]
     if os.geteuid() == 0:
         cmd.append("--allow-root")
     log = (tmp_path / "lab.log").open("w")
