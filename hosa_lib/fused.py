@@ -80,6 +80,9 @@ class _NumbaImpl:
     @staticmethod
     def forward(rho, gram, amask, scale):
         from . import fused_numba as k
+        if rho.dtype not in (torch.float32, torch.float64) or gram.dtype != rho.dtype:
+            raise ValueError(f"scoring.kernel=numba: float32 or float64 inputs of one dtype, got {rho.dtype} and "
+                             f"{gram.dtype}; use kernel torch for other dtypes")
         _threads()
         G, A, L, Q = rho.shape
         valid, nvalid = _valid_index(amask)

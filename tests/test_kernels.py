@@ -164,3 +164,10 @@ def test_triton_bfloat16_inputs_accumulate_in_float32(kernel):
     assert outs[1].dtype == torch.float32 and grads[1].dtype == torch.bfloat16
     torch.testing.assert_close(outs[1], outs[0], rtol=2e-2, atol=2e-3)
     torch.testing.assert_close(grads[1].float().cpu(), grads[0].cpu(), rtol=5e-2, atol=2e-2)
+
+
+def test_numba_kernel_names_unsupported_dtypes():
+    rho = torch.zeros(1, 1, 2, 3, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="kernel=numba: float32 or float64 inputs"):
+        fused.reconstruct(rho, torch.zeros(1, 1, 2, 2, dtype=torch.bfloat16), torch.ones(1, 2, dtype=torch.bool),
+                          torch.ones(1, 3), 1.0, "numba")
