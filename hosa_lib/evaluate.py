@@ -232,8 +232,8 @@ def format_table(m: dict) -> str:
     for d, label in (("i2t", "Image to text"), ("t2i", "Text to image")):
         rows.append(f"{label:14s}{m[f'{d}_r1']:8.1f}{m[f'{d}_r5']:8.1f}{m[f'{d}_r10']:8.1f}{m[f'{d}_medr']:7.0f}"
                     f"{m[f'{d}_meanr']:8.1f}" + "".join(f"{m[f'{d}_ndcg_{n}']:14.4f}" for n in ndcg))
-    rows.append(f"rsum: {m['rsum']:.2f}" + (f"   swap acc: {m['swap_acc']:.1f}%" if "swap_acc" in m else "")
-                + (f"   relation acc: {m['relation_acc']:.1f}%" if "relation_acc" in m else ""))
+    rows.append(f"rsum: {m['rsum']:.2f}" + "".join(f"   {k.replace('_', ' ')}: {m[k]:.1f}%"
+                                                    for k in TWINS.values() if k in m))
     return "\n".join(rows)
 
 

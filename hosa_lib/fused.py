@@ -36,16 +36,23 @@ def _unavailable(name: str, device: torch.device) -> str | None:
     return None
 
 
-def resolve(kernel: str, device: torch.device) -> str:
+def resolve(kernel: str, device: torch.device, eager_only: str | None = None) -> str:
     """The implementation `scoring.kernel` names for tensors on `device`. `auto` takes the fused
-    kernel of the device and falls back to eager torch with a one-line notice (once per process)."""
+    kernel of the device and falls back to eager torch with a one-line notice (once per process).
+    eager_only names a scoring option the fused kernels do not implement (e.g. scoring.condition):
+    then `auto` means torch (with the notice) and a fused kernel asked for by name is an error."""
     if kernel not in KERNELS:
         raise ValueError(f"scoring.kernel={kernel!r}: expected one of {', '.join(KERNELS)}")
     if kernel == "torch":
         return "torch"
+    if eager_only and kernel != "auto":
+        raise ValueError(f"scoring.kernel={kernel}: {eager_only} runs in the eager kernel only; use auto or torch")
     if kernel == "auto":
         want = {"cpu": "numba", "cuda": "triton"}.get(device.type)
-        why = _unavailable(want, device) if want else f"no fused kernel for {device.type}"
+        if eager_only:
+            why = f"{eager_only} runs in the eager kernel only"
+        else:
+            why = _unavailable(want, device) if want else f"no fused kernel for {device.type}"
         if why is None:
             return want
         if why not in _told:
@@ -56,18 +63,6 @@ def resolve(kernel: str, device: torch.device) -> str:
     if why is not None:
         raise ValueError(f"scoring.kernel={kernel}: {why}")
     return kernel
-
-
-def eager_for(feature: str, kernel: str) -> str:
-    """Eager torch for a scoring option the fused kernels do not implement; a notice once when the
-    kernel was chosen by auto, an error when it was asked for by name."""
-    if kernel != "auto":
-        raise ValueError(f"scoring.kernel={kernel}: {feature} runs in the eager kernel only; use auto or torch")
-    why = f"{feature} runs in the eager kernel only"
-    if why not in _told:
-        _told.add(why)
-        print(f"hosa: scoring.kernel=auto uses eager torch: {why}", file=sys.stderr)
-    return "torch"
 
 
 def _valid_index(amask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

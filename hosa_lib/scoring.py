@@ -239,9 +239,8 @@ def pair_scores(img: Side, cap: Side, cfg: ScoringConfig) -> dict[str, torch.Ten
     if cfg.w_global != 0:
         out["global"] = img.glob @ cap.glob.T
     rho = None
-    kernel = fused.resolve(cfg.kernel, img.local.device) if cfg.w_high != 0 else "torch"
-    if cfg.condition and kernel != "torch":
-        kernel = fused.eager_for("scoring.condition", cfg.kernel)
+    kernel = "torch" if cfg.w_high == 0 else fused.resolve(
+        cfg.kernel, img.local.device, eager_only="scoring.condition" if cfg.condition else None)
     if kernel != "torch":
         out["high"] = _high_fused(img, cap, cfg, kernel)
     elif cfg.w_high != 0:

@@ -51,8 +51,8 @@ def _swapped(objs: list[dict], rng: random.Random) -> list[dict] | None:
 
 
 def _relation_twins(rng: random.Random) -> tuple[list[dict], list[dict]]:
-    """Two distinguishable objects in different cells, one not straight above/beside the other's
-    mirror, and the same two with their positions exchanged (the relation between them flips)."""
+    """Two distinguishable objects in different cells, and the same two with their positions
+    exchanged (the relation between them flips)."""
     while True:
         objs = _scene(rng)[:2]
         if _np(objs[0]) != _np(objs[1]):
