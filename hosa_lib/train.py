@@ -264,6 +264,15 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, progress: bool = Tr
     stop = _StopRequest()
     try:
         t_start, last_val, first_epoch = time.perf_counter(), {}, epoch
+        if cfg.train.validate_at_start and step == 0 and rank == 0:  # the initialisation competes for best.pt
+            last_val = validate(core, cfg, text, device)
+            best = last_val["rsum"]
+            log.write(json.dumps({"step": 0, "epoch": -1, "split": "val", **last_val}) + "\n")
+            log.flush()
+            checkpoint(("last.pt", "best.pt"), 0, 0)
+            log_progress(run_dir, f"epoch 0/{cfg.train.epochs} (untrained): val rsum {best:.1f}")
+        if cfg.train.validate_at_start and step == 0 and distributed:
+            dist.barrier()
         core.train()
         every = cfg.train.checkpoint_every
         while epoch < cfg.train.epochs:

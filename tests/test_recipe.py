@@ -88,3 +88,31 @@ def test_anchor_and_infonce_train_step_shapes_and_gradients(smoke_store):
     again, _ = rebuild(cfg)
     again.load_state_dict(model.state_dict(), strict=True)
     assert override(cfg, {"loss": {"kind": "hinge"}}).loss.kind == "hinge"
+
+
+def test_validate_at_start_keeps_the_initialisation_when_training_makes_val_worse(tmp_path, smoke_store):
+    """train.validate_at_start: the untrained (anchored = baseline) model is validated and logged as
+    epoch -1 and competes for best.pt; a learning rate that wrecks the model leaves best.pt at the
+    initial weights. Without the option best.pt is the wrecked model's."""
+    import json
+
+    from hosa_lib.factory import build_model
+    from hosa_lib.runs import load_checkpoint
+    from hosa_lib.train import train, validate
+    cfg = override(anchored_cfg(smoke_store.store),
+                   {"train": {"epochs": 1, "batch_size": 8, "lr": 1.0, "lr_warmup_steps": 0, "grad_clip": 0.0,
+                              "validate_at_start": True}})
+    init, text = build_model(cfg, seed=cfg.train.seed)
+    init_rsum = validate(init, cfg, text, "cpu")["rsum"]
+    res = train(cfg, tmp_path / "run", progress=False)
+    vals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+            if '"split": "val"' in line]
+    assert [v["epoch"] for v in vals] == [-1, 0]
+    assert vals[0]["rsum"] == pytest.approx(init_rsum)
+    assert vals[1]["rsum"] < init_rsum  # the step size really did wreck it
+    assert res["best_rsum"] == pytest.approx(init_rsum)
+    best = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")["model"]
+    for k, v in init.state_dict().items():
+        torch.testing.assert_close(best[k], v, msg=k)
+    plain = train(override(cfg, {"train": {"validate_at_start": False}}), tmp_path / "plain", progress=False)
+    assert plain["best_rsum"] == pytest.approx(vals[1]["rsum"])
