@@ -110,6 +110,7 @@ class TrainConfig:
     device: str = "auto"           # auto | cpu | cuda | cuda:N
     amp: bool = True               # bf16 autocast on CUDA where supported (never on CPU)
     val_images: int = 0            # 0 = whole val split
+    patience: int = 0              # stop after this many epochs without a better val rsum (0 = run all epochs)
     validate_at_start: bool = False  # also validate the untrained model (logged as epoch -1); best.pt then
                                    # never falls below the initialisation (an anchored model starts at the baseline)
     log_every: int = 10

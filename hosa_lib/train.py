@@ -132,6 +132,17 @@ def validate(core: HOSA, cfg: RunConfig, text, device) -> dict:
     return m
 
 
+def stale_for(epoch: int, best_epoch: int, patience: int, distributed: bool) -> bool:
+    """Early stopping: `patience` epochs have ended since the best val rsum (epoch -1 = the untrained
+    model). Rank 0 alone validates, so under DDP its decision is broadcast to every rank."""
+    stop = bool(patience) and epoch - 1 - best_epoch >= patience
+    if distributed:
+        flag = torch.tensor([float(stop)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.broadcast(flag, 0)
+        stop = bool(flag.item())
+    return stop
+
+
 class _StopRequest:
     """SIGINT/SIGTERM during training ask for a stop between steps (a checkpoint is saved first);
     previous handlers come back when training ends. Only the main thread can install handlers."""
@@ -236,7 +247,7 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, progress: bool = Tr
         groups.append({"params": backbone, "lr": cfg.train.lr * cfg.model.text_lr_scale})
     opt = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, spe))
-    step, epoch, start_batch, best = 0, 0, 0, -1.0
+    step, epoch, start_batch, best, best_epoch = 0, 0, 0, -1.0, -1
     last = ck_dir / "last.pt"
     if last.is_file():
         ck = load_checkpoint(last)
@@ -244,6 +255,7 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, progress: bool = Tr
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         step, epoch, start_batch, best = ck["step"], ck["epoch"], ck["batch_in_epoch"], ck["best_rsum"]
+        best_epoch = ck.get("best_epoch", epoch - 1)
         set_rng_state(ck["rng"])
         if rank == 0:
             print(f"resuming run {run_dir.name} at epoch {epoch}, batch {start_batch}, step {step}, "
@@ -256,6 +268,7 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, progress: bool = Tr
         if rank == 0:
             state = {"model": core.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                      "step": step, "epoch": ep, "batch_in_epoch": batch_in_epoch, "best_rsum": best,
+                     "best_epoch": best_epoch,
                      "rng": rng_state(), "config": to_dict(cfg), "code_version": code_version()}
             for name in names:
                 save_checkpoint(ck_dir / name, state)
@@ -266,7 +279,7 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, progress: bool = Tr
         t_start, last_val, first_epoch = time.perf_counter(), {}, epoch
         if cfg.train.validate_at_start and step == 0 and rank == 0:  # the initialisation competes for best.pt
             last_val = validate(core, cfg, text, device)
-            best = last_val["rsum"]
+            best, best_epoch = last_val["rsum"], -1
             log.write(json.dumps({"step": 0, "epoch": -1, "split": "val", **last_val}) + "\n")
             log.flush()
             checkpoint(("last.pt", "best.pt"), 0, 0)
@@ -276,6 +289,14 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, progress: bool = Tr
         core.train()
         every = cfg.train.checkpoint_every
         while epoch < cfg.train.epochs:
+            if stale_for(epoch, best_epoch, cfg.train.patience, distributed):
+                if rank == 0:
+                    line = (f"early stop after epoch {epoch}/{cfg.train.epochs}: no better val rsum for "
+                            f"{cfg.train.patience} epochs (best {best:.1f} after epoch {best_epoch + 1})")
+                    log_progress(run_dir, line)
+                    if progress:
+                        print(line)
+                break
             sampler.set_epoch(epoch, start_batch)
             loader = torch.utils.data.DataLoader(data, batch_sampler=sampler, collate_fn=collate,
                                                  num_workers=cfg.train.workers)
@@ -312,6 +333,7 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, progress: bool = Tr
                 last_val = validate(core, cfg, text, device)
                 improved = last_val["rsum"] > best
                 best = max(best, last_val["rsum"])
+                best_epoch = epoch - 1 if improved else best_epoch
                 log.write(json.dumps({"step": step, "epoch": epoch - 1, "split": "val", **last_val}) + "\n")
                 log.flush()
                 checkpoint(("last.pt", "best.pt") if improved else ("last.pt",), 0, epoch)

@@ -116,3 +116,24 @@ def test_validate_at_start_keeps_the_initialisation_when_training_makes_val_wors
         torch.testing.assert_close(best[k], v, msg=k)
     plain = train(override(cfg, {"train": {"validate_at_start": False}}), tmp_path / "plain", progress=False)
     assert plain["best_rsum"] == pytest.approx(vals[1]["rsum"])
+
+
+def test_patience_stops_early_and_a_rerun_does_not_train_on(tmp_path, smoke_store):
+    """train.patience: after `patience` epochs without a better val rsum training stops (here the
+    wrecked model never beats its untrained start); running the same command again resumes from
+    last.pt, sees the same state and trains no further step."""
+    import json
+
+    from hosa_lib.train import train
+    cfg = override(anchored_cfg(smoke_store.store),
+                   {"train": {"epochs": 4, "batch_size": 8, "lr": 1.0, "lr_warmup_steps": 0, "grad_clip": 0.0,
+                              "validate_at_start": True, "patience": 1}})
+    first = train(cfg, tmp_path / "run", progress=False)
+    vals = [json.loads(line)["epoch"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+            if '"split": "val"' in line]
+    assert vals == [-1, 0]
+    assert "early stop after epoch 1/4" in (tmp_path / "run" / "progress.log").read_text()
+    again = train(cfg, tmp_path / "run", progress=False)
+    assert again["steps"] == first["steps"] > 0
+    full = train(override(cfg, {"train": {"patience": 0}}), tmp_path / "full", progress=False)
+    assert full["steps"] == 4 * first["steps"]
