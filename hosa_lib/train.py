@@ -337,6 +337,9 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, progress: bool = Tr
                 log.write(json.dumps({"step": step, "epoch": epoch - 1, "split": "val", **last_val}) + "\n")
                 log.flush()
                 checkpoint(("last.pt", "best.pt") if improved else ("last.pt",), 0, epoch)
+                if stop.requested:  # asked during validation: the epoch is saved, stop here (even after the last)
+                    raise KeyboardInterrupt(f"interrupted after epoch {epoch}: saved {ck_dir / 'last.pt'}; the same "
+                                            "command resumes from there")
                 elapsed = time.perf_counter() - t_start
                 eta = elapsed / max(1, epoch - first_epoch) * (cfg.train.epochs - epoch)
                 line = (f"epoch {epoch}/{cfg.train.epochs}: loss {out['loss'].item():.3f}, val rsum {last_val['rsum']:.1f} "

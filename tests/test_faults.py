@@ -323,6 +323,32 @@ def test_ctrl_c_saves_a_checkpoint_says_how_to_resume_and_logs_each_step_once(tm
     assert steps == sorted(set(steps)) and saved in steps  # each step logged once, across the interruption
 
 
+def test_sigterm_during_the_last_validation_stops_instead_of_being_swallowed(tmp_path, smoke_store, monkeypatch):
+    """A stop asked while the final epoch validates used to be forgotten (training returned normally and
+    an ablation grid went on to evaluate and to its next cell); now the epoch's checkpoint is saved and
+    training raises KeyboardInterrupt, and a rerun has nothing left to train."""
+    import hosa_lib.train as tr
+    from hosa_lib.config import from_dict, load, to_dict
+    raw = to_dict(load(REPO / "params" / "smoke.yaml"))
+    raw["data"]["store"] = smoke_store.store
+    raw["train"].update(epochs=1, batch_size=8)
+    cfg = from_dict(raw)
+    real = tr.validate
+
+    def validate_then_sigterm(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+
+    monkeypatch.setattr(tr, "validate", validate_then_sigterm)
+    with pytest.raises(KeyboardInterrupt, match="interrupted after epoch 1"):
+        tr.train(cfg, tmp_path / "run", progress=False)
+    assert signal.getsignal(signal.SIGTERM) is not None  # handlers restored
+    ck = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
+    assert ck["epoch"] == 1 and (tmp_path / "run" / "checkpoints" / "best.pt").is_file()
+    monkeypatch.setattr(tr, "validate", real)
+    assert tr.train(cfg, tmp_path / "run", progress=False)["steps"] == ck["step"]
+
+
 def test_changed_captions_rebuild_the_store(tmp_path, capsys):
     from hosa_lib.config import DataConfig
     from hosa_lib.prepare import prepare
