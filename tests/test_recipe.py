@@ -137,3 +137,34 @@ def test_patience_stops_early_and_a_rerun_does_not_train_on(tmp_path, smoke_stor
     assert again["steps"] == first["steps"] > 0
     full = train(override(cfg, {"train": {"patience": 0}}), tmp_path / "full", progress=False)
     assert full["steps"] == 4 * first["steps"]
+
+
+def test_image_folder_recipe_starts_at_the_anchored_baseline_with_a_finetuned_backbone(smoke_store):
+    """params/images.yaml on the smoke store: the text backbone runs inside the model (tokens in),
+    yet the untrained model's global vectors equal those of the anchored model on cached states
+    (the backbone's output is the cache), and one InfoNCE step sends gradients into the backbone,
+    the anchor maps and both local encoders."""
+    from hosa_lib.data import CaptionDataset, collate
+    from hosa_lib.evaluate import encode_split
+    from hosa_lib.factory import build_model
+    from hosa_lib.train import train_step
+    raw = to_dict(load("params/images.yaml"))
+    raw["data"].update(store=smoke_store.store)
+    raw["model"].update(embed=64, ff=128, dropout=0.0)
+    cfg = from_dict(raw)
+    assert cfg.model.anchor and cfg.model.text_finetune and cfg.loss.kind == "infonce"
+    assert cfg.train.validate_at_start and cfg.train.patience > 0
+    ft, ft_text = build_model(cfg, seed=0)
+    cached, cached_text = build_model(override(cfg, {"model": {"text_finetune": False}}), seed=0)
+    assert ft_text.tokenizer and not cached_text.tokenizer
+    _, cap_ft, _ = encode_split(ft, smoke_store.store, "test", ft_text)
+    _, cap_cached, _ = encode_split(cached, smoke_store.store, "test", cached_text)
+    torch.testing.assert_close(cap_ft["glob"], cap_cached["glob"], atol=2e-3, rtol=1e-3)
+    ds = CaptionDataset(smoke_store.store, "train", ft_text)
+    out = train_step(ft, collate(ds.__getitems__(np.arange(8))), cfg, step=0, device=torch.device("cpu"), amp=False)
+    out["loss"].backward()
+    params = dict(ft.named_parameters())
+    for name in ("text.backbone.encoder.layer.5.output.dense.weight", "text.anchor.map.weight",
+                 "image.anchor.map.weight", "image.proj.weight", "text.proj.weight"):
+        grad = params[name].grad
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
