@@ -44,13 +44,18 @@ def portable_config(cfg: RunConfig) -> dict:
 
 
 def weights_config(cfg: RunConfig) -> dict:
-    """The part of the (portable) config that determines the trained weights."""
-    out = {}
+    """The part of the (portable) config that determines the trained weights. Keys at their default
+    value are left out, so adding an option whose default keeps today's behaviour leaves the keys
+    (and the cached run folders) of existing runs as they are."""
+    out, default = {}, to_dict(RunConfig())
     for section, value in portable_config(cfg).items():
         drop = NOT_WEIGHTS.get(section, ())
         if drop == "*":
             continue
-        out[section] = {k: v for k, v in value.items() if k not in drop} if isinstance(value, dict) else value
+        if isinstance(value, dict):
+            out[section] = {k: v for k, v in value.items() if k not in drop and v != default[section].get(k)}
+        elif value != default[section]:
+            out[section] = value
     return out
 
 

@@ -119,6 +119,18 @@ def test_run_folder_key_covers_exactly_what_changes_weights(key, reuses):
     assert (run_dir_for(override(base, key)) == run_dir_for(base)) == reuses
 
 
+def test_run_key_leaves_out_values_at_their_default():
+    """A new option whose default keeps today's behaviour must not move existing runs to new folders:
+    the key hashes only what differs from the defaults (an explicit default is the same run)."""
+    from hosa_lib.config import RunConfig, override
+    from hosa_lib.runs import weights_config, weights_key
+    base = RunConfig()
+    changed = override(base, {"train": {"lr": 1e-3}, "scoring": {"bands": 2}})
+    assert weights_config(changed) == {"data": {}, "model": {}, "scoring": {"bands": 2}, "loss": {},
+                                       "train": {"lr": 1e-3}}
+    assert weights_key(override(changed, {"train": {"patience": 0, "validate_at_start": False}})) == weights_key(changed)
+
+
 def test_run_key_is_the_same_with_a_symlinked_outputs_folder(tmp_path, monkeypatch):
     """outputs/ (or data/) symlinked to a bigger disk — or into another project — keeps the run key."""
     from hosa_lib.config import load
