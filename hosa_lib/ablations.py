@@ -43,7 +43,10 @@ def run_cell(cfg: RunConfig, progress: bool = False) -> dict:
     t0, load0 = time.perf_counter(), os.getloadavg()[0]
     res = train(cfg, run_dir, progress=progress)
     t_train = time.perf_counter() - t0
-    m = evaluate_checkpoint(cfg, run_dir / "checkpoints" / "best.pt", progress=False)["metrics"]
+    ev = evaluate_checkpoint(cfg, run_dir / "checkpoints" / "best.pt", progress=False)
+    m = dict(ev["metrics"])
+    if cfg.scoring.gates:  # the weights training gave the local terms (gates folded in)
+        m.update(w_local_learned=ev["cfg"].scoring.w_local, w_high_learned=ev["cfg"].scoring.w_high)
     # machine load while the cell trained: timings of cells run under different load do not compare
     out = {**m, "train_seconds": t_train, "steps": res["steps"], "steps_per_s": res["steps"] / t_train,
            "load_avg": (load0 + os.getloadavg()[0]) / 2, "run_dir": str(run_dir)}

@@ -62,6 +62,9 @@ class ScoringConfig:
     condition: bool = False        # local-global H: the softmax of H also sees lambda * cos(position, other side's
                                    # global vector) (t2i: each word's cosine with the image's global vector)
     kernel: str = "auto"           # high-order term: auto (numba on CPU, triton on CUDA) | torch (eager) | numba | triton
+    gates: bool = False            # learnable gates g on the local terms, starting at 0: the score is
+                                   # w_global s_g + g_l w_local s_l + g_h w_high s_h, so an anchored model starts at
+                                   # its global score (the baseline) and training sets how much the local terms count
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,8 @@ class TrainConfig:
     amp: bool = True               # bf16 autocast on CUDA where supported (never on CPU)
     val_images: int = 0            # 0 = whole val split
     patience: int = 0              # stop after this many epochs without a better val rsum (0 = run all epochs)
+    gate_lr: float = 1e-3          # Adam learning rate of the term gates (scoring.gates): at the model's lr a
+                                   # scalar gate would move ~0.03 in an epoch of 600 steps
     validate_at_start: bool = False  # also validate the untrained model (logged as epoch -1); best.pt then
                                    # never falls below the initialisation (an anchored model starts at the baseline)
     log_every: int = 10

@@ -18,6 +18,7 @@ if __name__ == "__main__":  # answer --help and usage errors before torch loads
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -173,6 +174,7 @@ def evaluate_checkpoint(cfg: RunConfig, checkpoint, split: str | None = None, pr
     checkpoint = Path(checkpoint)
     model, run_cfg, ck, text = load_model(checkpoint, cfg.data.store, device)
     check_scoring(cfg.scoring, run_cfg.scoring, checkpoint)
+    run_cfg = replace(run_cfg, scoring=model.scoring_config())  # learned term gates folded into the weights
     tag = f"{checkpoint.resolve()}|{ck['step']}|{split}"
     emb_path = checkpoint.with_name(f"embeddings_{checkpoint.stem}_{split}.h5")
     t0 = time.perf_counter()

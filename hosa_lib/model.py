@@ -4,10 +4,12 @@ Build or load one through `hosa_lib.factory` (from a config and a store, or from
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn as nn
 
-from .config import ModelConfig, ScoringConfig
+from .config import ConfigError, ModelConfig, ScoringConfig
 from .encoders import ImageEncoder, TextEncoder, transformer
 from .scoring import make_side, pair_scores
 
@@ -28,6 +30,12 @@ class HOSA(nn.Module):
             self.image = ImageEncoder(mcfg, feat_dim)
             self.text = TextEncoder(mcfg, text_dim, backbone if mcfg.text_finetune else None)
         self.shared = transformer(mcfg, mcfg.shared_layers)
+        if scfg.gates:  # (local, high): the untrained model scores with its global term alone
+            if scfg.w_global == 0 or (scfg.w_local == 0 and scfg.w_high == 0):
+                raise ConfigError("scoring.gates: needs the global term and a local term (w_global and w_local or "
+                                  f"w_high non-zero), got w_global={scfg.w_global}, w_local={scfg.w_local}, "
+                                  f"w_high={scfg.w_high}")
+            self.term_gates = nn.Parameter(torch.zeros(2))
 
     def encode_images(self, batch: dict) -> dict[str, torch.Tensor]:
         """-> glob (B, d), local (B, K, d), mask (B, K): what evaluation caches."""
@@ -41,6 +49,20 @@ class HOSA(nn.Module):
         return {"glob": glob, "local": local, "mask": mask}
 
     def score(self, img: dict, cap: dict, cfg: ScoringConfig | None = None) -> dict[str, torch.Tensor]:
-        """All pairs of the two encoded sets: dict of (N_img, N_cap) score terms and 'total'."""
+        """All pairs of the two encoded sets: dict of (N_img, N_cap) score terms and 'total' (with the
+        term gates, differentiably, when the model has them and no other scoring is given)."""
+        gated = cfg is None and self.scfg.gates
         cfg = cfg or self.scfg
-        return pair_scores(make_side(**img, cfg=cfg, name="images"), make_side(**cap, cfg=cfg, name="captions"), cfg)
+        out = pair_scores(make_side(**img, cfg=cfg, name="images"), make_side(**cap, cfg=cfg, name="captions"), cfg)
+        if gated:
+            w = {"global": cfg.w_global, "local": cfg.w_local * self.term_gates[0], "high": cfg.w_high * self.term_gates[1]}
+            out["total"] = sum(w[k] * out[k] for k in ("global", "local", "high") if k in out)
+        return out
+
+    def scoring_config(self) -> ScoringConfig:
+        """The scoring this model's scores are evaluated with: its config, the gates folded into
+        w_local and w_high (plain floats) when it has them."""
+        if not self.scfg.gates:
+            return self.scfg
+        g = self.term_gates.detach().cpu().tolist()
+        return replace(self.scfg, w_local=self.scfg.w_local * g[0], w_high=self.scfg.w_high * g[1], gates=False)

@@ -127,7 +127,7 @@ def validate(core: HOSA, cfg: RunConfig, text, device) -> dict:
         cap = {k: v[keep_cap] for k, v in cap.items()}
         cap_img = cap_img[keep_cap]
     ecfg = override(cfg.eval, {"protocol": "all", "shortlist": 0})
-    m, _ = evaluate_embeddings(img, cap, cap_img, cfg.scoring, ecfg, device=device)
+    m, _ = evaluate_embeddings(img, cap, cap_img, core.scoring_config(), ecfg, device=device)
     core.train()
     return m
 
@@ -241,10 +241,13 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, progress: bool = Tr
         raise ValueError(f"train split has {len(data)} captions, fewer than one batch of "
                          f"{cfg.train.batch_size * world}")
     backbone = list(core.text.backbone.parameters()) if core.text.backbone is not None else []
-    ids = {id(p) for p in backbone}
+    gates = [core.term_gates] if cfg.scoring.gates else []
+    ids = {id(p) for p in backbone + gates}
     groups = [{"params": [p for p in core.parameters() if id(p) not in ids]}]
     if backbone:  # separate (smaller) learning rate for the fine-tuned text backbone
         groups.append({"params": backbone, "lr": cfg.train.lr * cfg.model.text_lr_scale})
+    if gates:  # scalars that must be able to move by O(1) within a run
+        groups.append({"params": gates, "lr": cfg.train.gate_lr, "weight_decay": 0.0})
     opt = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, spe))
     step, epoch, start_batch, best, best_epoch = 0, 0, 0, -1.0, -1

@@ -168,3 +168,48 @@ def test_image_folder_recipe_starts_at_the_anchored_baseline_with_a_finetuned_ba
                  "image.anchor.map.weight", "image.proj.weight", "text.proj.weight"):
         grad = params[name].grad
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
+
+
+def test_term_gates_start_at_the_global_score_and_evaluation_scores_what_training_scores(smoke_store):
+    """scoring.gates: untrained, the total is w_global * s_g exactly; with any gate values the
+    differentiable training score equals the chunked evaluation score under model.scoring_config()
+    (gates folded into w_local / w_high); the gates receive gradients."""
+    from hosa_lib.config import ConfigError
+    from hosa_lib.evaluate import encode_split
+    from hosa_lib.factory import build_model
+    from hosa_lib.scoring import score_all_pairs
+    cfg = override(anchored_cfg(smoke_store.store), {"scoring": {"gates": True, "kernel": "torch"}})
+    model, text = build_model(cfg, seed=0)
+    img, cap, _ = encode_split(model, smoke_store.store, "test", text)
+    first = model.score(img, cap)
+    torch.testing.assert_close(first["total"], cfg.scoring.w_global * first["global"])
+    assert {"local", "high"} <= set(first)  # computed (they carry the gates' gradients), weighted 0
+    first["total"].sum().backward()
+    assert model.term_gates.grad is not None and (model.term_gates.grad != 0).all()
+    with torch.no_grad():
+        model.term_gates.copy_(torch.tensor([0.3, -0.2]))
+    folded = model.scoring_config()
+    assert not folded.gates and folded.w_local == pytest.approx(0.3 * cfg.scoring.w_local)
+    assert folded.w_high == pytest.approx(-0.2 * cfg.scoring.w_high)
+    train_total = model.score(img, cap)["total"].detach()
+    eval_total = score_all_pairs(img, cap, folded, max_elems=1 << 12)["total"]
+    torch.testing.assert_close(eval_total, train_total, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ConfigError, match="scoring.gates: needs the global term"):
+        build_model(override(cfg, {"scoring": {"w_global": 0.0}}), seed=0)
+
+
+def test_term_gates_train_at_their_own_rate_and_the_checkpoint_evaluates_with_them(tmp_path, smoke_store):
+    from hosa_lib.evaluate import evaluate_checkpoint
+    from hosa_lib.runs import load_checkpoint
+    from hosa_lib.train import train
+    cfg = override(anchored_cfg(smoke_store.store),
+                   {"scoring": {"gates": True}, "train": {"epochs": 1, "batch_size": 8, "gate_lr": 0.05}})
+    train(cfg, tmp_path / "run", progress=False)
+    ck = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    groups = ck["optimizer"]["param_groups"]
+    assert len(groups) == 2 and groups[1]["weight_decay"] == 0.0
+    assert groups[1]["lr"] / groups[0]["lr"] == pytest.approx(0.05 / cfg.train.lr)
+    gates = ck["model"]["term_gates"]
+    assert gates.abs().max() > 0.02, gates  # beyond what the model lr allows: 2e-4 x ~20 steps = 0.004
+    ev = evaluate_checkpoint(cfg, tmp_path / "run" / "checkpoints" / "last.pt", progress=False, cache=False)
+    assert ev["cfg"].scoring.w_local == pytest.approx(float(gates[0]) * cfg.scoring.w_local)
