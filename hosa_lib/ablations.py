@@ -94,7 +94,8 @@ def summarize(df: pd.DataFrame, base: dict | None = None) -> pd.DataFrame:
     """Mean (and, with several seeds, sd) per variant of the headline metrics and training speed.
     `load differs` flags variants whose cells trained under a machine load 1 or more above the
     grid's lowest: their speed does not compare."""
-    cols = [c for c in ("rsum", "i2t_r1", "t2i_r1", *TWINS.values(), "steps_per_s") if c in df]
+    cols = [c for c in ("rsum", "i2t_r1", "t2i_r1", *TWINS.values(), "w_local_learned", "w_high_learned",
+                        "steps_per_s") if c in df]
     several = df.groupby("variant", sort=False).size().max() > 1
     agg = df.groupby("variant", sort=False)[cols].agg(["mean", "std"] if several else ["mean"])
     agg.columns = [f"{a} {b}" if several else a for a, b in agg.columns]

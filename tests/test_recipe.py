@@ -213,3 +213,15 @@ def test_term_gates_train_at_their_own_rate_and_the_checkpoint_evaluates_with_th
     assert gates.abs().max() > 0.02, gates  # beyond what the model lr allows: 2e-4 x ~20 steps = 0.004
     ev = evaluate_checkpoint(cfg, tmp_path / "run" / "checkpoints" / "last.pt", progress=False, cache=False)
     assert ev["cfg"].scoring.w_local == pytest.approx(float(gates[0]) * cfg.scoring.w_local)
+
+
+def test_ablation_summary_reports_the_learned_gate_weights():
+    import pandas as pd
+
+    from hosa_lib.ablations import summarize
+    df = pd.DataFrame({"variant": ["gated", "gated", "plain", "plain"], "seed": [0, 1, 0, 1],
+                       "rsum": [300.0, 302.0, 290.0, 296.0], "w_local_learned": [0.5, 0.7, None, None],
+                       "w_high_learned": [-0.1, 0.1, None, None]})
+    out = summarize(df)
+    assert out.loc["gated", "w_local_learned mean"] == pytest.approx(0.6)
+    assert out.loc["plain", "rsum std"] == pytest.approx(4.24, abs=0.01)
