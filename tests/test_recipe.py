@@ -143,7 +143,7 @@ def test_image_folder_recipe_starts_at_the_anchored_baseline_with_a_finetuned_ba
     """params/images.yaml on the smoke store: the text backbone runs inside the model (tokens in),
     yet the untrained model's global vectors equal those of the anchored model on cached states
     (the backbone's output is the cache), and one InfoNCE step sends gradients into the backbone,
-    the anchor maps and both local encoders."""
+    the anchor maps and the term gates (and into the local encoders once the gates are open)."""
     from hosa_lib.data import CaptionDataset, collate
     from hosa_lib.evaluate import encode_split
     from hosa_lib.factory import build_model
@@ -161,13 +161,22 @@ def test_image_folder_recipe_starts_at_the_anchored_baseline_with_a_finetuned_ba
     _, cap_cached, _ = encode_split(cached, smoke_store.store, "test", cached_text)
     torch.testing.assert_close(cap_ft["glob"], cap_cached["glob"], atol=2e-3, rtol=1e-3)
     ds = CaptionDataset(smoke_store.store, "train", ft_text)
-    out = train_step(ft, collate(ds.__getitems__(np.arange(8))), cfg, step=0, device=torch.device("cpu"), amp=False)
+    batch = collate(ds.__getitems__(np.arange(8)))
+    out = train_step(ft, batch, cfg, step=0, device=torch.device("cpu"), amp=False)
     out["loss"].backward()
     params = dict(ft.named_parameters())
     for name in ("text.backbone.encoder.layer.5.output.dense.weight", "text.anchor.map.weight",
-                 "image.anchor.map.weight", "image.proj.weight", "text.proj.weight"):
+                 "image.anchor.map.weight", "term_gates"):
         grad = params[name].grad
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
+    # closed gates: the local encoders wait (zero gradient) until training opens them
+    assert not params["image.proj.weight"].grad.any()
+    ft.zero_grad()
+    with torch.no_grad():
+        ft.term_gates.fill_(0.5)
+    train_step(ft, batch, cfg, step=0, device=torch.device("cpu"), amp=False)["loss"].backward()
+    for name in ("image.proj.weight", "text.proj.weight"):
+        assert params[name].grad.abs().sum() > 0, name
 
 
 def test_term_gates_start_at_the_global_score_and_evaluation_scores_what_training_scores(smoke_store):
