@@ -295,7 +295,8 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, progress: bool = Tr
             if stale_for(epoch, best_epoch, cfg.train.patience, distributed):
                 if rank == 0:
                     line = (f"early stop after epoch {epoch}/{cfg.train.epochs}: no better val rsum for "
-                            f"{cfg.train.patience} epochs (best {best:.1f} after epoch {best_epoch + 1})")
+                            f"{cfg.train.patience} epochs (best {best:.1f}, "
+                            + ("the untrained model)" if best_epoch < 0 else f"after epoch {best_epoch + 1})"))
                     log_progress(run_dir, line)
                     if progress:
                         print(line)
