@@ -76,9 +76,10 @@ class Explorer:
         import ipywidgets as W
         from IPython.display import display
 
-        box = W.Text(value=query, description="caption", layout=W.Layout(width="60%"))
+        box = W.Text(value=query, description="caption", layout=W.Layout(width="60%"), continuous_update=False)
         pick = W.IntSlider(value=0, min=0, max=len(self.images) - 1, description="image #")
-        sliders = [W.FloatSlider(value=getattr(self.scoring, n), min=0, max=10, step=0.5, description=n)
+        # learned gates (scoring.gates) can make a weight negative or fractional: the range holds it
+        sliders = [W.FloatSlider(value=getattr(self.scoring, n), min=-10, max=10, step=0.05, description=n)
                    for n in ("w_local", "w_high", "w_global")]
         out_text, out_image = W.Output(), W.Output()
 
@@ -95,8 +96,7 @@ class Explorer:
                 import matplotlib.pyplot as plt
                 plt.show()
 
-        box.on_submit(refresh)
-        for w in (pick, *sliders):
+        for w in (box, pick, *sliders):  # the caption box commits its value on Enter (or leaving it)
             w.observe(refresh, names="value")
         refresh()
         return W.VBox([box, W.HBox(sliders), out_text, pick, out_image])

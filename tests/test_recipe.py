@@ -234,3 +234,28 @@ def test_ablation_summary_reports_the_learned_gate_weights():
     out = summarize(df)
     assert out.loc["gated", "w_local_learned mean"] == pytest.approx(0.6)
     assert out.loc["plain", "rsum std"] == pytest.approx(4.24, abs=0.01)
+
+
+def test_explorer_scores_a_gated_fine_tuned_checkpoint_with_its_learned_weights(tmp_path, smoke_store):
+    """The explorer on a checkpoint of the image-folder recipe (gates, backbone inside the model):
+    its weights are the learned ones, its widget sliders keep them (a negative weight too), and a
+    caption query ranks with the same total as the evaluation."""
+    from hosa_lib.explore import Explorer
+    from hosa_lib.train import train
+    raw = to_dict(load("params/images.yaml"))
+    raw["data"].update(store=smoke_store.store)
+    raw["model"].update(embed=64, ff=128)
+    raw["train"].update(epochs=1, batch_size=8, gate_lr=0.05)
+    cfg = from_dict(raw)
+    train(cfg, tmp_path / "run", progress=False)
+    ck = tmp_path / "run" / "checkpoints" / "last.pt"
+    state = torch.load(ck, weights_only=False)
+    state["model"]["term_gates"] = torch.tensor([0.4, -0.3])
+    torch.save(state, ck)
+    ex = Explorer(cfg, ck)
+    assert ex.scoring.w_local == pytest.approx(0.4 * cfg.scoring.w_local)
+    assert ex.scoring.w_high == pytest.approx(-0.3 * cfg.scoring.w_high)
+    ex.widget("a red square", k=3)
+    assert ex.scoring.w_high == pytest.approx(-0.3 * cfg.scoring.w_high, abs=0.03)  # the slider kept it
+    top = ex.text_query("a red square", k=3, show=False)
+    assert len(top) == 3 and top["score"].is_monotonic_decreasing
