@@ -10,20 +10,29 @@ import numpy as np
 KS = (1, 5, 10)
 
 
+TIE_ULPS = 4  # scores closer than this many float32 ulps (of the largest |score|) are ties
+
+
 def ranks(scores: np.ndarray, cap_img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """0-based rank of the first correct item. i2t: per image, best-ranked own caption; t2i: per caption, its image."""
+    """0-based rank of the first correct item. i2t: per image, best-ranked own caption; t2i: per caption, its image.
+
+    An item counts as ranked above the correct one only if it scores higher by more than float32
+    noise (TIE_ULPS ulps): identical captions (titles repeat in real folders) or duplicate images
+    encoded in different batches differ by an ulp or two, and exact ties are not broken against the
+    correct item — so whether a tie survives the arithmetic does not change the recalls."""
     scores = np.asarray(scores, dtype=np.float64)
     n_img, n_cap = scores.shape
     if cap_img.shape != (n_cap,) or cap_img.min() < 0 or cap_img.max() >= n_img:
         raise ValueError(f"cap_img must index {n_img} images for {n_cap} captions")
+    tol = TIE_ULPS * float(np.finfo(np.float32).eps) * max(1.0, float(np.abs(scores).max(initial=0.0)))
     own = scores[cap_img, np.arange(n_cap)]  # (n_cap,) score of each caption with its image
-    t2i = (scores > own[None, :]).sum(0)  # images strictly better than the true one
+    t2i = (scores > own[None, :] + tol).sum(0)  # images better than the true one
     best_own = np.full(n_img, -np.inf)
     np.maximum.at(best_own, cap_img, own)
     has = np.isfinite(best_own)
     if not has.all():
         raise ValueError(f"{(~has).sum()} image(s) have no caption")
-    i2t = (scores > best_own[:, None]).sum(1)
+    i2t = (scores > best_own[:, None] + tol).sum(1)
     return i2t, t2i
 
 

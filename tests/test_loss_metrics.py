@@ -67,6 +67,25 @@ def test_hand_made_recalls():
     assert m2["t2i_r10"] == 100 and m2["i2t_r1"] == 100 and m2["t2i_meanr"] == pytest.approx((11 + 7) / 12)
 
 
+def test_float32_noise_does_not_break_a_tie_against_the_correct_item():
+    """Two captions with the same text, scored an ulp apart (encoded in different batches): the image
+    whose own caption lost the ulp still finds it at rank 0, as with an exact tie; a real gap of
+    1e-4 still ranks the other caption first."""
+    from hosa_lib.metrics import ranks
+    one = np.float32(1.0)
+    above = float(np.nextafter(one, np.float32(2)))  # one ulp above
+    scores = np.array([[0.5, 1.0, above], [0.2, 0.9, 0.1], [0.1, 0.3, 0.95]])
+    cap_img = np.array([1, 0, 2])  # image 0's own caption (column 1) is an ulp below column 2
+    i2t, _ = ranks(scores, cap_img)
+    assert i2t[0] == 0
+    scores[0, 2] = 1.0 + 1e-4
+    i2t, _ = ranks(scores, cap_img)
+    assert i2t[0] == 1
+    # large scores (weighted sums up to ~10) scale the tolerance with them
+    i2t, _ = ranks(np.array([[9.0, 9.0 + 2e-6], [0.0, 1.0]]), np.array([0, 1]))
+    assert i2t[0] == 0
+
+
 def test_ndcg_matches_definition():
     rng = np.random.default_rng(1)
     scores, rel = rng.random((4, 6)), rng.random((6, 4))
