@@ -53,14 +53,81 @@ def choose_ridge(x_tr, y_tr, ci_tr, x_va, y_va, ci_va, lambdas=LAMBDAS):
     return fit_ridge(pairs_x, y_tr - my, lam), mx, my, lam, by_lambda
 
 
-def ridge_map(store_path, text_key: str, lambdas=LAMBDAS) -> dict:
-    """The baseline's map fitted on train (lambda chosen on val), for initialising anchored models:
-    {"w" (D, H), "mean_x" (D,), "mean_y" (H,), "lambda", "y_train" (n, H) caption vectors}."""
+# Regularised CCA, the second closed-form start for anchored models. Grid chosen on val: the ridge
+# added to each side's covariance (a fraction of its mean variance), the canonical pairs kept, and the
+# power of the canonical correlations that weights each pair inside the cosine.
+CCA_REG_X = (0.1, 1.0)
+CCA_REG_Y = (0.01, 0.1, 1.0)
+CCA_DIMS = (64, 128, 256, 384)
+CCA_POWERS = (0.5, 1.0, 2.0)
+
+
+def inv_sqrt(cov: np.ndarray, reg: float) -> np.ndarray:
+    """(C + reg * mean variance * I)^(-1/2) of a symmetric PSD matrix C (float64)."""
+    c = cov + reg * max(np.trace(cov) / len(cov), 1e-12) * np.eye(len(cov))
+    e, v = np.linalg.eigh(c)
+    return (v / np.sqrt(np.maximum(e, 1e-12))) @ v.T
+
+
+def fit_cca(x: np.ndarray, y: np.ndarray, reg_x: float, reg_y: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Regularised CCA of paired, centred rows x (n, D) and y (n, H): (A (D, r), B (H, r), canonical
+    correlations (r,), descending), r = min(D, H); x A and y B are whitened and their cross-covariance
+    is diag(correlations). Whitening + one SVD; written here because it must share the ridge's
+    centring and pairing (scikit-learn's CCA is iterative PLS and slow at D = 1280)."""
+    n = len(x)
+    ix, iy = inv_sqrt(x.T @ x / n, reg_x), inv_sqrt(y.T @ y / n, reg_y)
+    u, s, vt = np.linalg.svd(ix @ (x.T @ y / n) @ iy, full_matrices=False)
+    return ix @ u, iy @ vt.T, s
+
+
+def choose_cca(x_tr, y_tr, ci_tr, x_va, y_va, ci_va, max_dims: int) -> dict:
+    """Regularised CCA over the grid above (at most max_dims pairs), best val rsum: {"image" (D, k),
+    "text" (H, k) maps of centred vectors, "mean_x", "mean_y", "val_rsum", "params"}."""
+    mx, my = x_tr.mean(0), y_tr.mean(0)
+    px, py = (x_tr[ci_tr] - mx).astype(np.float64), (y_tr - my).astype(np.float64)
+    xv, yv = x_va - mx, y_va - my
+    cap = min(max_dims, px.shape[1], py.shape[1])
+    dims = sorted({d for d in CCA_DIMS if d < cap} | {cap})
+    best = None
+    for rx in CCA_REG_X:
+        for ry in CCA_REG_Y:
+            a, b, corr = fit_cca(px, py, rx, ry)
+            for k in dims:
+                for pw in CCA_POWERS:
+                    w = corr[:k] ** pw
+                    rsum = evaluate_scores(cosine_scores(xv @ (a[:, :k] * w), yv @ (b[:, :k] * w)), ci_va)["rsum"]
+                    if best is None or rsum > best["val_rsum"]:
+                        best = {"image": a[:, :k] * w, "text": b[:, :k] * w, "mean_x": mx, "mean_y": my,
+                                "val_rsum": rsum, "params": {"reg_x": rx, "reg_y": ry, "dims": k, "power": pw}}
+    return best
+
+
+def closed_form_start(store_path, text_key: str, kind: str, max_dims: int) -> dict:
+    """The linear maps an anchored model starts from: global image vector = (x - mean_x) @ image,
+    global text vector = (y - mean_y) @ text, at most max_dims wide. kind "ridge": the baseline's
+    map (lambda chosen on val) — text side the identity when H <= max_dims, else the top principal
+    directions of the train caption vectors, image side W times the same; "cca": `choose_cca`;
+    "auto": whichever of the two has the higher val rsum. Returns {"kind", "image", "text", "mean_x",
+    "mean_y", "val_rsum", "params"}."""
+    if kind not in ("ridge", "cca", "auto"):
+        raise ValueError(f"closed-form start: kind {kind!r}, expected ridge, cca or auto")
     with Store(store_path, check_values=False) as s:
-        x_tr, y_tr, ci_tr = split_vectors(s, "train", text_key)
-        x_va, y_va, ci_va = split_vectors(s, "val", text_key)
-    w, mx, my, lam, _ = choose_ridge(x_tr, y_tr, ci_tr, x_va, y_va, ci_va, lambdas)
-    return {"w": w, "mean_x": mx, "mean_y": my, "lambda": lam, "y_train": y_tr}
+        tr = split_vectors(s, "train", text_key)
+        va = split_vectors(s, "val", text_key)
+    found = []
+    if kind in ("ridge", "auto"):
+        w, mx, my, lam, _ = choose_ridge(*tr, *va)
+        h = w.shape[1]
+        if h <= max_dims:
+            p = np.eye(h)
+        else:  # (H, max_dims): the captions' top principal directions
+            p = np.linalg.svd(tr[1].astype(np.float64) - my, full_matrices=False)[2][:max_dims].T
+        rsum = evaluate_scores(cosine_scores((va[0] - mx) @ w @ p, (va[1] - my) @ p), va[2])["rsum"]
+        found.append({"kind": "ridge", "image": w @ p, "text": p, "mean_x": mx, "mean_y": my, "val_rsum": rsum,
+                      "params": {"lambda": lam}})
+    if kind in ("cca", "auto"):
+        found.append({"kind": "cca", **choose_cca(*tr, *va, max_dims)})
+    return max(found, key=lambda f: f["val_rsum"])  # first (ridge) on a tie
 
 
 def ridge_baseline(store_path, text_key: str, split: str = "test", lambdas=LAMBDAS, ndcg_k: int = 25) -> dict:

@@ -85,6 +85,8 @@ class ModelConfig:
     anchor: bool = False           # global vectors = a linear map of the pretrained pooled inputs (mean region feature;
                                    # mean token state = the sentence embedding), initialised from the ridge baseline,
                                    # plus a gated residual from the transformer's global token (gate starts at 0)
+    anchor_init: str = "ridge"     # the anchored maps' closed-form start: ridge (the baseline's map) | cca (regularised
+                                   # CCA, hyperparameters chosen on val) | auto (whichever has the higher val rsum)
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,7 @@ class RunConfig:
 CHOICES = {
     "data.source": ("synthetic", "teran", "scan", "images", "store"),
     "model.arch": ("hosa", "teran"),
+    "model.anchor_init": ("ridge", "cca", "auto"),
     "data.dataset": ("coco", "f30k"),
     "data.on_bad_image": ("fail", "skip"),
     "data.image_fit": ("letterbox", "crop"),

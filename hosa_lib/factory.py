@@ -50,31 +50,28 @@ def build_model(cfg: RunConfig, device="cpu", pretrained: bool = True,
     log_scale = math.log(1 / cfg.loss.temperature) if cfg.loss.kind == "infonce" else None
     model = HOSA(cfg.model, cfg.scoring, feat_dim, text_dim, backbone, log_scale=log_scale)
     if cfg.model.anchor and seed is not None:  # training starts at the baseline; checkpoints bring their own
-        init_anchors(model, dc.store, cache_key(dc.text_model, dc.text_layer))
+        init_anchors(model, dc.store, cache_key(dc.text_model, dc.text_layer), cfg.model.anchor_init)
     return model.to(device), text
 
 
 @torch.no_grad()
-def init_anchors(model: HOSA, store_path, text_key: str) -> float:
-    """Set the anchored global maps (model.anchor) so that the untrained model's global score is
-    the ridge baseline: text map = P (centred), image map = P W^T (centred), with W the baseline's
-    ridge map (lambda chosen on val) and P an orthonormal (embed, H) projection — the identity when
-    embed >= H, else the top principal directions of the train caption vectors. Returns lambda."""
-    from .baseline import ridge_map
+def init_anchors(model: HOSA, store_path, text_key: str, kind: str = "ridge") -> dict:
+    """Set the anchored global maps (model.anchor) from a closed-form fit (`baseline.closed_form_start`:
+    the ridge baseline's map, regularised CCA, or the better of the two on val), so that the untrained
+    model's global score is that fit's; output dimensions the fit does not fill start at 0. Returns
+    the fit's {"kind", "val_rsum", "params"}."""
+    from .baseline import closed_form_start
     if model.image.anchor is None or model.text.anchor is None:
         raise ValueError("model.anchor: this architecture has no anchored global vectors")
-    r = ridge_map(store_path, text_key)
-    w, mx, my = (torch.from_numpy(np.asarray(r[k], np.float64)) for k in ("w", "mean_x", "mean_y"))
-    embed, h = model.text.anchor.map.weight.shape
-    if embed >= h:
-        p = torch.eye(embed, h, dtype=torch.float64)
-    else:
-        yc = torch.from_numpy(np.asarray(r["y_train"], np.float64)) - my
-        p = torch.linalg.svd(yc, full_matrices=False).Vh[:embed]  # (embed, H)
-    for anchor, weight, mean in ((model.text.anchor, p, my), (model.image.anchor, p @ w.T, mx)):
+    embed = model.text.anchor.map.weight.shape[0]
+    fit = closed_form_start(store_path, text_key, kind, embed)
+    for anchor, m, mean in ((model.text.anchor, fit["text"], fit["mean_y"]),
+                            (model.image.anchor, fit["image"], fit["mean_x"])):
+        weight = torch.zeros(anchor.map.weight.shape, dtype=torch.float64)
+        weight[:m.shape[1]] = torch.from_numpy(np.asarray(m, np.float64)).T
         anchor.map.weight.copy_(weight)
-        anchor.map.bias.copy_(-(weight @ mean))
-    return r["lambda"]
+        anchor.map.bias.copy_(-(weight @ torch.from_numpy(np.asarray(mean, np.float64))))
+    return {k: fit[k] for k in ("kind", "val_rsum", "params")}
 
 
 def is_teran_checkpoint(ck: dict) -> bool:

@@ -51,13 +51,13 @@ class HOSA(nn.Module):
     def score(self, img: dict, cap: dict, cfg: ScoringConfig | None = None) -> dict[str, torch.Tensor]:
         """All pairs of the two encoded sets: dict of (N_img, N_cap) score terms and 'total' (with the
         term gates, differentiably, when the model has them and no other scoring is given)."""
-        gated = cfg is None and self.scfg.gates
+        weights = None
+        if cfg is None and self.scfg.gates:
+            c = self.scfg
+            weights = {"global": c.w_global, "local": c.w_local * self.term_gates[0], "high": c.w_high * self.term_gates[1]}
         cfg = cfg or self.scfg
-        out = pair_scores(make_side(**img, cfg=cfg, name="images"), make_side(**cap, cfg=cfg, name="captions"), cfg)
-        if gated:
-            w = {"global": cfg.w_global, "local": cfg.w_local * self.term_gates[0], "high": cfg.w_high * self.term_gates[1]}
-            out["total"] = sum(w[k] * out[k] for k in ("global", "local", "high") if k in out)
-        return out
+        return pair_scores(make_side(**img, cfg=cfg, name="images"), make_side(**cap, cfg=cfg, name="captions"), cfg,
+                           weights)
 
     def scoring_config(self) -> ScoringConfig:
         """The scoring this model's scores are evaluated with: its config, the gates folded into

@@ -226,11 +226,14 @@ def _high_fused(img: Side, cap: Side, cfg: ScoringConfig, kernel: str) -> torch.
     return sum(parts) / len(parts)
 
 
-def pair_scores(img: Side, cap: Side, cfg: ScoringConfig) -> dict[str, torch.Tensor]:
+def pair_scores(img: Side, cap: Side, cfg: ScoringConfig,
+                weights: dict[str, float | torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """All (image, caption) pair scores of two sides: dict of (Ni, Nc) tensors, terms and 'total'.
 
-    Terms whose weight is 0 are not computed. Differentiable; used for the B x B training matrix
-    and, through `score_all_pairs`, for chunked evaluation.
+    Terms whose weight in cfg is 0 are not computed. `weights` ({"global", "local", "high"}) replaces
+    cfg's weights in 'total' only; tensors are allowed (the model's learnable term gates).
+    Differentiable; used for the B x B training matrix and, through `score_all_pairs`, for chunked
+    evaluation.
     """
     _check_pair(img, cap)
     Ni, M = img.mask.shape
@@ -261,7 +264,7 @@ def pair_scores(img: Side, cap: Side, cfg: ScoringConfig) -> dict[str, torch.Ten
             bias = cfg.temperature * torch.einsum("imd,cd->imc", img.local, cap.glob) if cfg.condition else None
             parts.append(_reconstruct_i2t(rho, img, cap, scale, bias))
         out["high"] = (sum(parts) / len(parts)).T
-    weights = {"global": cfg.w_global, "local": cfg.w_local, "high": cfg.w_high}
+    weights = weights or {"global": cfg.w_global, "local": cfg.w_local, "high": cfg.w_high}
     out["total"] = sum(weights[k] * v for k, v in out.items())
     return out
 

@@ -276,16 +276,25 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, progress: bool = Tr
             for name in names:
                 save_checkpoint(ck_dir / name, state)
 
+    def validate_and_save(val_epoch: int) -> dict:
+        """Rank 0: validate, log, save last.pt (and best.pt when val rsum improved). val_epoch -1 is
+        the untrained model."""
+        nonlocal best, best_epoch
+        val = validate(core, cfg, text, device)
+        improved = val["rsum"] > best
+        if improved:
+            best, best_epoch = val["rsum"], val_epoch
+        log.write(json.dumps({"step": step, "epoch": val_epoch, "split": "val", **val}) + "\n")
+        log.flush()
+        checkpoint(("last.pt", "best.pt") if improved else ("last.pt",), 0, val_epoch + 1)
+        return val
+
     log = open_log(run_dir / "metrics.jsonl", step) if rank == 0 else None
     stop = _StopRequest()
     try:
         t_start, last_val, first_epoch = time.perf_counter(), {}, epoch
         if cfg.train.validate_at_start and step == 0 and rank == 0:  # the initialisation competes for best.pt
-            last_val = validate(core, cfg, text, device)
-            best, best_epoch = last_val["rsum"], -1
-            log.write(json.dumps({"step": 0, "epoch": -1, "split": "val", **last_val}) + "\n")
-            log.flush()
-            checkpoint(("last.pt", "best.pt"), 0, 0)
+            last_val = validate_and_save(-1)
             log_progress(run_dir, f"epoch 0/{cfg.train.epochs} (untrained): val rsum {best:.1f}")
         if cfg.train.validate_at_start and step == 0 and distributed:
             dist.barrier()
@@ -334,13 +343,7 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, progress: bool = Tr
             start_batch = 0
             epoch += 1
             if rank == 0:
-                last_val = validate(core, cfg, text, device)
-                improved = last_val["rsum"] > best
-                best = max(best, last_val["rsum"])
-                best_epoch = epoch - 1 if improved else best_epoch
-                log.write(json.dumps({"step": step, "epoch": epoch - 1, "split": "val", **last_val}) + "\n")
-                log.flush()
-                checkpoint(("last.pt", "best.pt") if improved else ("last.pt",), 0, epoch)
+                last_val = validate_and_save(epoch - 1)
                 if stop.requested:  # asked during validation: the epoch is saved, stop here (even after the last)
                     raise KeyboardInterrupt(f"interrupted after epoch {epoch}: saved {ck_dir / 'last.pt'}; the same "
                                             "command resumes from there")

@@ -28,3 +28,46 @@ def test_ridge_baseline_on_a_store(smoke_store):
     assert res["val_rsum_by_lambda"][res["lambda"]] == max(res["val_rsum_by_lambda"].values())
     assert m["rsum"] == pytest.approx(sum(m[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)))
     assert 0 < m["t2i_ndcg_rougeL"] <= 1 and "swap_acc" in m
+
+
+def test_cca_whitens_both_sides_and_diagonalises_their_cross_covariance():
+    """The defining property, checked on random data: x A and y B have (regularised) identity
+    covariance and diag(correlations) as cross-covariance, correlations descending in [0, 1]."""
+    from hosa_lib.baseline import fit_cca
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(400, 30)) @ rng.normal(size=(30, 30))
+    y = x[:, :12] @ rng.normal(size=(12, 10)) + rng.normal(size=(400, 10))
+    x, y = x - x.mean(0), y - y.mean(0)
+    reg_x, reg_y = 0.1, 0.01
+    a, b, corr = fit_cca(x, y, reg_x, reg_y)
+    assert a.shape == (30, 10) and b.shape == (10, 10) and corr.shape == (10,)
+    cx, cy, cxy = x.T @ x / 400, y.T @ y / 400, x.T @ y / 400
+    np.testing.assert_allclose(a.T @ (cx + reg_x * np.trace(cx) / 30 * np.eye(30)) @ a, np.eye(10), atol=1e-8)
+    np.testing.assert_allclose(b.T @ (cy + reg_y * np.trace(cy) / 10 * np.eye(10)) @ b, np.eye(10), atol=1e-8)
+    np.testing.assert_allclose(a.T @ cxy @ b, np.diag(corr), atol=1e-8)
+    assert np.all(np.diff(corr) <= 1e-12) and 0 <= corr.min() and corr.max() < 1
+
+
+def test_cca_start_retrieves_where_a_dominant_unrelated_text_direction_defeats_the_ridge():
+    """Text vectors whose largest variance is unrelated to the image: ridge predicts the related part
+    well, but the cosine in text space is swamped by the unrelated direction; CCA whitens it away.
+    closed_form_start('auto') must then pick CCA by val rsum."""
+    from hosa_lib.baseline import choose_cca, choose_ridge
+    rng = np.random.default_rng(2)
+
+    def split(n):
+        z = rng.normal(size=(n, 6))  # what image and caption share
+        x = z @ mix_x + 0.3 * rng.normal(size=(n, 40))
+        y = z @ mix_y + 0.1 * rng.normal(size=(n, 16))
+        y[:, 0] += 20 * rng.normal(size=n)  # a dominant direction the image says nothing about
+        return x, y, np.arange(n)
+
+    mix_x, mix_y = rng.normal(size=(6, 40)), rng.normal(size=(6, 16))
+    tr, va, te = split(2000), split(200), split(200)
+    w, mx, my, _, _ = choose_ridge(*tr, *va)
+    ridge = recall_metrics(cosine_scores((te[0] - mx) @ w, te[1] - my), te[2])
+    fit = choose_cca(*tr, *va, max_dims=16)
+    cca = recall_metrics(cosine_scores((te[0] - fit["mean_x"]) @ fit["image"], (te[1] - fit["mean_y"]) @ fit["text"]),
+                         te[2])
+    assert fit["image"].shape[1] == fit["text"].shape[1] <= 16
+    assert cca["rsum"] > ridge["rsum"] + 50, (cca["rsum"], ridge["rsum"])

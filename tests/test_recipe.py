@@ -259,3 +259,26 @@ def test_explorer_scores_a_gated_fine_tuned_checkpoint_with_its_learned_weights(
     assert ex.scoring.w_high == pytest.approx(-0.3 * cfg.scoring.w_high, abs=0.03)  # the slider kept it
     top = ex.text_query("a red square", k=3, show=False)
     assert len(top) == 3 and top["score"].is_monotonic_decreasing
+
+
+@pytest.mark.parametrize("kind", ["cca", "auto"])
+def test_anchored_model_starts_at_its_closed_form_fit(smoke_store, kind):
+    """anchor_init cca/auto: the untrained model's global cosine scores are the chosen fit's
+    (zero-padded to the embedding width), and auto's choice has the higher val rsum."""
+    from hosa_lib.baseline import closed_form_start, cosine_scores, split_vectors
+    from hosa_lib.evaluate import encode_split
+    from hosa_lib.factory import build_model
+    from hosa_lib.store import Store
+    from hosa_lib.text import cache_key
+    key = cache_key("minilm", -1)
+    fit = closed_form_start(smoke_store.store, key, kind, 64)
+    if kind == "auto":
+        others = [closed_form_start(smoke_store.store, key, k, 64)["val_rsum"] for k in ("ridge", "cca")]
+        assert fit["val_rsum"] == max(others)
+    with Store(smoke_store.store, check_values=False) as s:
+        te = split_vectors(s, "test", key)
+    expect = cosine_scores((te[0] - fit["mean_x"]) @ fit["image"], (te[1] - fit["mean_y"]) @ fit["text"])
+    model, text = build_model(anchored_cfg(smoke_store.store, embed=64, heads=4, anchor_init=kind), seed=0)
+    img, cap, _ = encode_split(model, smoke_store.store, "test", text)
+    got = torch.nn.functional.normalize(img["glob"], dim=-1) @ torch.nn.functional.normalize(cap["glob"], dim=-1).T
+    np.testing.assert_allclose(got.numpy(), expect, atol=3e-3)  # region features are stored in float16
