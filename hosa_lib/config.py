@@ -83,7 +83,7 @@ class ModelConfig:
     feat_layers: int = 0           # teran arch: transformer layers on region features before projection (TERAN: 4)
     word_layers: int = 0           # teran arch: transformer layers on backbone states before projection (TERAN: 0)
     anchor: bool = False           # global vectors = a linear map of the pretrained pooled inputs (mean region feature;
-                                   # mean token state = the sentence embedding), initialised from the ridge baseline,
+                                   # mean token state = the sentence embedding), initialised from a closed-form fit,
                                    # plus a gated residual from the transformer's global token (gate starts at 0)
     anchor_init: str = "ridge"     # the anchored maps' closed-form start: ridge (the baseline's map) | cca (regularised
                                    # CCA, hyperparameters chosen on val) | auto (whichever has the higher val rsum)

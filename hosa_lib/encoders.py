@@ -28,8 +28,9 @@ def run_layers(stack: nn.TransformerEncoder | None, x: torch.Tensor, pad: torch.
 
 class Anchor(nn.Module):
     """Global vector anchored on the frozen pretrained space: map(masked mean of the inputs) +
-    gate * the transformer's global token. `factory.init_anchors` sets both maps from the ridge
-    baseline before training, so training starts where the baseline is; the gate starts at 0."""
+    gate * the transformer's global token. `factory.init_anchors` sets both maps from a closed-form
+    fit (the ridge baseline's map or regularised CCA) before training, so training starts where that
+    fit is; the gate starts at 0."""
 
     def __init__(self, in_dim: int, embed: int):
         super().__init__()

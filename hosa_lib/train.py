@@ -24,7 +24,7 @@ import yaml
 from tqdm import tqdm  # plain tqdm: widget bars render blank in offline HTML
 
 from . import code_version
-from .config import RunConfig, load, override, to_dict
+from .config import ConfigError, RunConfig, load, override, to_dict
 from .data import CaptionDataset, EpochSampler, collate, positives, to_device
 from .evaluate import encode_split, evaluate_embeddings
 from .factory import build_model, resolve_device
@@ -185,6 +185,9 @@ def preflight(cfg: RunConfig, text, ck_dir: Path, n_params: int) -> None:
     import shutil
 
     from .store import Store, StoreError
+    if cfg.train.epochs < 0 or (cfg.train.epochs == 0 and not cfg.train.validate_at_start):
+        raise ConfigError(f"train.epochs = {cfg.train.epochs}: expected at least 1, or 0 with "
+                          "train.validate_at_start: true (evaluates the untrained model)")
     with Store(cfg.data.store) as s:  # validates features (NaN/Inf) and boxes
         missing = [sp for sp in ("train", "val") if sp not in s.split_names]
         if missing:

@@ -282,3 +282,22 @@ def test_anchored_model_starts_at_its_closed_form_fit(smoke_store, kind):
     img, cap, _ = encode_split(model, smoke_store.store, "test", text)
     got = torch.nn.functional.normalize(img["glob"], dim=-1) @ torch.nn.functional.normalize(cap["glob"], dim=-1).T
     np.testing.assert_allclose(got.numpy(), expect, atol=3e-3)  # region features are stored in float16
+
+
+def test_zero_epochs_keep_the_closed_form_start_as_best_and_need_validate_at_start(tmp_path, smoke_store):
+    """train.epochs 0 with validate_at_start: no step, best.pt holds the untrained (closed-form) model
+    so a grid can report the start itself; without validate_at_start it is a config error up front."""
+    from hosa_lib.config import ConfigError
+    from hosa_lib.factory import build_model
+    from hosa_lib.runs import load_checkpoint
+    from hosa_lib.train import train
+    cfg = override(anchored_cfg(smoke_store.store, anchor_init="cca"),
+                   {"train": {"epochs": 0, "validate_at_start": True}})
+    res = train(cfg, tmp_path / "run", progress=False)
+    assert res["steps"] == 0 and res["best_rsum"] > 0
+    init, _ = build_model(cfg, seed=cfg.train.seed)
+    best = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")["model"]
+    for k, v in init.state_dict().items():
+        torch.testing.assert_close(best[k], v, msg=k)
+    with pytest.raises(ConfigError, match="train.epochs = 0"):
+        train(override(cfg, {"train": {"validate_at_start": False}}), tmp_path / "plain", progress=False)
