@@ -75,8 +75,12 @@ def fit_cca(x: np.ndarray, y: np.ndarray, reg_x: float, reg_y: float) -> tuple[n
     is diag(correlations). Whitening + one SVD; written here because it must share the ridge's
     centring and pairing (scikit-learn's CCA is iterative PLS and slow at D = 1280)."""
     n = len(x)
-    ix, iy = inv_sqrt(x.T @ x / n, reg_x), inv_sqrt(y.T @ y / n, reg_y)
-    u, s, vt = np.linalg.svd(ix @ (x.T @ y / n) @ iy, full_matrices=False)
+    return cca_from_whiteners(inv_sqrt(x.T @ x / n, reg_x), inv_sqrt(y.T @ y / n, reg_y), x.T @ y / n)
+
+
+def cca_from_whiteners(ix: np.ndarray, iy: np.ndarray, cxy: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`fit_cca` from the two sides' whitening maps and their cross-covariance (one SVD)."""
+    u, s, vt = np.linalg.svd(ix @ cxy @ iy, full_matrices=False)
     return ix @ u, iy @ vt.T, s
 
 
@@ -88,10 +92,14 @@ def choose_cca(x_tr, y_tr, ci_tr, x_va, y_va, ci_va, max_dims: int) -> dict:
     xv, yv = x_va - mx, y_va - my
     cap = min(max_dims, px.shape[1], py.shape[1])
     dims = sorted({d for d in CCA_DIMS if d < cap} | {cap})
+    n = len(px)
+    cx, cy, cxy = px.T @ px / n, py.T @ py / n, px.T @ py / n
+    iy = {ry: inv_sqrt(cy, ry) for ry in CCA_REG_Y}  # each whitening once (an eigh of D x D for images)
     best = None
     for rx in CCA_REG_X:
+        ix = inv_sqrt(cx, rx)
         for ry in CCA_REG_Y:
-            a, b, corr = fit_cca(px, py, rx, ry)
+            a, b, corr = cca_from_whiteners(ix, iy[ry], cxy)
             for k in dims:
                 for pw in CCA_POWERS:
                     w = corr[:k] ** pw

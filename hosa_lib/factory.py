@@ -49,7 +49,7 @@ def build_model(cfg: RunConfig, device="cpu", pretrained: bool = True,
         torch.manual_seed(seed)
     log_scale = math.log(1 / cfg.loss.temperature) if cfg.loss.kind == "infonce" else None
     model = HOSA(cfg.model, cfg.scoring, feat_dim, text_dim, backbone, log_scale=log_scale)
-    if cfg.model.anchor and seed is not None:  # training starts at the baseline; checkpoints bring their own
+    if cfg.model.anchor and seed is not None:  # training starts at a closed-form fit; checkpoints bring their own
         init_anchors(model, dc.store, cache_key(dc.text_model, dc.text_layer), cfg.model.anchor_init)
     return model.to(device), text
 
