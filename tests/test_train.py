@@ -80,6 +80,7 @@ def _ddp_worker(rank, world, store, port, result_path):
     if rank == 0:
         torch.save({"loss": out["loss"].detach(), "grads": {n: p.grad for n, p in core.named_parameters()
                                                              if p.grad is not None}}, result_path)
+    dist.barrier()  # neither rank tears gloo down while the other still talks to it (a rank aborted once)
     dist.destroy_process_group()
 
 
