@@ -7,7 +7,7 @@ PARAMS ?= params/demo.yaml
 # JupyterLab refuses to run as root without --allow-root
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-.PHONY: setup demo test bench lab browser-check chromium clean-outputs
+.PHONY: setup demo test bench bench-scale gpu-check lab browser-check chromium clean-outputs
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,14 @@ chromium:
 bench: setup
 	$(PY) benchmarks/bench_scoring.py
 	$(PY) benchmarks/bench_store.py
+
+# COCO scale on generated TERAN-layout files at two sizes: seconds, rates, peak RSS, growth exponents
+bench-scale: setup
+	$(PY) benchmarks/bench_scale.py --sizes 1000 5000
+
+# On a CUDA machine (<= 10 min): Triton vs eager, bf16 training steps, COCO-5K-shaped evaluation; skips without CUDA
+gpu-check: setup
+	$(PY) benchmarks/gpu_check.py --out outputs/gpu_check.json
 
 lab: setup
 	$(VENV)/bin/jupyter lab --ServerApp.root_dir="$(CURDIR)" --LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate $(ROOT_FLAG)

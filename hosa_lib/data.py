@@ -51,6 +51,15 @@ class CaptionDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         return self.__getitems__([i])[0]
 
+    def lengths(self, block: int = 1 << 14) -> np.ndarray:
+        """Tokens per caption of the split (attention mask), for batches bucketed by length."""
+        if self.text is not None and self.text.cache_key is not None:
+            return self.rows.text_lengths(self.captions)
+        from .text import load_tokenizer, tokenize
+        tok = self._tok = self._tok or load_tokenizer(self.text.tokenizer)
+        return np.concatenate([tokenize(tok, self.rows.captions(self.captions[s:s + block]), self.text.max_words)
+                               ["attention_mask"].sum(1).numpy() for s in range(0, len(self.captions), block)])
+
     def __getitems__(self, indices) -> list[dict]:
         """Batched fetch (DataLoader calls this with a whole batch)."""
         caps = self.captions[np.asarray(indices, dtype=np.int64)]

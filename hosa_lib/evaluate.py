@@ -50,11 +50,11 @@ def encode_split(model, store_path, split: str, text: TextInput, device="cpu", b
              for b in tqdm(loader, desc=f"encode {split} images", disable=not progress, mininterval=2)]
     img = {k: torch.cat([p[k] for p in parts]) for k in ("glob", "local", "mask")}
     ds = CaptionDataset(store_path, split, text, with_image=False)
-    if bucketed:  # read every caption once to sort by length (small: token ids)
-        items = ds.__getitems__(np.arange(len(ds)))
-        order = np.argsort([int(it["text_mask"].sum()) for it in items], kind="stable")
-        batches = ((order[s:s + batch_size], collate_captions([items[i] for i in order[s:s + batch_size]]))
-                   for s in range(0, len(order), batch_size))
+    if bucketed:  # batches of captions sorted by length (lengths from the cached masks or the tokenizer)
+        order = np.argsort(ds.lengths(), kind="stable")
+        groups = [order[s:s + batch_size].tolist() for s in range(0, len(order), batch_size)]
+        loader = torch.utils.data.DataLoader(ds, batch_sampler=groups, collate_fn=collate_captions)
+        batches = zip((np.asarray(g) for g in groups), loader)
     else:  # in caption order, batch by batch
         loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate_captions)
         batches = ((np.arange(s * batch_size, s * batch_size + len(b["index"])), b) for s, b in enumerate(loader))
@@ -80,18 +80,26 @@ def dense(blocks: list[dict]) -> dict:
 
 def shortlist_scores(img, cap, scfg: ScoringConfig, k: int, max_elems: int) -> torch.Tensor:
     """Two-stage: global score for all pairs, full HOSA only for each caption's top-k images
-    (and each image's top-k captions); the rest keep the global score shifted below all re-ranked ones."""
-    glob = torch.nn.functional.normalize(img["glob"], dim=-1) @ torch.nn.functional.normalize(cap["glob"], dim=-1).T
+    (and each image's top-k captions); the rest keep the global score shifted below all re-ranked ones.
+    `cap` is a dense caption set or length-bucketed blocks."""
+    blocks = cap if isinstance(cap, list) else [dict(cap, index=torch.arange(len(cap["mask"])))]
+    n_cap = sum(len(b["index"]) for b in blocks)
+    cap_glob = torch.empty(n_cap, blocks[0]["glob"].shape[1], dtype=blocks[0]["glob"].dtype)
+    for b in blocks:
+        cap_glob[b["index"]] = b["glob"]
+    glob = torch.nn.functional.normalize(img["glob"].float(), dim=-1) @ \
+        torch.nn.functional.normalize(cap_glob.float(), dim=-1).T
     out = glob - 1e6
     top_img = glob.topk(min(k, glob.shape[0]), dim=0).indices  # (k, n_cap)
     pairs = torch.zeros_like(glob, dtype=torch.bool)
     pairs[top_img, torch.arange(glob.shape[1])[None]] = True
     pairs[torch.arange(glob.shape[0])[:, None], glob.topk(min(k, glob.shape[1]), dim=1).indices] = True
-    for c in range(glob.shape[1]):  # per caption: score its candidate images (small: k..2k)
-        rows = pairs[:, c].nonzero().flatten()
-        sub = score_all_pairs({kk: v[rows] for kk, v in img.items()}, {kk: v[c:c + 1] for kk, v in cap.items()},
-                              scfg, max_elems)["total"]
-        out[rows, c] = sub[:, 0]
+    for b in blocks:
+        for j, c in enumerate(b["index"].tolist()):  # per caption: score its candidate images (small: k..2k)
+            rows = pairs[:, c].nonzero().flatten()
+            sub = score_all_pairs({kk: v[rows] for kk, v in img.items()},
+                                  {kk: b[kk][j:j + 1] for kk in ("glob", "local", "mask")}, scfg, max_elems)["total"]
+            out[rows, c] = sub[:, 0]
     return out
 
 
@@ -175,17 +183,16 @@ def evaluate_checkpoint(cfg: RunConfig, checkpoint, split: str | None = None, pr
     model, run_cfg, ck, text = load_model(checkpoint, cfg.data.store, device)
     check_scoring(cfg.scoring, run_cfg.scoring, checkpoint)
     run_cfg = replace(run_cfg, scoring=model.scoring_config())  # learned term gates folded into the weights
-    tag = f"{checkpoint.resolve()}|{ck['step']}|{split}"
+    tag = f"{checkpoint.resolve()}|{ck['step']}|{split}|bucketed"
     emb_path = checkpoint.with_name(f"embeddings_{checkpoint.stem}_{split}.h5")
     t0 = time.perf_counter()
     cached = load_embeddings(emb_path, tag) if cache else None
     if cached is not None:
-        img, cap = ({k: torch.from_numpy(v) for k, v in d.items()} for d in cached[:2])
-        cap_img = cached[2]
-    else:
-        img, cap, cap_img = encode_split(model, cfg.data.store, split, text, device, progress=progress)
+        img, cap, cap_img = cached
+    else:  # captions in length buckets: none padded to the split's longest
+        img, cap, cap_img = encode_split(model, cfg.data.store, split, text, device, bucketed=True, progress=progress)
         if cache:
-            save_embeddings(emb_path, *({k: v.numpy() for k, v in d.items()} for d in (img, cap)), cap_img, tag)
+            save_embeddings(emb_path, img, cap, cap_img, tag)
     t_enc = time.perf_counter() - t0
     relevance, swaps = split_extras(cfg.data.store, split)
     m, scores = evaluate_embeddings(img, cap, cap_img, run_cfg.scoring, ecfg, relevance, swaps, device, progress)

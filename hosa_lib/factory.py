@@ -15,17 +15,10 @@ import torch
 from .config import ConfigError, RunConfig, from_dict, override
 from .data import TextInput
 from .model import HOSA
+from .perf import resolve_device  # noqa: F401  (re-exported: the device of train.device)
 from .runs import load_checkpoint
 from .store import Store
 from .text import cache_key, load_backbone
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name!r} but CUDA is not available")
-    return torch.device(name)
 
 
 def build_model(cfg: RunConfig, device="cpu", pretrained: bool = True,

@@ -1,4 +1,4 @@
-"""Process-level CPU performance settings for training and evaluation entry points."""
+"""Where work runs: the device a params file names, and process-level CPU performance settings."""
 from __future__ import annotations
 
 import ctypes
@@ -27,3 +27,15 @@ def tune_cpu_allocator() -> bool:
         ok = False
     _DONE = ok
     return ok
+
+
+def resolve_device(name: str):
+    """torch device of `train.device`: auto = the first CUDA GPU when there is one, else the CPU."""
+    import torch
+
+    from .config import ConfigError
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name!r} but CUDA is not available")
+    return torch.device(name)

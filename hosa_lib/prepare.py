@@ -95,13 +95,17 @@ def stale(store: Path, digest: str) -> bool:
     return True
 
 
-def prepare(dc: DataConfig, progress: bool = True) -> dict:
-    """Store + text cache + relevance, built whole under a temporary name and renamed once (readers
-    never see a store without its caches), one writer at a time. An existing store is reused (missing
-    caches added) unless forced or its source changed. Returns timings and the store summary."""
+def prepare(dc: DataConfig, progress: bool = True, device: str = "auto") -> dict:
+    """Store + text cache + relevance, published together: the store is built under a temporary name,
+    its caches go into sidecars named by that build (`store.SidecarWriter`, resumable), and one rename
+    publishes them all (readers never see a store without its caches); one writer at a time. An
+    existing store is reused (missing caches added as sidecars, the store file untouched) unless
+    forced or its source changed. The text cache is encoded on `device` (auto: a GPU when there is
+    one; pass `train.device`). Returns timings and the store summary."""
     from .features import add_text_cache
+    from .perf import resolve_device
     from .relevance import add_relevance
-    from .store import set_attrs, writing_lock
+    from .store import remove_stale_sidecars, set_attrs, sidecar_dir, writing_lock
 
     store = Path(dc.store)
     t0 = time.perf_counter()
@@ -121,14 +125,17 @@ def prepare(dc: DataConfig, progress: bool = True) -> dict:
                 report = build_store(dc, target, progress)
                 set_attrs(target, {"source_digest": digest})
         t1 = time.perf_counter()
-        key = add_text_cache(target, dc.text_model, dc.text_layer, dc.max_words, progress=progress)
+        home = sidecar_dir(store)
+        key = add_text_cache(target, dc.text_model, dc.text_layer, dc.max_words, progress=progress,
+                             device=resolve_device(device), sidecars=home)
         t2 = time.perf_counter()
         with Store(target, check_values=False) as s:
             has_test = "test" in s.split_names
         if has_test and (dc.relevance or dc.spice):
-            add_relevance(target, "test", dc.relevance, dc.spice, progress=progress)
+            add_relevance(target, "test", dc.relevance, dc.spice, progress=progress, sidecars=home)
         if target != store:
             os.replace(target, store)
+        remove_stale_sidecars(store)
     t3 = time.perf_counter()
     with Store(dc.store) as s:
         summary = s.summary()
@@ -152,7 +159,7 @@ def prepare_teran_test(cfg, float16: bool = False) -> None:
                       dtype="float16" if float16 else "float32")
     rel_dir = Path(dc.root) / dc.dataset / "relevances"
     with Store(dc.store, check_values=False) as s:
-        have = s.relevance("test")
+        have = s.relevance_methods("test")
         n_cap, n_img = len(s.split_captions("test")), len(s.split_images("test"))
     todo = {m: rel_dir / f"{dc.dataset}-test-{m}.npy" for m in ("rougeL", "spice")}
     todo = {m: load_teran_relevance(p, n_cap, n_img) for m, p in todo.items() if p.is_file() and m not in have}
@@ -165,7 +172,7 @@ def main(argv=None) -> int:
 
     def go(args):
         cfg = load(args.params, {"data": {"force": True}} if args.force else None)
-        out = prepare(cfg.data)
+        out = prepare(cfg.data, device=cfg.train.device)
         for k, v in out["summary"].items():
             print(f"{k:>26}: {v}")
         print(f"{'time (s)':>26}: " + ", ".join(f"{k} {v:.1f}" for k, v in out["seconds"].items()))

@@ -113,8 +113,8 @@ def test_store_appears_whole_with_its_caches(tmp_path, monkeypatch):
     from hosa_lib.config import DataConfig
     from hosa_lib.prepare import prepare
     seen = []
-    real = features.encode_texts
-    monkeypatch.setattr(features, "encode_texts", lambda *a, **k: (seen.append((tmp_path / "s.h5").exists()),
+    real = features.encode_block
+    monkeypatch.setattr(features, "encode_block", lambda *a, **k: (seen.append((tmp_path / "s.h5").exists()),
                                                                    real(*a, **k))[1])
     prepare(DataConfig(store=str(tmp_path / "s.h5"), n_images=20, image_size=64, seed=1), progress=False)
     assert seen == [False]
@@ -259,10 +259,10 @@ def test_preflight_catches_missing_val_split_unwritable_folder_and_nan_boxes(tmp
 
     from hosa_lib.config import RunConfig, override
     from hosa_lib.runs import CheckpointError
-    from hosa_lib.store import updating
+    from hosa_lib.store import copy_store, updating
     from hosa_lib.train import train
     store = tmp_path / "s.h5"
-    shutil.copy(smoke_store.store, store)
+    copy_store(smoke_store.store, store)
     cfg = override(RunConfig(), {"data": {"store": str(store)}, "train": {"epochs": 1, "batch_size": 8}})
     ro = tmp_path / "ro"
     (ro / "checkpoints").mkdir(parents=True)
@@ -274,7 +274,7 @@ def test_preflight_catches_missing_val_split_unwritable_folder_and_nan_boxes(tmp
         del f["splits/val"]
     with pytest.raises(StoreError, match=r"needs splits train and val, missing \['val'\]"):
         train(cfg, tmp_path / "run", progress=False)
-    shutil.copy(smoke_store.store, store)
+    copy_store(smoke_store.store, store)
     import h5py  # a store damaged outside the workbench (the library's own writers refuse NaN boxes)
     with h5py.File(store, "r+") as f:
         f["images/boxes"][5, 0, 0] = np.nan
