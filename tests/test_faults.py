@@ -275,10 +275,12 @@ def test_preflight_catches_missing_val_split_unwritable_folder_and_nan_boxes(tmp
     with pytest.raises(StoreError, match=r"needs splits train and val, missing \['val'\]"):
         train(cfg, tmp_path / "run", progress=False)
     copy_store(smoke_store.store, store)
-    import h5py  # a store damaged outside the workbench (the library's own writers refuse NaN boxes)
+    import h5py  # a store damaged outside the workbench (the library's own writers refuse NaN boxes):
+    with Store(store) as s:  # found when its rows are read (opening a checked store reads no rows)
+        bad = int(s.split_images("train")[5])
     with h5py.File(store, "r+") as f:
-        f["images/boxes"][5, 0, 0] = np.nan
-    with pytest.raises(StoreError, match=r"'images/boxes' of image 5 .* NaN or outside"):
+        f["images/boxes"][bad, 0, 0] = np.nan
+    with pytest.raises(StoreError, match=rf"'images/boxes' of image {bad} .* NaN or outside"):
         train(cfg, tmp_path / "run2", progress=False)
 
 
