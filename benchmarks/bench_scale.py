@@ -158,7 +158,7 @@ def main():
             r["store_gb"] = store_bytes(root / "coco.h5") / 2**30
             results[n][name] = r
             unit, v = rate(name, r)
-            print(f"N = {n:>6} {name:>10}: {r['seconds']:8.1f} s {v:10.1f} {unit:<10} peak RSS {r['rss_gb']:5.2f} GiB"
+            print(f"N = {n:>6} {name:>10}: {r['seconds']:8.2f} s {v:10.1f} {unit:<10} peak RSS {r['rss_gb']:5.2f} GiB"
                   f"  store {r['store_gb']:6.2f} GiB  {json.dumps({k: v for k, v in r.items() if k not in ('seconds', 'rss_gb', 'store_gb')})}",
                   flush=True)
     (args.work / "bench_scale.json").write_text(json.dumps({str(k): v for k, v in results.items()}, indent=1))

@@ -86,7 +86,7 @@ def baseline(cfg: RunConfig) -> dict:
     from .text import cache_key
 
     res = ridge_baseline(cfg.data.store, cache_key(cfg.data.text_model, cfg.data.text_layer), cfg.eval.split,
-                         ndcg_k=cfg.eval.ndcg_k)
+                         ndcg_k=cfg.eval.ndcg_k, ties=cfg.eval.ties)
     return {"variant": f"ridge baseline (lambda {res['lambda']:g})", **res["metrics"], "train_seconds": res["seconds"]}
 
 

@@ -138,7 +138,8 @@ def closed_form_start(store_path, text_key: str, kind: str, max_dims: int) -> di
     return max(found, key=lambda f: f["val_rsum"])  # first (ridge) on a tie
 
 
-def ridge_baseline(store_path, text_key: str, split: str = "test", lambdas=LAMBDAS, ndcg_k: int = 25) -> dict:
+def ridge_baseline(store_path, text_key: str, split: str = "test", lambdas=LAMBDAS, ndcg_k: int = 25,
+                   ties: str = "fair") -> dict:
     """Fit on train, choose lambda on val (rsum), evaluate on `split` (protocol all)."""
     t0 = time.perf_counter()
     with Store(store_path, check_values=False) as s:
@@ -149,6 +150,6 @@ def ridge_baseline(store_path, text_key: str, split: str = "test", lambdas=LAMBD
         twins = {n: p for n in TWINS if (p := s.split_pairs(n, split)) is not None}
     w, mx, my, lam, by_lambda = choose_ridge(x_tr, y_tr, ci_tr, x_va, y_va, ci_va, lambdas)
     scores = cosine_scores((x_te - mx) @ w, y_te - my)
-    m = evaluate_scores(scores, ci_te, "all", relevance, ndcg_k)
+    m = evaluate_scores(scores, ci_te, "all", relevance, ndcg_k, ties)
     m.update(twin_accuracies(scores, ci_te, twins))
     return {"metrics": m, "lambda": lam, "val_rsum_by_lambda": by_lambda, "seconds": time.perf_counter() - t0}

@@ -131,6 +131,8 @@ class EvalConfig:
     max_elems: int = 1 << 22       # elements per scoring chunk tensor (bounds peak memory)
     shortlist: int = 0             # >0: re-rank the top-K by global score with full HOSA
     ndcg_k: int = 25
+    ties: str = "fair"             # fair (expected metric over random orders of tied items) | teran | optimistic;
+                                   # see hosa_lib/metrics.py. TERAN imports use teran
 
 
 @dataclass(frozen=True)
@@ -165,6 +167,7 @@ CHOICES = {
     "scoring.kernel": ("auto", "torch", "numba", "triton"),
     "loss.kind": ("hinge", "infonce"),
     "eval.protocol": ("all", "coco_1k", "coco_5k", "f30k_1k"),
+    "eval.ties": ("fair", "teran", "optimistic"),
 }
 
 

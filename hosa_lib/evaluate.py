@@ -146,7 +146,7 @@ def evaluate_embeddings(img, cap, cap_img, scfg: ScoringConfig, ecfg: EvalConfig
     else:
         scores = protocol_scores(img, cap, cap_img, scfg, ecfg, device, progress)
     t_score = time.perf_counter() - t0
-    m = evaluate_scores(scores.numpy(), cap_img, ecfg.protocol, relevance, ecfg.ndcg_k)
+    m = evaluate_scores(scores.numpy(), cap_img, ecfg.protocol, relevance, ecfg.ndcg_k, ecfg.ties)
     m.update(twin_accuracies(scores.numpy(), cap_img, twins))
     m["score_seconds"] = t_score
     return m, scores
@@ -157,6 +157,18 @@ def split_extras(store_path, split: str) -> tuple[dict, dict]:
     with Store(store_path, check_values=False) as s:
         twins = {n: p for n in TWINS if (p := s.split_pairs(n, split)) is not None}
         return s.relevance(split), twins
+
+
+def check_protocol(store_path, split: str, protocol: str) -> None:
+    """Fail before encoding anything when the split cannot be evaluated under `protocol` (e.g. coco_5k
+    on a test split that is not 5,000 images), naming the store, the split and the sizes."""
+    from .metrics import folds
+    with Store(store_path, check_values=False) as s:
+        n = len(s.split_images(split))
+    try:
+        folds(n, protocol)
+    except ValueError as e:
+        raise ConfigError(f"{store_path}: split '{split}': {e}") from None
 
 
 def check_scoring(params: ScoringConfig, trained: ScoringConfig, checkpoint) -> None:
@@ -180,6 +192,7 @@ def evaluate_checkpoint(cfg: RunConfig, checkpoint, split: str | None = None, pr
     split = split or cfg.eval.split
     ecfg = override(cfg.eval, {"protocol": protocol}) if protocol else cfg.eval
     checkpoint = Path(checkpoint)
+    check_protocol(cfg.data.store, split, ecfg.protocol)
     model, run_cfg, ck, text = load_model(checkpoint, cfg.data.store, device)
     check_scoring(cfg.scoring, run_cfg.scoring, checkpoint)
     run_cfg = replace(run_cfg, scoring=model.scoring_config())  # learned term gates folded into the weights
@@ -219,6 +232,7 @@ def evaluate_teran(checkpoint, size: str = "1k", config: str | None = None, data
     cfg, report = config_from_teran(ck, checkpoint, config, data_root, text_model, store, size, protocol,
                                     max_words, float16)
     prepare_teran_test(cfg, float16)
+    check_protocol(cfg.data.store, "test", cfg.eval.protocol)
     model, text = load_teran_model(ck, cfg, device)
     img, blocks, cap_img = encode_split(model.to(device), cfg.data.store, "test", text, device, bucketed=True,
                                         dtype=torch.float16 if float16 else torch.float32, progress=progress)

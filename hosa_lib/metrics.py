@@ -2,83 +2,158 @@
 caption -> image index (any number of captions per image). TERAN's definitions:
 R@K in percent, median/mean rank 1-based, rsum = sum of the six recalls, NDCG@25 with gains
 2^rel - 1 and log2(rank + 1) discounts against the ideal ordering of the relevance row.
+
+Ties (`eval.ties`), i.e. items scoring within TIE_ULPS float32 ulps of the correct one (identical
+captions or duplicate images encoded in different batches differ by an ulp or two):
+- fair (default): the expected metric when tied items are put in a uniformly random order — the
+  correct item neither wins nor loses a tie it cannot be told apart in. R@K is the probability that
+  the first correct item lands in the top K; ranks are expected ranks. Deterministic (no sampling).
+- teran: TERAN's evaluation.py: exact float comparisons, items ordered by `argsort(scores)[::-1]`,
+  i.e. exact ties broken in favour of the higher index; i2t NDCG averaged over queries whose NDCG is
+  not 0. For TERAN imports and reproductions (TERAN's padding makes exact-zero scores common).
+- optimistic: every tie in the correct item's favour (this workbench's rule before `eval.ties`).
+Untied scores give the same numbers under all three.
 """
 from __future__ import annotations
 
 import numpy as np
 
 KS = (1, 5, 10)
-
-
+TIES = ("fair", "teran", "optimistic")
 TIE_ULPS = 4  # scores closer than this many float32 ulps (of the largest |score|) are ties
-
-
 BLOCK = 1 << 22  # score entries compared per step (32 MiB as float64): a COCO 5K matrix is never copied whole
 
 
-def ranks(scores: np.ndarray, cap_img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """0-based rank of the first correct item. i2t: per image, best-ranked own caption; t2i: per caption, its image.
+def _tolerance(scores: np.ndarray) -> float:
+    top = max(float(np.max(scores, initial=0.0)), -float(np.min(scores, initial=0.0)))
+    return TIE_ULPS * float(np.finfo(np.float32).eps) * max(1.0, top)
 
-    An item counts as ranked above the correct one only if it scores higher by more than float32
-    noise (TIE_ULPS ulps): identical captions (titles repeat in real folders) or duplicate images
-    encoded in different batches differ by an ulp or two, and exact ties are not broken against the
-    correct item — so whether a tie survives the arithmetic does not change the recalls.
-    Compared in float64 in blocks of rows / columns, without a float64 copy of the matrix."""
-    scores = np.asarray(scores)
+
+def _check(scores: np.ndarray, cap_img: np.ndarray) -> None:
     n_img, n_cap = scores.shape
     if cap_img.shape != (n_cap,) or cap_img.min() < 0 or cap_img.max() >= n_img:
         raise ValueError(f"cap_img must index {n_img} images for {n_cap} captions")
-    top = max(float(np.max(scores, initial=0.0)), -float(np.min(scores, initial=0.0)))
-    tol = TIE_ULPS * float(np.finfo(np.float32).eps) * max(1.0, top)
+    if len(np.unique(cap_img)) != n_img:
+        raise ValueError(f"{n_img - len(np.unique(cap_img))} image(s) have no caption")
+
+
+def tie_counts(scores: np.ndarray, cap_img: np.ndarray):
+    """Per query, with float32-noise ties: (above, tied, own) for i2t (image queries) and for t2i.
+    above: items scoring more than the tolerance above the best correct item; tied: other (wrong) items
+    within the tolerance of it; own: correct items within the tolerance (>= 1; several for an image
+    whose captions tie). Compared in float64 in blocks, without a float64 copy of the matrix."""
+    scores = np.asarray(scores)
+    _check(scores, cap_img)
+    n_img, n_cap = scores.shape
+    tol = _tolerance(scores)
     own = scores[cap_img, np.arange(n_cap)].astype(np.float64)  # (n_cap,) score of each caption with its image
-    t2i = np.empty(n_cap, np.int64)
+    t_above, t_near = np.empty(n_cap, np.int64), np.empty(n_cap, np.int64)
     step = max(1, BLOCK // max(n_img, 1))
-    for c in range(0, n_cap, step):  # images better than the true one
-        t2i[c:c + step] = (scores[:, c:c + step] > own[None, c:c + step] + tol).sum(0)
-    best_own = np.full(n_img, -np.inf)
-    np.maximum.at(best_own, cap_img, own)
-    has = np.isfinite(best_own)
-    if not has.all():
-        raise ValueError(f"{(~has).sum()} image(s) have no caption")
-    i2t = np.empty(n_img, np.int64)
+    for c in range(0, n_cap, step):
+        blk, ref = scores[:, c:c + step], own[None, c:c + step]
+        t_above[c:c + step] = (blk > ref + tol).sum(0)
+        t_near[c:c + step] = (blk >= ref - tol).sum(0) - t_above[c:c + step]  # includes the own image
+    best = np.full(n_img, -np.inf)
+    np.maximum.at(best, cap_img, own)
+    i_own = np.bincount(cap_img, weights=own >= best[cap_img] - tol, minlength=n_img).astype(np.int64)
+    i_above, i_near = np.empty(n_img, np.int64), np.empty(n_img, np.int64)
     step = max(1, BLOCK // max(n_cap, 1))
     for i in range(0, n_img, step):
-        i2t[i:i + step] = (scores[i:i + step] > best_own[i:i + step, None] + tol).sum(1)
+        blk, ref = scores[i:i + step], best[i:i + step, None]
+        i_above[i:i + step] = (blk > ref + tol).sum(1)
+        i_near[i:i + step] = (blk >= ref - tol).sum(1) - i_above[i:i + step]
+    return (i_above, i_near - i_own, i_own), (t_above, t_near - 1, np.ones(n_cap, np.int64))
+
+
+def teran_ranks(scores: np.ndarray, cap_img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """0-based ranks as TERAN's evaluation.py computes them: position in `argsort(scores)[::-1]`, i.e.
+    exact comparisons with exact ties ordered by descending index; i2t takes the best own caption."""
+    scores = np.asarray(scores)
+    _check(scores, cap_img)
+    n_img, n_cap = scores.shape
+    own = scores[cap_img, np.arange(n_cap)]
+    t2i = np.empty(n_cap, np.int64)
+    step = max(1, BLOCK // max(n_img, 1))
+    rows = np.arange(n_img)[:, None]
+    for c in range(0, n_cap, step):
+        blk, ref = scores[:, c:c + step], own[None, c:c + step]
+        t2i[c:c + step] = (blk > ref).sum(0) + ((blk == ref) & (rows > cap_img[None, c:c + step])).sum(0)
+    cap_rank = np.empty(n_cap, np.int64)  # each caption's position in its own image's caption ranking
+    cols = np.arange(n_cap)
+    for c in range(n_cap):
+        row, ref = scores[cap_img[c]], own[c]
+        cap_rank[c] = (row > ref).sum() + ((row == ref) & (cols > c)).sum()
+    i2t = np.full(n_img, np.iinfo(np.int64).max)
+    np.minimum.at(i2t, cap_img, cap_rank)
     return i2t, t2i
 
 
-def recall_metrics(scores: np.ndarray, cap_img: np.ndarray) -> dict[str, float]:
-    i2t, t2i = ranks(scores, cap_img)
+def ranks(scores: np.ndarray, cap_img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """0-based rank of the first correct item with every float32-noise tie in its favour (the
+    optimistic rule). i2t: per image, best-ranked own caption; t2i: per caption, its image."""
+    (i_above, _, _), (t_above, _, _) = tie_counts(scores, cap_img)
+    return i_above, t_above
+
+
+def _fair_recall(above: np.ndarray, tied: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
+    """P(first correct item within the top k) when the `tied` wrong and `own` correct items that tie
+    are shuffled uniformly: 1 - C(tied, j) / C(tied + own, j) with j = k - above places left."""
+    j = k - above
+    p_all_wrong = np.ones(len(above))
+    for i in range(k):  # product over the j first places of P(place i holds a wrong item)
+        take = (i < j) & (i <= tied)  # at i = tied the factor is 0: the product is settled
+        p_all_wrong[take] *= (tied[take] - i) / (tied[take] + own[take] - i)
+    return np.where(j <= 0, 0.0, 1.0 - p_all_wrong)
+
+
+def recall_metrics(scores: np.ndarray, cap_img: np.ndarray, ties: str = "fair") -> dict[str, float]:
+    if ties not in TIES:
+        raise ValueError(f"eval.ties={ties!r}: expected one of {', '.join(TIES)}")
     out = {}
-    for name, r in (("i2t", i2t), ("t2i", t2i)):
-        for k in KS:
-            out[f"{name}_r{k}"] = 100.0 * float((r < k).mean())
+    if ties == "teran":
+        per_dir = [(r, [(r < k).astype(float) for k in KS]) for r in teran_ranks(scores, cap_img)]
+    else:
+        per_dir = []
+        for above, tied, own in tie_counts(scores, cap_img):
+            if ties == "optimistic":
+                per_dir.append((above, [(above < k).astype(float) for k in KS]))
+            else:  # expected rank: wrong tied items ahead of the first correct one average tied / (own + 1)
+                per_dir.append((above + tied / (own + 1), [_fair_recall(above, tied, own, k) for k in KS]))
+    for name, (r, hits) in zip(("i2t", "t2i"), per_dir):
+        for k, h in zip(KS, hits):
+            out[f"{name}_r{k}"] = 100.0 * float(h.mean())
         out[f"{name}_medr"] = float(np.floor(np.median(r)) + 1)
         out[f"{name}_meanr"] = float(r.mean() + 1)
     out["rsum"] = sum(out[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in KS)
     return out
 
 
-def ndcg_at_k(scores: np.ndarray, relevance: np.ndarray, k: int = 25) -> dict[str, float]:
-    """relevance (captions, images). i2t: image queries rank captions; t2i: caption queries rank images."""
+def ndcg_at_k(scores: np.ndarray, relevance: np.ndarray, k: int = 25, ties: str = "fair") -> dict[str, float]:
+    """relevance (captions, images). i2t: image queries rank captions; t2i: caption queries rank images.
+    Also 'i2t_nonzero': the i2t mean over queries with NDCG > 0 (TERAN's i2t average, its i2t value
+    under ties='teran', where items are ordered as TERAN orders them)."""
     if relevance.shape != scores.T.shape:
         raise ValueError(f"relevance shape {relevance.shape}, expected (captions, images) = {scores.T.shape}")
-    return {"i2t": _ndcg_rows(scores, relevance.T, k), "t2i": _ndcg_rows(scores.T, relevance, k)}
+    i2t = _ndcg_rows(scores, relevance.T, k, ties == "teran")
+    t2i = _ndcg_rows(scores.T, relevance, k, ties == "teran")
+    nz = float(i2t[i2t != 0].mean()) if (i2t != 0).any() else 0.0
+    return {"i2t": nz if ties == "teran" else float(i2t.mean()), "t2i": float(t2i.mean()), "i2t_nonzero": nz}
 
 
-def _ndcg_rows(scores: np.ndarray, rel: np.ndarray, k: int) -> float:
-    """Mean NDCG@k of the rows of `scores` (queries) against `rel`, in blocks of rows: each block is
-    ranked in float64 (stable: ties keep their order) like the whole matrix would be."""
+def _ndcg_rows(scores: np.ndarray, rel: np.ndarray, k: int, teran_order: bool = False) -> np.ndarray:
+    """NDCG@k of each row of `scores` (queries) against `rel`, in blocks of rows. Items are ranked by
+    score, exact ties in index order (TERAN's order, descending index, with teran_order)."""
     k = min(k, scores.shape[1])
     disc = 1.0 / np.log2(np.arange(k) + 2)
-    total, step = 0.0, max(1, BLOCK // max(scores.shape[1], 1))
+    out, step = np.empty(scores.shape[0]), max(1, BLOCK // max(scores.shape[1], 1))
     for r in range(0, scores.shape[0], step):
         s, g = np.asarray(scores[r:r + step], np.float64), np.asarray(rel[r:r + step], np.float64)
-        top = np.argsort(-s, axis=1, kind="stable")[:, :k]
+        top = (np.argsort(s, axis=1, kind="stable")[:, ::-1] if teran_order
+               else np.argsort(-s, axis=1, kind="stable"))[:, :k]
         dcg = ((2.0 ** np.take_along_axis(g, top, 1) - 1) * disc).sum(1)
         ideal = ((2.0 ** np.sort(g, axis=1)[:, ::-1][:, :k] - 1) * disc).sum(1)
-        total += float(np.where(ideal > 0, dcg / np.where(ideal > 0, ideal, 1), 0.0).sum())
-    return total / scores.shape[0]
+        out[r:r + step] = np.where(ideal > 0, dcg / np.where(ideal > 0, ideal, 1), 0.0)
+    return out
 
 
 def folds(n_images: int, protocol: str) -> list[np.ndarray]:
@@ -98,8 +173,9 @@ def folds(n_images: int, protocol: str) -> list[np.ndarray]:
 
 
 def evaluate_scores(scores: np.ndarray, cap_img: np.ndarray, protocol: str = "all",
-                    relevance: dict[str, np.ndarray] | None = None, k: int = 25) -> dict[str, float]:
-    """Metrics of a protocol, averaged over its folds. scores/cap_img/relevance cover the whole split."""
+                    relevance: dict[str, np.ndarray] | None = None, k: int = 25, ties: str = "fair") -> dict[str, float]:
+    """Metrics of a protocol, averaged over its folds (the 5-fold mean for coco_1k, as TERAN's
+    `--size 1k`). scores/cap_img/relevance cover the whole split. `ties`: see the module docstring."""
     per_fold = []
     for imgs in folds(scores.shape[0], protocol):
         caps = np.nonzero(np.isin(cap_img, imgs))[0]
@@ -107,10 +183,11 @@ def evaluate_scores(scores: np.ndarray, cap_img: np.ndarray, protocol: str = "al
         remap[imgs] = np.arange(len(imgs))
         whole = len(imgs) == scores.shape[0] and len(caps) == scores.shape[1]  # one fold: no copy
         sub = scores if whole else scores[np.ix_(imgs, caps)]
-        m = recall_metrics(sub, remap[cap_img[caps]])
+        m = recall_metrics(sub, remap[cap_img[caps]], ties)
         for name, rel in (relevance or {}).items():
-            nd = ndcg_at_k(sub, rel if whole else rel[np.ix_(caps, imgs)], k)
+            nd = ndcg_at_k(sub, rel if whole else rel[np.ix_(caps, imgs)], k, ties)
             m[f"i2t_ndcg_{name}"], m[f"t2i_ndcg_{name}"] = nd["i2t"], nd["t2i"]
+            m[f"i2t_nonzero_ndcg_{name}"] = nd["i2t_nonzero"]
         per_fold.append(m)
     return {key: float(np.mean([m[key] for m in per_fold])) for key in per_fold[0]}
 

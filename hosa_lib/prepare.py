@@ -77,6 +77,12 @@ def source_digest(dc: DataConfig) -> str:
         files = [Path(dc.captions)] + sorted(p for p in Path(dc.root).rglob("*") if p.is_file())
     elif dc.source == "teran":
         files = sorted((Path(dc.root) / dc.dataset / "annotations").glob("*"))
+        feats = Path(dc.features_dir) if dc.features_dir else Path(dc.root) / dc.dataset / "features_36"
+        for sub in ("bu_att", "bu_box"):  # every feature file, inode included: files swapped by name change it
+            if (feats / sub).is_dir():
+                for e in sorted(os.scandir(feats / sub), key=lambda e: e.name):
+                    st = e.stat()
+                    h.update(f"{sub}/{e.name}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}".encode())
     elif dc.source == "scan":
         files = sorted(Path(dc.root).glob("*"))
     for f in files:
@@ -85,11 +91,12 @@ def source_digest(dc: DataConfig) -> str:
     return h.hexdigest()[:16]
 
 
-def stale(store: Path, digest: str) -> bool:
-    """The store was made from other source files or settings than the params name now."""
+def stale(store: Path, digest: str, unrecorded_is_stale: bool = False) -> bool:
+    """The store was made from other source files or settings than the params name now (a store that
+    records no digest counts as current, or as stale with unrecorded_is_stale)."""
     with Store(store, check_values=False) as s:
         recorded = s.attrs.get("source_digest")
-    if recorded is None or recorded == digest:
+    if recorded == digest or (recorded is None and not unrecorded_is_stale):
         return False
     print(f"{store}: its source changed (captions, images or source settings) since it was built; rebuilding")
     return True
@@ -148,16 +155,30 @@ def prepare_teran_test(cfg, float16: bool = False) -> None:
     TERAN's loader reads them: coco_*_ids.npy for COCO when present; float32 features unless
     float16), and import TERAN's ROUGE-L and SPICE relevance files
     (`<root>/<dataset>/relevances/<dataset>-test-*.npy`)."""
+    import hashlib
+
     from .relevance import load_teran_relevance
-    from .store import write_relevance
+    from .store import remove_stale_sidecars, set_attrs, writing_lock, write_relevance
 
     dc = cfg.data
-    if dc.source == "teran" and not Path(dc.store).is_file():
-        from .sources.teran import convert_teran
-        convert_teran(dc.root, dc.dataset, dc.store, features_dir=dc.features_dir, restval=False,
-                      image_sizes=dc.image_sizes, only_splits=("test",), prefer="ids",
-                      dtype="float16" if float16 else "float32")
     rel_dir = Path(dc.root) / dc.dataset / "relevances"
+    if dc.source == "teran":  # rebuilt whenever TERAN's files (annotations, features, relevance) change
+        store = Path(dc.store)
+        h = hashlib.sha256(f"{source_digest(dc)}|test|ids|{float16}".encode())
+        for f in sorted(rel_dir.glob("*")) if rel_dir.is_dir() else []:
+            st = f.stat()
+            h.update(f"{f.name}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}".encode())
+        digest = h.hexdigest()[:16]
+        with writing_lock(store):
+            if not store.is_file() or stale(store, digest, unrecorded_is_stale=True):
+                from .sources.teran import convert_teran
+                tmp = store.with_name(f".{store.name}.building.h5")
+                convert_teran(dc.root, dc.dataset, tmp, features_dir=dc.features_dir, restval=False,
+                              image_sizes=dc.image_sizes, only_splits=("test",), prefer="ids",
+                              dtype="float16" if float16 else "float32")
+                set_attrs(tmp, {"source_digest": digest})
+                os.replace(tmp, store)
+                remove_stale_sidecars(store)
     with Store(dc.store, check_values=False) as s:
         have = s.relevance_methods("test")
         n_cap, n_img = len(s.split_captions("test")), len(s.split_images("test"))

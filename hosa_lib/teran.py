@@ -158,6 +158,34 @@ def _alignment(v, key):
     return {"scoring": {"local_pool": pools[v], "w_high": 0.0, "w_global": 0.0}}
 
 
+def _warmup(v, key, cfg):
+    """training.warmup as TERAN's train.py uses it: 'linear' = LinearWarmup of the learning rate over
+    training.warmup-period steps; null = none. (Hardest negatives start at step 1 either way.)"""
+    if v is None:
+        return {"train": {"lr_warmup_steps": 0}}
+    if v != "linear":
+        raise ConfigError(f"TERAN config key '{key}' = {v!r}: TERAN knows 'linear' and null only")
+    period = cfg.get("training", {}).get("warmup-period")
+    if not isinstance(period, int) or period < 1:
+        raise ConfigError(f"TERAN config key 'training.warmup-period' = {period!r}: 'warmup: linear' needs a positive "
+                          "number of steps")
+    return {"train": {"lr_warmup_steps": period}}
+
+
+def _warmup_period(v, key, cfg):  # read by _warmup; only reported here
+    return {}
+
+
+def _same_dropout(v, key, cfg):
+    """TERAN's feature- and word-width layers take their own dropout; here one model.dropout serves
+    every layer, so a different value is refused rather than silently replaced."""
+    main = cfg.get("model", {}).get("dropout", 0.1)
+    if v != main:
+        raise ConfigError(f"TERAN config key '{key}' = {v!r} differs from model.dropout = {main!r}: this workbench "
+                          "uses one dropout (model.dropout) for every transformer layer")
+    return {}
+
+
 def _layers(v, key, cfg):  # model.layers: per-side transformers, or the shared one
     return {"model": {"shared_layers": v, "image_layers": 0, "text_layers": 0}} if cfg["model"].get(
         "shared-transformer") else {"model": {"image_layers": v, "text_layers": v}}
@@ -176,11 +204,11 @@ CONFIG_MAP = {
     "text-model.fine-tune": _to("model.text_lr_scale", lambda v: 1.0 if v else 0.0),  # TERAN's lr multiplier
     "text-model.pre-extracted": _const(False),
     "text-model.layers": _to("model.word_layers"),
-    "text-model.dropout": _ignored("TERAN's word-width layers use it; model.dropout is used for all layers"),
+    "text-model.dropout": _same_dropout,
     "image-model.name": _const("bottomup"),
     "image-model.pre-extracted-features-root": _to("data.features_dir"),
     "image-model.transformer-layers": _to("model.feat_layers"),
-    "image-model.dropout": _ignored("model.dropout is used for all layers"),
+    "image-model.dropout": _same_dropout,
     "image-model.pos-encoding": _const("concat-and-process"),
     "image-model.crop-size": _ignored("unused by TERAN with bottom-up features"),
     "image-model.fine-tune": _ignored("bottom-up features are fixed"),
@@ -190,7 +218,7 @@ CONFIG_MAP = {
     "model.embed-size": _to("model.embed"),
     "model.text-aggregation": _const("first"),
     "model.image-aggregation": _const("first"),
-    "model.layers": "layers",
+    "model.layers": _layers,
     "model.exclude-stopwords": _const(False),
     "model.shared-transformer": _ignored("folded into model.layers -> shared_layers"),
     "model.dropout": _to("model.dropout"),
@@ -205,15 +233,21 @@ CONFIG_MAP = {
     "training.scheduler": _const("steplr"),
     "training.gamma": _to("train.lr_decay"),
     "training.step-size": _to("train.lr_decay_epochs", lambda v: [v]),
-    "training.warmup": _ignored("TERAN's warm-up is off (null) in its published configs"),
-    "training.warmup-period": _to("loss.warmup_steps"),
+    "training.warmup": _warmup,
+    "training.warmup-period": _warmup_period,
 }
+
+
+CROSS_KEY = {_layers, _warmup, _warmup_period, _same_dropout}  # rules that read other keys of the config
 
 
 def import_config(teran: dict) -> tuple[dict, list[tuple[str, str]]]:
     """TERAN YAML (nested dict) -> (our params overrides, [(key, what happened)]). Unknown keys raise."""
     overrides: dict = {"model": {"arch": "teran", "heads": 4, "ff": 2048, "box_geometry": True,
-                                 "text_finetune": True}}  # BERT runs inside TERAN's model
+                                 "text_finetune": True},  # BERT runs inside TERAN's model
+                       # TERAN's loss takes the hardest negatives from the first step; no LR warm-up
+                       # unless training.warmup says 'linear'
+                       "loss": {"warmup_steps": 0}, "train": {"lr_warmup_steps": 0}}
     report = []
     for section, values in teran.items():
         if section == "image-retrieval":  # TERAN's single-query demo settings
@@ -226,10 +260,14 @@ def import_config(teran: dict) -> tuple[dict, list[tuple[str, str]]]:
             rule = CONFIG_MAP.get(key)
             if rule is None:
                 raise ConfigError(f"TERAN config key '{key}' has no equivalent here")
-            got = _layers(v, key, teran) if rule == "layers" else rule(v, key)
+            got = rule(v, key, teran) if rule in CROSS_KEY else rule(v, key)
             overrides = deep_merge(overrides, got)
+            note = "checked"
+            if rule is _warmup_period:
+                note = "used by training.warmup: linear" if values.get("warmup") == "linear" else \
+                    "unused: training.warmup is null (no warm-up)"
             report.append((key, getattr(rule, "reason", None) and f"ignored: {rule.reason}" or
-                           (f"-> {_flat(got)}" if got else "checked")))
+                           (f"-> {_flat(got)}" if got else note)))
     return overrides, report
 
 
@@ -267,7 +305,7 @@ def config_from_teran(ck: dict, checkpoint, config: str | None, data_root: str |
                       "store": store or str(Path(root) / dataset / ("hosa_test_fp16.h5" if float16 else "hosa_test.h5")),
                       "relevance": [], "max_words": max_words},
              "scoring": {"padding": "teran"},
-             "eval": {"protocol": protocol or PROTOCOLS[(dataset, size)], "split": "test"}}
+             "eval": {"protocol": protocol or PROTOCOLS[(dataset, size)], "split": "test", "ties": "teran"}}
     if text_model:
         extra["data"]["text_model"] = text_model
     if dataset == "f30k":

@@ -160,3 +160,110 @@ def test_coco_1k_scores_only_the_fold_blocks():
     m_fold, _ = evaluate_embeddings(img, cap, cap_img, scfg, ecfg)
     m_full = evaluate_scores(full.numpy(), cap_img, "coco_1k")
     assert {k: m_fold[k] for k in m_full} == pytest.approx(m_full)
+
+
+# ----------------------------------------------------------------------------- tie rules (eval.ties)
+def teran_reference(scores, cap_img):
+    """TERAN's evaluation.py semantics, one query at a time: items ordered by argsort(d)[::-1] (exact
+    ties: the later index first), i2t = the best position of the image's own captions."""
+    n_img, n_cap = scores.shape
+    i2t, t2i = [], []
+    for i in range(n_img):
+        order = np.argsort(scores[i], kind="stable")[::-1]
+        i2t.append(min(int(np.where(order == c)[0][0]) for c in np.where(cap_img == i)[0]))
+    for c in range(n_cap):
+        order = np.argsort(scores[:, c], kind="stable")[::-1]
+        t2i.append(int(np.where(order == cap_img[c])[0][0]))
+    return np.array(i2t), np.array(t2i)
+
+
+def fair_reference(scores, cap_img, k):
+    """Expected R@k and expected rank with every order of the tied items enumerated (ties: within the
+    workbench's tolerance of the best correct item)."""
+    import itertools
+
+    from hosa_lib.metrics import _tolerance
+    tol = _tolerance(scores)
+    out = {}
+    for name, mat, correct in (("i2t", scores, lambda q: cap_img == q), ("t2i", scores.T, lambda q: np.arange(
+            scores.shape[0]) == cap_img[q])):
+        hits, exp_rank = [], []
+        for q in range(mat.shape[0]):
+            row, ok = mat[q].astype(np.float64), correct(q)
+            best = row[ok].max()
+            above = int((row > best + tol).sum())
+            group = [bool(o) for x, o in zip(row, ok) if abs(x - best) <= tol]
+            ranks = [above + perm.index(True) for perm in itertools.permutations(group)]
+            hits.append(np.mean([r < k for r in ranks]))
+            exp_rank.append(np.mean(ranks))
+        out[name] = (np.mean(hits), np.array(exp_rank))
+    return out
+
+
+def tied_matrix(seed, n_img=6, n_cap=13, levels=4):
+    rng = np.random.default_rng(seed)
+    cap_img = np.concatenate([np.arange(n_img), rng.integers(0, n_img, n_cap - n_img)])
+    scores = rng.integers(0, levels, (n_img, n_cap)).astype(np.float32) / levels
+    scores[0, :2] += np.float32(1e-7)  # float32 noise: a tie for the fair rule, not for TERAN's
+    return scores, cap_img
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_teran_tie_rule_equals_teran_ranking(seed):
+    scores, cap_img = tied_matrix(seed)
+    i2t, t2i = teran_reference(scores, cap_img)
+    m = recall_metrics(scores, cap_img, ties="teran")
+    for k in (1, 5, 10):
+        assert m[f"i2t_r{k}"] == pytest.approx(100 * (i2t < k).mean())
+        assert m[f"t2i_r{k}"] == pytest.approx(100 * (t2i < k).mean())
+    assert m["i2t_meanr"] == pytest.approx(i2t.mean() + 1) and m["t2i_medr"] == np.floor(np.median(t2i)) + 1
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fair_tie_rule_is_the_expectation_over_every_order_of_the_ties(seed):
+    scores, cap_img = tied_matrix(seed)
+    m = recall_metrics(scores, cap_img, ties="fair")
+    for k in (1, 5, 10):
+        ref = fair_reference(scores, cap_img, k)
+        for d in ("i2t", "t2i"):
+            assert m[f"{d}_r{k}"] == pytest.approx(100 * ref[d][0])
+    for d in ("i2t", "t2i"):
+        assert m[f"{d}_meanr"] == pytest.approx(ref[d][1].mean() + 1)
+        assert m[f"{d}_medr"] == np.floor(np.median(ref[d][1])) + 1
+
+
+def test_an_all_zero_column_ranks_by_rule():
+    """TERAN's padding gives exact-zero columns: TERAN ranks such a caption of image 1 (of 60) at 58
+    (every later image first), the fair rule at the middle of the tie, the optimistic rule at 0."""
+    rng = np.random.default_rng(0)
+    scores = rng.random((60, 300)).astype(np.float32)
+    cap_img = np.arange(300) % 60
+    scores[:, 1] = 0.0
+    assert cap_img[1] == 1
+    got = {t: recall_metrics(scores, cap_img, ties=t)["t2i_meanr"] for t in ("teran", "fair", "optimistic")}
+    base = {t: recall_metrics(np.delete(scores, 1, 1), np.delete(cap_img, 1), ties=t)["t2i_meanr"]
+            for t in ("teran", "fair", "optimistic")}
+    own = {t: got[t] * 300 - base[t] * 299 - 1 for t in got}  # the 0-based rank of caption 1
+    assert own["teran"] == pytest.approx(58) and own["fair"] == pytest.approx(29.5) and own["optimistic"] == pytest.approx(0)
+
+
+def test_teran_ndcg_orders_like_teran_and_averages_i2t_over_nonzero_queries():
+    from hosa_lib.metrics import ndcg_at_k
+    rng = np.random.default_rng(2)
+    scores = rng.integers(0, 3, (8, 20)).astype(np.float32)  # many exact ties
+    rel = np.where(rng.random((20, 8)) < 0.15, rng.random((20, 8)), 0.0)  # sparse: some queries have NDCG 0
+
+    def teran_ndcg(rel_row, d, k=5):  # evaluate_utils/dcg.py semantics: ranking = argsort(d)[::-1][:k]
+        ranking = np.argsort(d, kind="stable")[::-1][:k]
+        dcg = lambda idx: ((2 ** rel_row[idx] - 1) / np.log2(np.arange(len(idx)) + 2)).sum()
+        best = dcg(np.argsort(rel_row, kind="stable")[::-1][:k])
+        return 0.0 if best == 0 else dcg(ranking) / best
+    i2t = np.array([teran_ndcg(rel[:, i], scores[i]) for i in range(8)])
+    t2i = np.array([teran_ndcg(rel[c], scores[:, c]) for c in range(20)])
+    assert (i2t == 0).any() and (i2t != 0).any()
+    got = ndcg_at_k(scores, rel, k=5, ties="teran")
+    assert got["i2t"] == pytest.approx(i2t[i2t != 0].mean()) and got["t2i"] == pytest.approx(t2i.mean())
+    fair = ndcg_at_k(scores, rel, k=5, ties="fair")
+    assert fair["i2t_nonzero"] > fair["i2t"]  # both averages reported: all queries, and TERAN's
+    m = evaluate_scores(scores, np.arange(20) % 8, "all", {"rougeL": rel}, k=5, ties="teran")
+    assert m["i2t_ndcg_rougeL"] == pytest.approx(i2t[i2t != 0].mean())

@@ -1,9 +1,11 @@
 """TERAN/HOSA import: configs, checkpoints (exact TERAN key names and shapes), seed-compatible evaluation."""
 import json
+import os
 from pathlib import Path
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -260,3 +262,82 @@ def test_coco_split_files_choice_is_explicit_and_agrees(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "reading splits from coco_*_ids.npy" in printed and "reading splits from dataset_coco.json" in printed
     assert tests["ids"] == tests["karpathy"] and len(tests["ids"]) == 3
+
+
+# ----------------------------------------------------------------------------- reproduction details
+def test_training_keys_map_as_teran_train_uses_them():
+    """warm-up: TERAN's LinearWarmup of the learning rate ('warmup: linear' over warmup-period steps;
+    null = none), hardest negatives from the first step; its per-width dropouts are refused when they
+    differ from model.dropout instead of being dropped silently."""
+    teran = yaml.safe_load(TERAN_COCO)
+    over, report = import_config(teran)
+    cfg = build(RunConfig, over, "import")
+    assert (cfg.train.lr_warmup_steps, cfg.loss.warmup_steps, cfg.loss.max_violation) == (0, 0, True)
+    assert dict(report)["training.warmup-period"] == "unused: training.warmup is null (no warm-up)"
+    linear = build(RunConfig, import_config(deep_merge(teran, {"training": {"warmup": "linear"}}))[0], "import")
+    assert (linear.train.lr_warmup_steps, linear.loss.warmup_steps) == (1000, 0)
+    with pytest.raises(ConfigError, match=r"'training.warmup' = 'cosine'"):
+        import_config(deep_merge(teran, {"training": {"warmup": "cosine"}}))
+    with pytest.raises(ConfigError, match=r"'image-model.dropout' = 0.2 differs from model.dropout = 0.1"):
+        import_config(deep_merge(teran, {"image-model": {"dropout": 0.2}}))
+
+
+def test_karpathy_json_keeps_the_first_five_sentences(tmp_path, capsys):
+    from hosa_lib.sources.teran import convert_teran
+    from hosa_lib.store import Store
+    from tests.test_store_sources import write_teran
+    root, _ = write_teran(tmp_path, "coco", n=6)
+    ann = root / "coco" / "annotations" / "dataset_coco.json"
+    data = json.loads(ann.read_text())
+    data["images"][2]["sentences"] += [{"raw": f"extra sentence {j}", "tokens": []} for j in range(2)]  # 7 in all
+    ann.write_text(json.dumps(data))
+    convert_teran(root, "coco", tmp_path / "s.h5")
+    assert "1 image(s) have more than 5 sentences; kept the first 5" in capsys.readouterr().out
+    with Store(tmp_path / "s.h5") as s:
+        assert np.bincount(s.caption_image).tolist() == [5] * 6
+        assert not any("extra sentence" in c for c in s.captions())
+
+
+def test_teran_test_store_follows_its_feature_files(tmp_path, teran_data):
+    """data/<dataset>/hosa_test.h5 is rebuilt when TERAN's files change, e.g. feature files swapped by
+    name (same names, sizes and dates), instead of being reused stale."""
+    import shutil
+
+    from hosa_lib.prepare import prepare_teran_test
+    from hosa_lib.store import Store
+    from hosa_lib.teran import config_from_teran
+    root = tmp_path / "data"
+    shutil.copytree(teran_data / "coco", root / "coco")
+    cfg, _ = config_from_teran({"config": yaml.safe_load(TERAN_COCO)}, "MODEL.pth", None, str(root), None, None,
+                               "1k", "all")
+    prepare_teran_test(cfg)
+    with Store(cfg.data.store) as s:
+        ids, before = s.image_ids(), s.features()
+    att = root / "coco" / "features_36" / "bu_att"
+    a, b = att / f"{ids[0]}.npz", att / f"{ids[1]}.npz"
+    os.rename(a, tmp_path / "x.npz")
+    os.rename(b, a)
+    os.rename(tmp_path / "x.npz", b)
+    prepare_teran_test(cfg)
+    with Store(cfg.data.store) as s:
+        after = s.features()
+    np.testing.assert_array_equal(after[0], before[1])
+    np.testing.assert_array_equal(after[1], before[0])
+    prepare_teran_test(cfg)  # unchanged files: reused as it is
+    with Store(cfg.data.store) as s:
+        np.testing.assert_array_equal(s.features(), after)
+
+
+def test_size_5k_on_a_smaller_split_is_refused_before_encoding(tmp_path, teran_data, monkeypatch):
+    import shutil
+
+    import hosa_lib.evaluate as ev
+    root = tmp_path / "data"
+    shutil.copytree(teran_data / "coco", root / "coco")
+    ck = tmp_path / "MODEL.pth"
+    torch.save({"model": {}, "config": yaml.safe_load(TERAN_COCO), "epoch": 1}, ck)
+    monkeypatch.setattr(ev, "encode_split", lambda *a, **k: pytest.fail("encoded before checking the split"))
+    monkeypatch.setattr("hosa_lib.factory.load_teran_model", lambda *a, **k: pytest.fail("model built first"))
+    with pytest.raises(ConfigError, match=r"hosa_test.h5: split 'test': coco_5k needs 5000 test images, the split "
+                                          r"has 3"):
+        ev.evaluate_teran(ck, "5k", data_root=str(root), progress=False)

@@ -25,16 +25,25 @@ from . import canonical_split, repeated
 KARPATHY = {"coco": "dataset_coco.json", "f30k": "dataset_flickr30k.json"}
 
 
+CAPTIONS_PER_IMAGE = 5  # TERAN / VSE++ read sentids[:5]: some COCO images have 6 or 7 sentences
+
+
 def _karpathy(ann: Path, dataset: str) -> list[dict]:
+    """Images of a Karpathy JSON with their first five sentences (as TERAN and VSE++ read them, so
+    that TERAN's relevance files, 5 captions per image, match in size)."""
     path = ann / KARPATHY[dataset]
     data = json.loads(path.read_text())
-    out = []
+    out, cut = [], 0
     for i, im in enumerate(data["images"]):
         fid = im.get("cocoid", i) if dataset == "coco" else i
         if not im.get("sentences"):
             raise StoreError(f"{path}: image {i} ('{im.get('filename')}', id {fid}) has no sentences")
+        cut += len(im["sentences"]) > CAPTIONS_PER_IMAGE
         out.append({"id": str(fid), "key": i, "split": canonical_split(im["split"], f"{path} image {i}"),
-                    "captions": [s["raw"] for s in im["sentences"]], "filename": im["filename"]})
+                    "captions": [s["raw"] for s in im["sentences"][:CAPTIONS_PER_IMAGE]], "filename": im["filename"]})
+    if cut:
+        print(f"{path}: {cut} image(s) have more than {CAPTIONS_PER_IMAGE} sentences; kept the first "
+              f"{CAPTIONS_PER_IMAGE} of each, as TERAN and VSE++ do")
     dupes = repeated(it["id"] for it in out)
     if dupes:
         raise StoreError(f"{path}: image id(s) listed more than once (an image in two splits?): {dupes[:5]}")
