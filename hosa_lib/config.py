@@ -171,6 +171,41 @@ CHOICES = {
 }
 
 
+def _at_least(lo):
+    return f"a number >= {lo}", lambda v: v >= lo
+
+
+_POSITIVE = "a number > 0", lambda v: v > 0
+_FRACTION = "a number in [0, 1)", lambda v: 0 <= v < 1
+# Numeric keys and the values they accept (floats must also be finite). A value outside fails at load
+# with the key's name, never later as a traceback from deep inside torch or numpy.
+RANGES = {
+    "data.n_images": _at_least(1), "data.image_size": _at_least(32), "data.batch_size": _at_least(1),
+    "data.max_words": _at_least(3), "data.text_layer": _at_least(-1), "data.split_fractions": _at_least(0),
+    "scoring.bands": _at_least(1), "scoring.temperature": _POSITIVE,
+    "model.embed": _at_least(1), "model.heads": _at_least(1), "model.ff": _at_least(1), "model.dropout": _FRACTION,
+    "model.image_layers": _at_least(0), "model.text_layers": _at_least(0), "model.shared_layers": _at_least(0),
+    "model.text_lr_scale": _at_least(0), "model.feat_layers": _at_least(0), "model.word_layers": _at_least(0),
+    "loss.margin": _at_least(0), "loss.warmup_steps": _at_least(0), "loss.temperature": _POSITIVE,
+    "train.epochs": _at_least(0), "train.batch_size": _at_least(1), "train.lr": _POSITIVE,
+    "train.lr_warmup_steps": _at_least(0), "train.lr_decay_epochs": _at_least(1), "train.lr_decay": _at_least(0),
+    "train.weight_decay": _at_least(0), "train.grad_clip": _at_least(0), "train.seed": _at_least(0),
+    "train.workers": _at_least(0), "train.threads": _at_least(0), "train.val_images": _at_least(0),
+    "train.patience": _at_least(0), "train.gate_lr": _POSITIVE, "train.log_every": _at_least(1),
+    "train.checkpoint_every": _at_least(0),
+    "eval.max_elems": _at_least(1), "eval.shortlist": _at_least(0), "eval.ndcg_k": _at_least(1),
+}
+
+
+def _check_range(value, key: str, where: str) -> None:
+    items = value if isinstance(value, tuple) else (value,)
+    for v in items:
+        if isinstance(v, float) and v != v or v in (float("inf"), float("-inf")):
+            raise ConfigError(f"{where}: key '{key}' = {value!r}: expected a finite number")
+        if key in RANGES and isinstance(v, (int, float)) and not isinstance(v, bool) and not RANGES[key][1](v):
+            raise ConfigError(f"{where}: key '{key}' = {value!r}: expected {RANGES[key][0]}")
+
+
 def _coerce(value, tp, key: str, where: str):
     """Check `value` against the annotation `tp`; ints are accepted for floats, lists for tuples."""
     origin = typing.get_origin(tp)
@@ -217,6 +252,7 @@ def build(cls, raw: dict, where: str, prefix: str = ""):
             kwargs[name] = build(tp, value, where, key + ".")
         else:
             kwargs[name] = _coerce(value, tp, key, where)
+            _check_range(kwargs[name], key, where)
             if key in CHOICES and kwargs[name] not in CHOICES[key]:
                 raise ConfigError(f"{where}: key '{key}' = {value!r}: expected one of {CHOICES[key]}")
     return cls(**kwargs)

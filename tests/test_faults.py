@@ -3,6 +3,7 @@ Each test reproduces the failure on generated inputs in the upstream formats."""
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -362,3 +363,22 @@ def test_changed_captions_rebuild_the_store(tmp_path, capsys):
     caps.write_text(caps.read_text() + "0.png,one more caption of photo zero,train\n")
     out = prepare(dc, progress=False)
     assert "its source changed" in capsys.readouterr().out and out["summary"]["captions"] == 7
+
+
+@pytest.mark.parametrize("yaml_text,message", [
+    ("train: {batch_size: 0}", "'train.batch_size' = 0: expected a number >= 1"),
+    ("train: {batch_size: -4}", "'train.batch_size' = -4: expected a number >= 1"),
+    ("scoring: {bands: 0}", "'scoring.bands' = 0: expected a number >= 1"),
+    ("train: {lr: .nan}", "'train.lr' = nan: expected a finite number"),
+    ("train: {lr: -1.0e-4}", "'train.lr' = -0.0001: expected a number > 0"),
+    ("model: {dropout: 1.5}", "'model.dropout' = 1.5: expected a number in [0, 1)"),
+    ("eval: {ndcg_k: 0}", "'eval.ndcg_k' = 0: expected a number >= 1"),
+])
+def test_numeric_options_out_of_range_fail_at_load_with_one_line(tmp_path, yaml_text, message):
+    """Each of these used to pass the loader and fail later as a traceback (ZeroDivisionError,
+    UnboundLocalError, torch errors)."""
+    from hosa_lib.config import ConfigError, load
+    params = tmp_path / "p.yaml"
+    params.write_text(f"base: {REPO / 'params' / 'smoke.yaml'}\n{yaml_text}\n")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load(params)
