@@ -217,10 +217,15 @@ def test_captions_without_words_are_rejected_naming_them(tmp_path):
     from hosa_lib.sources.imagefolder import convert_image_folder
     from tests.test_store_sources import make_image_folder
     img, caps = make_image_folder(tmp_path)
-    rows = caps.read_text().splitlines()
-    rows[3] = rows[3].replace("photo number 1 version 0", "\u200b\u200b")
-    caps.write_text("\n".join(rows) + "\n")
     convert_image_folder(img, caps, tmp_path / "s.h5", image_size=64, progress=False)
+    rows = caps.read_text().splitlines()
+    for bad in ("\u200b\u200b", "?!..."):
+        caps.write_text("\n".join(rows[:3] + [rows[3].replace("photo number 1 version 0", bad)] + rows[4:]) + "\n")
+        with pytest.raises(StoreError, match=re.escape(f"caption #0 {bad!r} for image '1.png' has no letter, digit")):
+            convert_image_folder(img, caps, tmp_path / "t.h5", image_size=64, progress=False)
+    from hosa_lib.store import updating  # a store from elsewhere: the text cache still names such a caption
+    with updating(tmp_path / "s.h5") as f:
+        f["captions/text"][2] = "\u200b\u200b"
     with pytest.raises(StoreError, match=r"no words after tokenisation, e.g. #2 '\\u200b\\u200b'"):
         add_text_cache(tmp_path / "s.h5", progress=False)
 
@@ -382,3 +387,14 @@ def test_numeric_options_out_of_range_fail_at_load_with_one_line(tmp_path, yaml_
     params.write_text(f"base: {REPO / 'params' / 'smoke.yaml'}\n{yaml_text}\n")
     with pytest.raises(ConfigError, match=re.escape(message)):
         load(params)
+
+
+def test_csv_row_with_missing_cells_names_its_line(tmp_path):
+    """A row of one cell used to read as an image in split 'all' and fail as 'in two splits'."""
+    from hosa_lib.sources.imagefolder import read_captions
+    (tmp_path / "c.csv").write_text("filename,caption,split\n0.png,a cat,train\n1.png\n")
+    with pytest.raises(StoreError, match=r"c.csv line 3: 1 cell\(s\), expected 3 \(filename,caption,split\)"):
+        read_captions(tmp_path / "c.csv")
+    (tmp_path / "d.csv").write_text("filename,caption\n0.png,a cat,sitting\n")
+    with pytest.raises(StoreError, match=r"d.csv line 2: 3 cell\(s\), expected 2 .*quote a caption"):
+        read_captions(tmp_path / "d.csv")

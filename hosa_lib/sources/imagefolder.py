@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,12 @@ def read_captions(path, split_fractions=(0.8, 0.1, 0.1)) -> list[dict]:
             reader = csv.DictReader(fh)
             if not reader.fieldnames or not {"filename", "caption"} <= set(reader.fieldnames):
                 raise StoreError(f"{path}: CSV header must have 'filename,caption[,split]', got {reader.fieldnames}")
+            width = len(reader.fieldnames)
             for row_no, row in enumerate(reader, start=2):
+                cells = width - sum(v is None for v in row.values()) + len(row.get(None) or [])
+                if cells != width:
+                    raise StoreError(f"{path} line {row_no}: {cells} cell(s), expected {width} "
+                                     f"({','.join(reader.fieldnames)}); quote a caption that contains commas")
                 split = canonical_split(row.get("split") or "all", f"{path} line {row_no}")
                 item = by_file.setdefault(row["filename"], {"filename": row["filename"], "captions": [],
                                                             "split": split})
@@ -60,6 +66,9 @@ def read_captions(path, split_fractions=(0.8, 0.1, 0.1)) -> list[dict]:
         for k, c in enumerate(it["captions"]):
             if not c or not c.strip():
                 raise StoreError(f"{path}: empty caption #{k} for image '{it['filename']}'")
+            if not any(unicodedata.category(ch)[0] in "LNS" for ch in c):
+                raise StoreError(f"{path}: caption #{k} {c!r} for image '{it['filename']}' has no letter, digit or "
+                                 "symbol (punctuation and spaces only); a text model reads no words in it")
     if items and all(it["split"] == "all" for it in items):
         hash_split(items, split_fractions)
     return items
