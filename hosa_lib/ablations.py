@@ -54,19 +54,25 @@ def run_cell(cfg: RunConfig, progress: bool = False) -> dict:
     return out
 
 
+def cell_config(cfg: RunConfig, variant: dict, seed: int, grid_path) -> RunConfig:
+    """The config of one grid cell: the run's own with the variant's overrides and the seed; a variant
+    that does not fit the config (e.g. one the recipe's term gates reject) fails here, naming it."""
+    over = dict(variant.get("overrides") or {})
+    over["train"] = {**over.get("train", {}), "seed": seed}
+    over["name"] = f"{cfg.name}-abl-{variant['name']}"
+    return override(cfg, over, f"{grid_path}: variant {variant['name']}")
+
+
 def run_grid(cfg: RunConfig, grid_path=None, seeds=None, out_csv=None, progress: bool = True) -> pd.DataFrame:
     from tqdm import tqdm
 
     variants, grid_seeds = read_grid(grid_path or cfg.ablation.grid)
     seeds = list(seeds or grid_seeds or cfg.ablation.seeds)
-    cells = [(v, s) for v in variants for s in seeds]
-    rows = []
-    for n, (v, seed) in enumerate(tqdm(cells, desc="ablation grid", disable=not progress), start=1):
-        over = dict(v.get("overrides") or {})
-        over["train"] = {**over.get("train", {}), "seed": seed}
-        over["name"] = f"{cfg.name}-abl-{v['name']}"
+    cells = [(v, s, cell_config(cfg, v, s, grid_path or cfg.ablation.grid)) for v in variants for s in seeds]
+    rows = []  # every cell's config was built (and checked) above, before any cell trains
+    for n, (v, seed, cell_cfg) in enumerate(tqdm(cells, desc="ablation grid", disable=not progress), start=1):
         t0 = time.perf_counter()
-        res = run_cell(override(cfg, over, f"{grid_path or cfg.ablation.grid}: variant {v['name']}"))
+        res = run_cell(cell_cfg)
         cached = res.pop("cached", False)
         rows.append({"variant": v["name"], "seed": seed, **res})
         if out_csv:  # one progress line per cell into the run folder holding the table

@@ -77,7 +77,7 @@ def run(name: str, fn, argv=None) -> int:
     from .store import StoreError
     try:
         return fn(args) or 0
-    except (ConfigError, StoreError, CheckpointError, FileNotFoundError, IsADirectoryError, PermissionError,
+    except (ConfigError, StoreError, CheckpointError, OSError,  # OSError: missing, read-only, full, not a folder
             pickle.UnpicklingError, EOFError) as e:
         if args.debug:
             raise

@@ -255,7 +255,32 @@ def build(cls, raw: dict, where: str, prefix: str = ""):
             _check_range(kwargs[name], key, where)
             if key in CHOICES and kwargs[name] not in CHOICES[key]:
                 raise ConfigError(f"{where}: key '{key}' = {value!r}: expected one of {CHOICES[key]}")
-    return cls(**kwargs)
+    out = cls(**kwargs)
+    if cls is RunConfig:
+        check_run(out, where)
+    return out
+
+
+def check_gates(scoring: "ScoringConfig") -> None:
+    if scoring.gates and (scoring.w_global == 0 or (scoring.w_local == 0 and scoring.w_high == 0)):
+        raise ConfigError("scoring.gates: needs the global term and a local term (w_global and w_local or "
+                          f"w_high non-zero), got w_global={scoring.w_global}, w_local={scoring.w_local}, "
+                          f"w_high={scoring.w_high}; set scoring.gates: false for this variant")
+
+
+def check_run(cfg: "RunConfig", where: str) -> None:
+    """Rules between keys, checked when a run config is built (so every ablation cell is checked
+    before any cell trains)."""
+    try:
+        check_gates(cfg.scoring)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    if cfg.train.epochs == 0 and not cfg.train.validate_at_start:
+        raise ConfigError(f"{where}: train.epochs = 0: expected at least 1, or 0 with train.validate_at_start: true "
+                          "(evaluates the untrained model)")
+    if cfg.model.embed % cfg.model.heads:
+        raise ConfigError(f"{where}: model.embed = {cfg.model.embed} is not a multiple of model.heads = "
+                          f"{cfg.model.heads}")
 
 
 def deep_merge(base: dict, over: dict) -> dict:
@@ -322,6 +347,22 @@ def read_params(path: str | Path, _seen: tuple = (), _referrer: str = "") -> dic
     return raw
 
 
+def own_names(path: Path, raw: dict) -> dict:
+    """Each params file has its own run name and store unless it names them itself: `name` and
+    `data.store` are not inherited from a base file but derived from the file's name
+    (`mine.yaml` -> name `mine`, store `outputs/data/mine.h5`), so following a base such as
+    images.yaml never writes into another params file's store (e.g. the demo's)."""
+    own = yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}
+    raw = dict(raw)
+    if "name" not in own:
+        raw["name"] = path.stem
+    data = dict(raw.get("data") or {})
+    if "store" not in (own.get("data") or {}) and data.get("source") != "store":
+        data["store"] = f"outputs/data/{path.stem}.h5"
+        raw["data"] = data
+    return raw
+
+
 def resolve_paths(cfg: RunConfig, root: Path) -> RunConfig:
     """Relative path keys made absolute against `root`; empty values stay empty."""
     over: dict = {}
@@ -338,7 +379,7 @@ def load(path: str | Path, overrides: dict | None = None) -> RunConfig:
     """Load a params file (with its base chain) plus optional nested overrides, strictly typed.
     Relative paths inside resolve against the project root (`project_root`), wherever this runs."""
     path = find_params(path)
-    raw = read_params(path)
+    raw = own_names(path, read_params(path))
     if overrides:
         raw = deep_merge(raw, overrides)
     return resolve_paths(build(RunConfig, raw, str(path)), project_root(path.parent))

@@ -171,6 +171,24 @@ def check_protocol(store_path, split: str, protocol: str) -> None:
         raise ConfigError(f"{store_path}: split '{split}': {e}") from None
 
 
+def check_store(ck: dict, store_path, checkpoint) -> None:
+    """A checkpoint evaluated on the very store file it was trained on, which has since been rebuilt
+    from another source (e.g. by another params file sharing the path), is refused: its numbers would
+    silently score other data. Another store path (evaluation on other data) is allowed."""
+    trained = ck.get("store")
+    if not trained:
+        return
+    with Store(store_path, check_values=False) as s:
+        now = s.identity()
+    if now["path"] != trained["path"]:
+        return
+    if (now["source"], now["source_digest"]) != (trained["source"], trained["source_digest"]):
+        raise ConfigError(f"{checkpoint} was trained on {store_path} when it held '{trained['source']}' (digest "
+                          f"{trained['source_digest'] or '-'}); the store now holds '{now['source']}' (digest "
+                          f"{now['source_digest'] or '-'}): it was rebuilt since, from other data. Rebuild it with the "
+                          "run's own params (python -m hosa_lib.prepare PARAMS) before evaluating")
+
+
 def check_scoring(params: ScoringConfig, trained: ScoringConfig, checkpoint) -> None:
     """The scoring a checkpoint was trained with travels with it; a params file that says otherwise is an error."""
     diff = {k: (v, getattr(trained, k)) for k, v in to_dict(params).items() if getattr(trained, k) != v}
@@ -192,8 +210,9 @@ def evaluate_checkpoint(cfg: RunConfig, checkpoint, split: str | None = None, pr
     split = split or cfg.eval.split
     ecfg = override(cfg.eval, {"protocol": protocol}) if protocol else cfg.eval
     checkpoint = Path(checkpoint)
-    check_protocol(cfg.data.store, split, ecfg.protocol)
     model, run_cfg, ck, text = load_model(checkpoint, cfg.data.store, device)
+    check_store(ck, cfg.data.store, checkpoint)
+    check_protocol(cfg.data.store, split, ecfg.protocol)  # before encoding anything
     check_scoring(cfg.scoring, run_cfg.scoring, checkpoint)
     run_cfg = replace(run_cfg, scoring=model.scoring_config())  # learned term gates folded into the weights
     tag = f"{checkpoint.resolve()}|{ck['step']}|{split}|bucketed"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from tqdm import tqdm  # plain tqdm: widget bars render blank in offline HTML
+from .progress import bar as progress_bar
 
 from .store import SidecarWriter, Store, StoreError
 from .text import cache_key, load_backbone, tokenize
@@ -24,7 +24,7 @@ def caption_lengths(store: Store, tokenizer, max_words: int, block: int = 1 << 1
     """(tokens, words) per caption of the store, counted in blocks."""
     n = store.n_captions
     tokens, words = np.zeros(n, np.int32), np.zeros(n, np.int32)
-    for s in tqdm(range(0, n, block), desc="tokenise captions", disable=not progress, mininterval=2):
+    for s in progress_bar(range(0, n, block), progress, desc="tokenise captions"):
         enc = tokenize(tokenizer, store.caption_range(s, min(n, s + block)), max_words)
         tokens[s:s + block] = enc["attention_mask"].sum(1).numpy()
         words[s:s + block] = enc["words"].sum(1).numpy()
@@ -87,8 +87,8 @@ def add_text_cache(store_path, name: str = "minilm", layer: int = -1, max_words:
         with SidecarWriter(store_path, f"text-{key}", spec, meta, home=s.home,
                            chunk_rows={"hidden": 1}) as w:
             w.f.attrs.update({"model": name, "layer": layer, "max_words": max_words, "min_words": int(n_words.min())})
-            bar = tqdm(total=n, initial=w.rows_done, desc=f"text features ({device})", unit="cap",
-                       disable=not progress, mininterval=2)
+            bar = progress_bar(total=n, initial=w.rows_done, desc=f"text features ({device})", unit="cap",
+                       progress=progress)
             for start in range(w.rows_done, n, block):
                 texts = s.caption_range(start, min(n, start + block))
                 h, m, wd = encode_block(texts, tokens[start:start + block], tokenizer, model, layer, max_words, width, batch_size, device)

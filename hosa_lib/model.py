@@ -9,7 +9,7 @@ from dataclasses import replace
 import torch
 import torch.nn as nn
 
-from .config import ConfigError, ModelConfig, ScoringConfig
+from .config import ModelConfig, ScoringConfig, check_gates
 from .encoders import ImageEncoder, TextEncoder, transformer
 from .scoring import make_side, pair_scores
 
@@ -31,10 +31,7 @@ class HOSA(nn.Module):
             self.text = TextEncoder(mcfg, text_dim, backbone if mcfg.text_finetune else None)
         self.shared = transformer(mcfg, mcfg.shared_layers)
         if scfg.gates:  # (local, high): the untrained model scores with its global term alone
-            if scfg.w_global == 0 or (scfg.w_local == 0 and scfg.w_high == 0):
-                raise ConfigError("scoring.gates: needs the global term and a local term (w_global and w_local or "
-                                  f"w_high non-zero), got w_global={scfg.w_global}, w_local={scfg.w_local}, "
-                                  f"w_high={scfg.w_high}")
+            check_gates(scfg)
             self.term_gates = nn.Parameter(torch.zeros(2))
 
     def encode_images(self, batch: dict) -> dict[str, torch.Tensor]:

@@ -7,7 +7,8 @@ an index page into the run folder, and prints one line per stage, per epoch and 
 
 A stage is up to date when it finished after its inputs last changed, as make/DVC decide: its
 marker `.<stage>.done` is removed when it starts and written last, and holds a digest of what
-the stage reads — the params, the code version, the store (and for evaluation the checkpoint).
+the stage reads — the params, the code version, the store (and for evaluation the checkpoint) —
+and the fingerprints of the files it wrote (a deleted best.pt makes training run again).
 Re-preparing the store therefore re-runs training and evaluation downstream.
 """
 from __future__ import annotations
@@ -72,6 +73,22 @@ def stage_digest(name: str, cfg, run_dir: Path) -> str:
     return _digest(inputs)
 
 
+def stage_outputs(name: str, cfg, run_dir: Path) -> list[Path]:
+    """The files a stage's marker stands for: its metrics file, and the store (prepare) or best.pt (train)."""
+    out = [run_dir / f"{name}_metrics.json", run_dir / f"{STAGES[name]}.ipynb"]
+    if name == "prepare":
+        out.append(Path(cfg.data.store))
+    if name == "train":
+        out.append(run_dir / "checkpoints" / "best.pt")
+    return out
+
+
+def marker_text(name: str, cfg, run_dir: Path, digest: str) -> str:
+    """What a finished stage's marker holds: the digest of its inputs and the fingerprints of its outputs,
+    so a marker whose files were deleted or replaced since is not up to date."""
+    return "\n".join([digest] + [fingerprint(p) for p in stage_outputs(name, cfg, run_dir)])
+
+
 class _Tail(threading.Thread):
     """Prints lines appended to the run's progress log while a stage runs (the HTML stays clean)."""
 
@@ -100,7 +117,7 @@ def run_stage(name: str, params_path: Path, cfg, run_dir: Path, force: bool) -> 
     executed = run_dir / f"{STAGES[name]}.ipynb"
     stamp = run_dir / f".{STAGES[name]}.done"
     digest = stage_digest(name, cfg, run_dir)
-    if not force and stamp.is_file() and stamp.read_text().strip() == digest and executed.is_file():
+    if not force and stamp.is_file() and stamp.read_text().strip() == marker_text(name, cfg, run_dir, digest):
         return {"stage": name, "skipped": True}
     parameters = {"params": str(params_path), "run_dir": str(run_dir)}
     check_parameters(nb, parameters)
@@ -115,13 +132,18 @@ def run_stage(name: str, params_path: Path, cfg, run_dir: Path, force: bool) -> 
     except pm.PapermillExecutionError as e:
         raise PipelineError(f"{nb.name} failed in cell In [{e.exec_count}] ({e.ename}: {e.evalue}); "
                             f"executed notebook kept at {executed}") from None
+    except KeyboardInterrupt:  # the hint the notebook holds, said in the terminal
+        raise KeyboardInterrupt(
+            f"interrupted in {nb.name}; run the same command again to resume: finished stages are skipped, "
+            f"training resumes from {run_dir / 'checkpoints' / 'last.pt'}, a store build and its text cache from "
+            "their partial files, an ablation grid at its first unfinished cell") from None
     finally:
         tail.stop.set()
         tail.join()
         tail.poll()
     to_html(executed, run_dir / f"{STAGES[name]}.html")
     seconds = time.perf_counter() - t0
-    stamp.write_text(digest)  # last: the stage is complete
+    stamp.write_text(marker_text(name, cfg, run_dir, digest))  # last: the stage is complete
     record = {"seconds": round(seconds, 1), "code_version": code_version(),
               "finished": _dt.datetime.now().isoformat(timespec="seconds")}
     history = run_dir / "stages.json"

@@ -102,18 +102,21 @@ def stale(store: Path, digest: str, unrecorded_is_stale: bool = False) -> bool:
     return True
 
 
-def prepare(dc: DataConfig, progress: bool = True, device: str = "auto") -> dict:
+def prepare(dc: DataConfig, progress=True, device: str = "auto") -> dict:
     """Store + text cache + relevance, published together: the store is built under a temporary name,
     its caches go into sidecars named by that build (`store.SidecarWriter`, resumable), and one rename
     publishes them all (readers never see a store without its caches); one writer at a time. An
     existing store is reused (missing caches added as sidecars, the store file untouched) unless
     forced or its source changed. The text cache is encoded on `device` (auto: a GPU when there is
-    one; pass `train.device`). Returns timings and the store summary."""
+    one; pass `train.device`). progress: True/False, or a `progress.ProgressLog` (lines into the run's
+    progress log, which the pipeline prints). Returns timings and the store summary."""
     from .features import add_text_cache
     from .perf import resolve_device
     from .relevance import add_relevance
     from .store import remove_stale_sidecars, set_attrs, sidecar_dir, writing_lock
 
+    from .progress import ProgressLog, log_progress
+    say = (lambda m: log_progress(progress.run_dir, m)) if isinstance(progress, ProgressLog) else (lambda m: None)
     store = Path(dc.store)
     t0 = time.perf_counter()
     with writing_lock(store):
@@ -129,10 +132,12 @@ def prepare(dc: DataConfig, progress: bool = True, device: str = "auto") -> dict
                 if dc.force:  # start clean: no resumed partial work
                     for leftover in (target, target.with_name(f".{target.name}.partial")):
                         leftover.unlink(missing_ok=True)
+                say(f"building {store.name} from {dc.source} {dc.root or ''}".rstrip())
                 report = build_store(dc, target, progress)
                 set_attrs(target, {"source_digest": digest})
         t1 = time.perf_counter()
         home = sidecar_dir(store)
+        say(f"text states of every caption ({dc.text_model}, layer {dc.text_layer}): added if missing")
         key = add_text_cache(target, dc.text_model, dc.text_layer, dc.max_words, progress=progress,
                              device=resolve_device(device), sidecars=home)
         t2 = time.perf_counter()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 from numba import njit, prange
-from tqdm import tqdm  # plain tqdm: widget bars render blank in offline HTML
+from .progress import bar as progress_bar
 
 from .store import SidecarWriter, Store, StoreError, write_relevance
 
@@ -123,7 +123,7 @@ def rouge_l_matrix(captions: list[str], image_refs: list[list[str]], progress: b
         k += len(refs)
     rl = RougeL(texts, np.arange(len(captions)), ref_idx)
     out = np.zeros(rl.shape, np.float32)
-    for s in tqdm(range(0, len(captions), block), desc="ROUGE-L relevance", disable=not progress, mininterval=2):
+    for s in progress_bar(range(0, len(captions), block), progress, desc="ROUGE-L relevance"):
         out[s:s + block] = rl.rows(s, min(len(captions), s + block))
     return out
 
@@ -167,8 +167,8 @@ def add_relevance(store_path, split: str, methods=("rougeL",), spice_file: str =
         spec = {"relevance": (rl.shape, "float32")}
         with SidecarWriter(store_path, f"relevance-{split}-rougeL", spec, {"method": "rougeL", "block": block},
                            home=s.home, chunk_rows={"relevance": min(64, max(1, len(caps)))}) as w:
-            bar = tqdm(total=len(caps), initial=w.rows_done, desc="ROUGE-L relevance", unit="cap",
-                       disable=not progress, mininterval=2)
+            bar = progress_bar(total=len(caps), initial=w.rows_done, desc="ROUGE-L relevance", unit="cap",
+                       progress=progress)
             for start in range(w.rows_done, len(caps), block):
                 stop = min(len(caps), start + block)
                 w.write(start, {"relevance": rl.rows(start, stop)})

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .config import PATH_KEYS, RunConfig, marked_root, to_dict
+from .progress import PROGRESS_LOG, ProgressLog, log_progress  # noqa: F401  (re-exported)
 
 # Keys that never change the trained weights (section -> keys; "*" = the whole section).
 NOT_WEIGHTS = {"name": "*", "output_root": "*", "eval": "*", "ablation": "*",
@@ -132,18 +133,6 @@ def set_rng_state(s: dict) -> None:
     random.setstate(s["python"])
     if s["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
-
-
-PROGRESS_LOG = "progress.log"
-
-
-def log_progress(run_dir, message: str) -> None:
-    """One line of progress (an epoch, an ablation cell) appended to <run_dir>/progress.log;
-    the pipeline prints these lines to the terminal while notebooks run, keeping the HTML clean."""
-    path = Path(run_dir) / PROGRESS_LOG
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as fh:
-        fh.write(f"{_dt.datetime.now():%H:%M:%S} {message}\n")
 
 
 def format_seconds(s: float) -> str:

@@ -388,6 +388,11 @@ class Store:
         self.home = Path(sidecars) if sidecars else sidecar_dir(self.path)
         self._side: dict[Path, h5py.File] = {}
 
+    def identity(self) -> dict:
+        """What a checkpoint records of the store it was trained on: path, source and source digest."""
+        return {"path": str(self.path.resolve()), "source": str(self.attrs.get("source")),
+                "source_digest": str(self.attrs.get("source_digest", "")), "uid": self.uid}
+
     @functools.cached_property
     def caption_image(self) -> np.ndarray:
         return self.f["captions/image"][:]
@@ -561,9 +566,10 @@ class Store:
 
 # ----------------------------------------------------------------------------- one writer at a time
 @contextlib.contextmanager
-def writing_lock(path):
+def writing_lock(path, subject: str | None = None):
     """Exclusive lock for building or changing the store at `path` (`.<name>.lock` beside it). A second
-    writer fails at once naming the process that holds it; the lock goes with its process."""
+    writer fails at once naming the process that holds it (and `subject`, default 'store <path>');
+    the lock goes with its process."""
     import fcntl
 
     path = Path(path)
@@ -576,7 +582,7 @@ def writing_lock(path):
         fh.seek(0)
         holder = fh.read().strip() or "?"
         fh.close()
-        raise StoreError(f"store {path} is being written by pid {holder}; wait for it or stop it") from None
+        raise StoreError(f"{subject or f'store {path}'} is being written by pid {holder}; wait for it or stop it") from None
     try:
         fh.seek(0)
         fh.truncate()

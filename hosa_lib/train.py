@@ -31,6 +31,7 @@ from .factory import build_model, resolve_device
 from .loss import infonce_loss, triplet_loss
 from .model import HOSA
 from .perf import tune_cpu_allocator
+from .store import Store
 from .runs import (CheckpointError, format_seconds, load_checkpoint, log_progress, rng_state, run_dir_for, save_checkpoint,
                    set_rng_state)
 
@@ -185,9 +186,6 @@ def preflight(cfg: RunConfig, text, ck_dir: Path, n_params: int) -> None:
     import shutil
 
     from .store import Store, StoreError
-    if cfg.train.epochs < 0 or (cfg.train.epochs == 0 and not cfg.train.validate_at_start):
-        raise ConfigError(f"train.epochs = {cfg.train.epochs}: expected at least 1, or 0 with "
-                          "train.validate_at_start: true (evaluates the untrained model)")
     with Store(cfg.data.store) as s:  # validates features (NaN/Inf) and boxes
         missing = [sp for sp in ("train", "val") if sp not in s.split_names]
         if missing:
@@ -212,9 +210,64 @@ def preflight(cfg: RunConfig, text, ck_dir: Path, n_params: int) -> None:
                               f"{free >> 20} MiB free")
 
 
+def warn_schedule(cfg: RunConfig, steps_per_epoch: int, run_dir: Path, progress: bool) -> list[str]:
+    """Warm-ups longer than the whole run (small folders: 18 steps against 100 of warm-up) are said
+    before training, in the terminal and the run's progress log."""
+    total = steps_per_epoch * cfg.train.epochs
+    notes = []
+    if cfg.train.lr_warmup_steps > total:
+        notes.append(f"warning: train.lr_warmup_steps = {cfg.train.lr_warmup_steps} is longer than the whole run "
+                     f"({total} steps): the learning rate never reaches train.lr = {cfg.train.lr:g}; "
+                     f"set it to about {max(1, total // 10)}")
+    if cfg.loss.max_violation and cfg.loss.kind == "hinge" and cfg.loss.warmup_steps > total:
+        notes.append(f"warning: loss.warmup_steps = {cfg.loss.warmup_steps} is longer than the whole run ({total} "
+                     "steps): hardest negatives never start; lower it or set loss.max_violation: false")
+    for line in notes:
+        log_progress(run_dir, line)
+        if progress:
+            print(line)
+    return notes
+
+
+def check_resumable(cfg: RunConfig, run_dir: Path) -> None:
+    """A run folder holding a run of other params (what changes the weights; the number of epochs and
+    the patience may change) is refused before anything in it is touched, naming what differs."""
+    from .config import from_dict
+    from .runs import weights_config
+
+    saved = run_dir / "params.yaml"
+    if not (run_dir / "checkpoints" / "last.pt").is_file() or not saved.is_file():
+        return
+    try:
+        before = weights_config(from_dict(yaml.safe_load(saved.read_text()), str(saved)))
+    except (ConfigError, yaml.YAMLError, TypeError):
+        return  # written by another version: the strict checkpoint load decides
+    now = weights_config(cfg)
+    flat = lambda d: {f"{s}.{k}": v for s, sec in d.items() for k, v in (sec.items() if isinstance(sec, dict) else
+                                                                          [("", sec)])}
+    a, b = flat(before), flat(now)
+    diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in ("train.epochs", "train.patience")]
+    if diff:
+        show = lambda d, k: repr(d[k]) if k in d else "the default"
+        raise CheckpointError(f"run folder {run_dir} holds a run with other params: " + ", ".join(
+            f"{k.rstrip('.')} = {show(a, k)} there vs {show(b, k)} now" for k in diff[:6])
+            + f"; train into another folder (the params' own is {run_dir_for(cfg)}) or delete {run_dir / 'checkpoints'}")
+
+
 def train(cfg: RunConfig, run_dir: str | Path | None = None, progress: bool = True,
           stop_after_steps: int | None = None) -> dict:
-    """Train (or resume) a run. Returns {"run_dir", "best_rsum", "steps", "seconds", "last_val"}."""
+    """Train (or resume) a run. Returns {"run_dir", "best_rsum", "steps", "seconds", "last_val"}.
+    One process at a time trains into a run folder (a second fails at once, naming the first)."""
+    from .store import writing_lock
+    run_dir = Path(run_dir) if run_dir else run_dir_for(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return _train(cfg, run_dir, progress, stop_after_steps)
+    with writing_lock(run_dir / "train", subject=f"run folder {run_dir}"):
+        check_resumable(cfg, run_dir)
+        return _train(cfg, run_dir, progress, stop_after_steps)
+
+
+def _train(cfg: RunConfig, run_dir: Path, progress: bool, stop_after_steps: int | None) -> dict:
     tune_cpu_allocator()
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed and not dist.is_initialized():
@@ -227,7 +280,6 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, progress: bool = Tr
     amp = cfg.train.amp and device.type == "cuda" and torch.cuda.is_bf16_supported()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    run_dir = Path(run_dir) if run_dir else run_dir_for(cfg)
     ck_dir = run_dir / "checkpoints"
     if rank == 0:
         ck_dir.mkdir(parents=True, exist_ok=True)
@@ -235,6 +287,8 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, progress: bool = Tr
         (run_dir / "code_version.txt").write_text(code_version() + "\n")
 
     core, text = build_model(cfg, device, seed=cfg.train.seed)
+    with Store(cfg.data.store, check_values=False) as st:  # recorded in checkpoints (evaluation compares)
+        store_identity = st.identity()
     if rank == 0:
         preflight(cfg, text, ck_dir, sum(p.numel() for p in core.parameters()))
     data = CaptionDataset(cfg.data.store, "train", text)
@@ -243,6 +297,8 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, progress: bool = Tr
     if spe == 0:
         raise ValueError(f"train split has {len(data)} captions, fewer than one batch of "
                          f"{cfg.train.batch_size * world}")
+    if rank == 0:
+        warn_schedule(cfg, spe, run_dir, progress)
     backbone = list(core.text.backbone.parameters()) if core.text.backbone is not None else []
     gates = [core.term_gates] if cfg.scoring.gates else []
     ids = {id(p) for p in backbone + gates}
@@ -275,7 +331,8 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, progress: bool = Tr
             state = {"model": core.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                      "step": step, "epoch": ep, "batch_in_epoch": batch_in_epoch, "best_rsum": best,
                      "best_epoch": best_epoch,
-                     "rng": rng_state(), "config": to_dict(cfg), "code_version": code_version()}
+                     "rng": rng_state(), "config": to_dict(cfg), "code_version": code_version(),
+                     "store": store_identity}
             for name in names:
                 save_checkpoint(ck_dir / name, state)
 
@@ -296,6 +353,11 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, progress: bool = Tr
     stop = _StopRequest()
     try:
         t_start, last_val, first_epoch = time.perf_counter(), {}, epoch
+        if rank == 0 and step > 0 and not (ck_dir / "best.pt").is_file():  # deleted since: made again
+            best = -1.0  # the next validation writes it; with no epoch left, validate the last model now
+            print(f"{ck_dir / 'best.pt'} is missing: the next validated model becomes best.pt")
+            if epoch >= cfg.train.epochs and start_batch == 0:
+                last_val = validate_and_save(epoch - 1)
         if cfg.train.validate_at_start and step == 0 and rank == 0:  # the initialisation competes for best.pt
             last_val = validate_and_save(-1)
             log_progress(run_dir, f"epoch 0/{cfg.train.epochs} (untrained): val rsum {best:.1f}")

@@ -398,3 +398,91 @@ def test_csv_row_with_missing_cells_names_its_line(tmp_path):
     (tmp_path / "d.csv").write_text("filename,caption\n0.png,a cat,sitting\n")
     with pytest.raises(StoreError, match=r"d.csv line 2: 3 cell\(s\), expected 2 .*quote a caption"):
         read_captions(tmp_path / "d.csv")
+
+
+@pytest.mark.parametrize("command", ["prepare", "train"])
+def test_unwritable_output_folder_is_one_line_from_the_cli(tmp_path, command):
+    """Root writes anywhere, so the folder is made unwritable by putting it under a regular file
+    (ENOTDIR, an OSError like a read-only mount's EROFS): one line naming the path, exit 2."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    params = tmp_path / "p.yaml"
+    params.write_text(yaml.safe_dump({"base": str(REPO / "params" / "smoke.yaml"), "output_root": str(blocker / "out"),
+                                      "data": {"store": str(blocker / "out" / "s.h5")}}))
+    proc = subprocess.run([sys.executable, "-m", f"hosa_lib.{command}", str(params)], capture_output=True, text=True,
+                          cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(blocker) in lines[0], proc.stderr[-2000:]
+
+
+def test_prepare_reports_progress_into_the_run_log(tmp_path):
+    """Inside the pipeline the prepare notebook's progress goes to the run's progress log (printed in the
+    terminal by the pipeline): the build, image encoding, text states and relevance each say how far."""
+    from hosa_lib.config import DataConfig
+    from hosa_lib.prepare import prepare
+    from hosa_lib.progress import PROGRESS_LOG, ProgressLog
+    prepare(DataConfig(store=str(tmp_path / "s.h5"), n_images=20, image_size=64, seed=1),
+            progress=ProgressLog(tmp_path / "run", every=0))
+    log = (tmp_path / "run" / PROGRESS_LOG).read_text()
+    for what in ("building s.h5 from synthetic", "render scenes", "encode images", "text features", "ROUGE-L relevance"):
+        assert what in log, what
+    assert "100%" in log
+
+
+def test_own_params_file_gets_its_own_store_and_run_name(tmp_path):
+    """Following the README for your own images (`base: images.yaml` + data.root/captions) used to
+    inherit the demo's store path and the run name 'run': a new params file now gets both from its name."""
+    from hosa_lib.config import load
+    mine = tmp_path / "params" / "mine.yaml"
+    mine.parent.mkdir()
+    (tmp_path / "params" / "base.yaml").write_text((REPO / "params" / "base.yaml").read_text())
+    (tmp_path / "params" / "images.yaml").write_text((REPO / "params" / "images.yaml").read_text())
+    mine.write_text("base: images.yaml\ndata:\n  root: data/mine\n  captions: data/mine/captions.csv\n")
+    cfg = load(mine)
+    assert cfg.name == "mine" and cfg.data.store == str(tmp_path / "outputs" / "data" / "mine.h5")
+    assert load(REPO / "params" / "demo.yaml").data.store.endswith("outputs/data/synthetic_demo.h5")  # named: kept
+
+
+def test_checkpoint_is_not_evaluated_on_its_store_rebuilt_from_other_data(tmp_path, smoke_store):
+    import h5py
+
+    from hosa_lib.config import ConfigError, RunConfig, override
+    from hosa_lib.evaluate import evaluate_checkpoint
+    from hosa_lib.store import copy_store
+    from hosa_lib.train import train
+    store = tmp_path / "s.h5"
+    copy_store(smoke_store.store, store)
+    cfg = override(RunConfig(), {"data": {"store": str(store)}, "train": {"epochs": 1, "batch_size": 16},
+                                 "model": {"embed": 32, "ff": 64}})
+    train(cfg, tmp_path / "run", progress=False)
+    ck = tmp_path / "run" / "checkpoints" / "best.pt"
+    evaluate_checkpoint(cfg, ck, progress=False, cache=False)  # same store: fine
+    with h5py.File(store, "r+") as f:  # what a rebuild from another params file's source leaves behind
+        f.attrs["source"], f.attrs["source_digest"] = "images", "0123456789abcdef"
+    with pytest.raises(ConfigError, match=r"when it held 'synthetic\(seed=3\)'.*now holds 'images'.*rebuilt since"):
+        evaluate_checkpoint(cfg, ck, progress=False, cache=False)
+
+
+@pytest.mark.slow
+def test_kill_9_during_encoding_resumes_where_it_stopped(tmp_path):
+    """Every encoded batch is flushed: after kill -9 (file not cut) the rerun continues from the images
+    already encoded instead of starting again, and the store equals an uninterrupted build's."""
+    params = smoke_params(tmp_path, n_images=240, batch_size=8)
+    proc = subprocess.Popen([sys.executable, "-m", "hosa_lib.prepare", str(params)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    partial = tmp_path / "out" / "..smoke.h5.building.h5.partial"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and (not partial.exists() or partial.stat().st_size < 400_000):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    again = run("hosa_lib.prepare", params)
+    assert again.returncode == 0, again.stderr[-2000:]
+    done = re.search(r"resuming .*: (\d+) of 240 images were encoded", again.stdout)
+    assert done and int(done.group(1)) > 0, again.stdout[-2000:]
+    (tmp_path / "whole").mkdir()
+    whole = smoke_params(tmp_path / "whole", n_images=240, batch_size=8)
+    assert run("hosa_lib.prepare", whole).returncode == 0
+    with Store(tmp_path / "out" / "smoke.h5") as a, Store(tmp_path / "whole" / "out" / "smoke.h5") as b:
+        np.testing.assert_array_equal(a.features(), b.features())

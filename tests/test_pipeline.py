@@ -141,3 +141,20 @@ def test_pipeline_failure_names_notebook_and_cell(tmp_path):
     assert proc.returncode == 1
     assert "00_prepare_data.ipynb failed in cell" in proc.stderr and "missing.h5" in proc.stderr
     assert list(tmp_path.glob("*/00_prepare_data.ipynb"))  # executed notebook kept for inspection
+
+
+def test_a_deleted_checkpoint_behind_its_marker_is_made_again(smoke_project, tmp_path):
+    """The train stage's marker stands for best.pt: deleted, the stage runs again (training validates
+    the last model into best.pt) and evaluation works, instead of 'up to date, skipped' then failing."""
+    import shutil
+    root, proc = smoke_project
+    assert proc.returncode == 0
+    copy = tmp_path / "project"
+    shutil.copytree(root, copy, symlinks=True)
+    run = Path(proc.stdout.strip().splitlines()[-1].split("report: ")[1]).parent
+    best = copy / "outputs" / run.name / "checkpoints" / "best.pt"
+    best.unlink()
+    again = subprocess.run([sys.executable, "-m", "hosa_lib.pipeline", str(copy / "params" / "demo.yaml"),
+                            "--stages", "train", "evaluate"], capture_output=True, text=True, cwd=tmp_path)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "up to date, skipped" not in again.stdout and best.is_file()

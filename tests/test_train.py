@@ -138,3 +138,33 @@ def test_finetune_backbone_trains_with_its_own_lr(tmp_path, smoke_store):
              - fresh.state_dict()["encoder.layer.1.output.dense.weight"]).abs().max()
     assert moved > 0  # the backbone was updated
     assert res["steps"] == 2 and ck["step"] == 2
+
+
+def test_one_trainer_per_run_folder_and_no_resume_with_other_params(tmp_path, smoke_store):
+    """A second `train` into a folder being trained fails at once naming the first; resuming a folder
+    with params that change the weights (embed 32 -> 16) names what differs instead of a size-mismatch
+    traceback; a best.pt deleted after the last epoch is made again from the last model."""
+    import os
+    import subprocess
+    import sys
+
+    from hosa_lib.config import RunConfig, override
+    from hosa_lib.runs import CheckpointError
+    from hosa_lib.store import writing_lock
+    from hosa_lib.train import train
+    cfg = override(RunConfig(), {"data": {"store": smoke_store.store}, "train": {"epochs": 1, "batch_size": 16},
+                                 "model": {"embed": 32, "ff": 64}})
+    run = tmp_path / "run"
+    with writing_lock(run / "train", subject=f"run folder {run}"):
+        code = ("from hosa_lib.config import RunConfig, override\nfrom hosa_lib.train import train\n"
+                f"train(override(RunConfig(), {{'data': {{'store': {smoke_store.store!r}}}}}), {str(run)!r})")
+        other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert other.returncode != 0 and f"run folder {run} is being written by pid {os.getpid()}" in other.stderr
+    train(cfg, run, progress=False)
+    with pytest.raises(CheckpointError, match=r"holds a run with other params: model.embed = 32 there vs 16 now"):
+        train(override(cfg, {"model": {"embed": 16}}), run, progress=False)
+    (run / "checkpoints" / "best.pt").unlink()
+    train(cfg, run, progress=False)
+    assert (run / "checkpoints" / "best.pt").is_file()
+    with writing_lock(run / "train"):  # released when each run ended (this would raise StoreError)
+        pass

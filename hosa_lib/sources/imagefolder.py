@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm  # plain tqdm: widget bars render blank in offline HTML
 
 from ..store import StoreError, StoreWriter, partial_attr
 from . import canonical_split, repeated
+from ..progress import bar as progress_bar
 
 
 def read_captions(path, split_fractions=(0.8, 0.1, 0.1)) -> list[dict]:
@@ -148,9 +148,10 @@ def convert_image_folder(image_root, captions_file, store_path, *, image_size: i
     with writer as w:
         w.f.attrs["inputs_hash"] = digest
         start = int(w.f.attrs["images_written"])
+        if start:
+            print(f"resuming {partial}: {start} of {len(items)} images were encoded before it stopped")
         bad = json.loads(w.f.attrs.get("bad_images", "[]"))
-        bar = tqdm(total=len(items), initial=start, desc="encode images", unit="img", disable=not progress,
-                   mininterval=2)
+        bar = progress_bar(total=len(items), initial=start, desc="encode images", unit="img", progress=progress)
         for s in range(start, len(items), batch_size):
             batch, ok = [], []
             for j, it in enumerate(items[s:s + batch_size]):
@@ -171,6 +172,7 @@ def convert_image_folder(image_root, captions_file, store_path, *, image_size: i
                 feats[ok], pooled[ok] = f.cpu().numpy(), p.cpu().numpy()
             w.write_images(s, feats, np.broadcast_to(boxes.numpy(), (n, k, 4)), np.full(n, k), pooled)
             w.f.attrs["bad_images"] = json.dumps(bad)
+            w.f.flush()  # each batch on disk: a kill -9 loses at most the batch being encoded
             bar.update(n)
         bar.close()
         if bad:  # drop skipped images: rewrite the kept ones (rare path)

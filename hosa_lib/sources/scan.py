@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm  # plain tqdm: widget bars render blank in offline HTML
 
 from ..store import StoreError, StoreWriter
 from . import canonical_split
+from ..progress import bar as progress_bar
 
 CAPS_PER_IMAGE = 5
 
@@ -64,7 +64,7 @@ def convert_scan(root, store_path, splits=("train", "val", "test"), progress: bo
     with StoreWriter(store_path, n, k, dim, source="scan-precomp", feature_extractor="precomputed (SCAN arrays)") as w:
         base = 0
         for split, ims, caps, boxes, ids in parts:
-            for s in tqdm(range(0, len(ims), 256), desc=f"convert {split}", disable=not progress, mininterval=2):
+            for s in progress_bar(range(0, len(ims), 256), progress, desc=f"convert {split}"):
                 block = np.asarray(ims[s:s + 256], dtype=np.float32)
                 if not np.isfinite(block).all():
                     bad = s + int(np.argwhere(~np.isfinite(block))[0][0])

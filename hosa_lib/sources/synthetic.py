@@ -18,7 +18,7 @@ import random
 from pathlib import Path
 
 from PIL import Image, ImageDraw
-from tqdm import tqdm  # plain tqdm: widget bars render blank in offline HTML
+from ..progress import bar as progress_bar
 
 SHAPES = ("square", "circle", "triangle", "diamond")
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 80, 220),
@@ -140,7 +140,7 @@ def generate(out_dir, n_images: int, seed: int = 0, size: int = 224, val_frac: f
     scenes += [(_scene(rng), "val") for _ in range(n_val)]
     scenes += [(_scene(rng), "train") for _ in range(n_images - len(scenes))]
     images = []
-    for i, (objs, split) in enumerate(tqdm(scenes, desc="render scenes", disable=not progress, mininterval=2)):
+    for i, (objs, split) in enumerate(progress_bar(scenes, progress, desc="render scenes")):
         name = f"scene_{i:06d}.png"
         render(objs, size, rng).save(out / "images" / name)
         caps = captions(objs, rng, relational=split == "test_relation")

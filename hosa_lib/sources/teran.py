@@ -17,7 +17,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm  # plain tqdm: widget bars render blank in offline HTML
+from ..progress import bar as progress_bar
 
 from ..store import StoreError, StoreWriter
 from . import canonical_split, repeated
@@ -181,7 +181,7 @@ def convert_teran(root, dataset: str, store_path, *, features_dir: str = "", res
     n_fixed = 0
     with StoreWriter(store_path, len(items), k, dim, source=f"teran-{dataset}", dtype=dtype,
                      feature_extractor="bottom-up-attention faster r-cnn (features_36)") as w:
-        for i, it in enumerate(tqdm(items, desc=f"convert {dataset}", disable=not progress, mininterval=2)):
+        for i, it in enumerate(progress_bar(items, progress, desc=f"convert {dataset}")):
             feat, boxes = load_region_file(feats_dir / "bu_att" / f"{it['id']}.npz",
                                            feats_dir / "bu_box" / f"{it['id']}.npy", k, dim)
             boxes, fixed = normalise_boxes(boxes, np.tile(np.asarray(sizes[it["id"]], np.float32), 2))
