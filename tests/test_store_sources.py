@@ -9,6 +9,7 @@ import textwrap
 import h5py
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from hosa_lib.config import ConfigError, load
@@ -296,14 +297,16 @@ def test_every_params_file_loads():
     from pathlib import Path
 
     from hosa_lib.ablations import read_grid
-    from hosa_lib.config import PATH_KEYS, RunConfig, override, read_params
+    from hosa_lib.ablations import cell_config
+    from hosa_lib.config import PATH_KEYS, RunConfig, own_names, override, read_params
     root = Path(__file__).resolve().parent.parent
     files = sorted((root / "params").glob("*.yaml"))
     assert {"base.yaml", "demo.yaml", "smoke.yaml", "coco.yaml", "f30k.yaml"} <= {p.name for p in files}
-    grids = set()
+    grids, named_by = set(), {}
     for p in files:
         cfg = load(p)
-        raw = read_params(p)
+        raw = own_names(p, read_params(p))  # name and store: the file's own, or derived from its name
+        assert cfg.name == raw["name"] and (raw["name"] == p.stem or "name" in yaml.safe_load(p.read_text()))
         for section, values in raw.items():  # each value in the file (after the base chain) is in the config
             if isinstance(values, dict):
                 for k, v in values.items():
@@ -312,16 +315,22 @@ def test_every_params_file_loads():
                         v = str(root / v)
                     assert got == (tuple(v) if isinstance(v, list) else v), f"{p.name}: {section}.{k}"
         grids.add(cfg.ablation.grid)
+        named_by.setdefault(Path(cfg.ablation.grid).name, p.name)
         assert cfg != RunConfig() or p.name == "base.yaml"
+        for v in read_grid(cfg.ablation.grid)[0]:  # the grid a params file names fits it, cell by cell
+            cell_config(cfg, v, 0, cfg.ablation.grid)
     gfiles = sorted((root / "params" / "ablations").glob("*.yaml"))
     assert len(gfiles) >= 3
+    # grids no params file names, and the params they are run with (README / their own comments)
+    run_with = {"full.yaml": "demo.yaml", "seeds3.yaml": "demo.yaml", "recipe.yaml": "images.yaml", **named_by}
     for g in gfiles:
         variants, seeds = read_grid(g)
         assert variants and all(isinstance(s, int) for s in seeds or [0]), g.name
-        base = load(root / "params" / "demo.yaml")
+        assert g.name in run_with, f"{g.name}: no params file names it"
+        base = load(root / "params" / run_with[g.name])
         for v in variants:  # strictly typed: a misspelt override key fails here
             cell = override(base, v["overrides"], f"{g.name}: {v['name']}")
-            assert cell != base or not v["overrides"] or v["overrides"] == {"train": {}}
+            assert cell != base or not v["overrides"] or v["overrides"] == {"train": {}} or v["name"] == "hosa"
 
 
 def test_image_encoding_resumes_after_ctrl_c(tmp_path, monkeypatch):
