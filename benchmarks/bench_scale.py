@@ -194,8 +194,9 @@ def main():
             proj = f"{vb:.2f} steps/s"
         print(f"{name:>10} {expo(ra['seconds'], rb['seconds']):8.2f} {expo(va, vb):8.2f} {e_rss:9.2f}   "
               f"{proj}; peak RSS {proj_rss:.2f} GiB")
-    print(f"store bytes exponent {expo(results[a]['relevance']['store_gb'], results[b]['relevance']['store_gb']):.2f}; "
-          f"COCO store ≈ {results[b]['relevance']['store_gb'] * COCO_IMAGES / b:.0f} GiB (features + text cache)")
+    last = args.stages[-1]  # the store as the last stage run left it
+    print(f"store bytes exponent {expo(results[a][last]['store_gb'], results[b][last]['store_gb']):.2f}; "
+          f"COCO store ≈ {results[b][last]['store_gb'] * COCO_IMAGES / b:.0f} GiB (what the stages run had written)")
 
 
 if __name__ == "__main__":
