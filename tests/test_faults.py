@@ -486,3 +486,27 @@ def test_kill_9_during_encoding_resumes_where_it_stopped(tmp_path):
     assert run("hosa_lib.prepare", whole).returncode == 0
     with Store(tmp_path / "out" / "smoke.h5") as a, Store(tmp_path / "whole" / "out" / "smoke.h5") as b:
         np.testing.assert_array_equal(a.features(), b.features())
+
+
+def test_a_grid_cell_that_does_not_fit_is_refused_before_any_cell_trains(monkeypatch):
+    """images.yaml inherited the demo grid, whose teran_local / global_only cells the recipe's term gates
+    reject: that used to fail after the first cells had trained. Now every cell is built first."""
+    import hosa_lib.ablations as ab
+    from hosa_lib.config import ConfigError, load
+    monkeypatch.setattr(ab, "run_cell", lambda *a, **k: pytest.fail("a cell trained before the grid was checked"))
+    cfg = load(REPO / "params" / "images.yaml")
+    assert cfg.ablation.grid.endswith("params/ablations/images.yaml")  # its own grid, which fits
+    with pytest.raises(ConfigError, match=r"demo.yaml: variant teran_local: scoring.gates: needs the global term"):
+        ab.run_grid(cfg, REPO / "params" / "ablations" / "demo.yaml", progress=False)
+
+
+def test_warm_ups_longer_than_the_run_are_said_before_training(tmp_path, capsys):
+    from hosa_lib.config import RunConfig, override
+    from hosa_lib.progress import PROGRESS_LOG
+    from hosa_lib.train import warn_schedule
+    cfg = override(RunConfig(), {"train": {"epochs": 2, "lr_warmup_steps": 100}, "loss": {"warmup_steps": 200}})
+    notes = warn_schedule(cfg, 9, tmp_path, progress=True)  # 18 steps in all
+    assert len(notes) == 2 and "train.lr_warmup_steps = 100 is longer than the whole run (18 steps)" in notes[0]
+    assert "hardest negatives never start" in notes[1]
+    assert notes[0] in capsys.readouterr().out and notes[0] in (tmp_path / PROGRESS_LOG).read_text()
+    assert warn_schedule(override(cfg, {"train": {"epochs": 20}, "loss": {"warmup_steps": 10}}), 9, tmp_path, False) == []
