@@ -30,14 +30,21 @@ class ProgressLog:
     `every` seconds (and its last state)."""
 
     def __init__(self, run_dir, every: float = 30.0):
-        self.run_dir, self.every, self.last, self.pending = run_dir, every, 0.0, ""
+        self.run_dir, self.every, self.last, self.pending, self.done = run_dir, every, 0.0, "", ""
 
     def write(self, text: str) -> None:
         text = text.replace("\r", "\n").strip().splitlines()
         if not text:
             return
         self.pending = text[-1].strip()
-        if time.monotonic() - self.last >= self.every or "100%" in self.pending:
+        if ":   0%" in self.pending:  # a new bar (it may have an earlier bar's name)
+            self.done = ""
+        if "100%" in self.pending:  # a bar's end, once (tqdm repeats it when the bar closes)
+            name = self.pending.split(":")[0]
+            if name != self.done:
+                self.done = name
+                self.flush_line()
+        elif time.monotonic() - self.last >= self.every:
             self.flush_line()
 
     def flush_line(self) -> None:

@@ -295,8 +295,8 @@ def _train(cfg: RunConfig, run_dir: Path, progress: bool, stop_after_steps: int 
     sampler = EpochSampler(len(data), cfg.train.batch_size, cfg.train.seed, rank, world)
     spe = sampler.batches_per_epoch()
     if spe == 0:
-        raise ValueError(f"train split has {len(data)} captions, fewer than one batch of "
-                         f"{cfg.train.batch_size * world}")
+        raise ConfigError(f"{cfg.data.store}: the train split has {len(data)} captions, fewer than one batch of "
+                          f"{cfg.train.batch_size * world}; lower train.batch_size")
     if rank == 0:
         warn_schedule(cfg, spe, run_dir, progress)
     backbone = list(core.text.backbone.parameters()) if core.text.backbone is not None else []
