@@ -98,16 +98,19 @@ def baseline(cfg: RunConfig) -> dict:
 
 def summarize(df: pd.DataFrame, base: dict | None = None) -> pd.DataFrame:
     """Mean (and, with several seeds, sd) per variant of the headline metrics and training speed.
-    `load differs` flags variants whose cells trained under a machine load 1 or more above the
-    grid's lowest: their speed does not compare."""
+    `speed not comparable (busier machine)` flags variants whose cells trained under a machine load 1
+    or more above the grid's lowest: their steps/s do not compare. Values print without a sign on 0."""
     cols = [c for c in ("rsum", "i2t_r1", "t2i_r1", *TWINS.values(), "w_local_learned", "w_high_learned",
                         "steps_per_s") if c in df]
     several = df.groupby("variant", sort=False).size().max() > 1
     agg = df.groupby("variant", sort=False)[cols].agg(["mean", "std"] if several else ["mean"])
     agg.columns = [f"{a} {b}" if several else a for a, b in agg.columns]
     if "load_avg" in df:
-        agg["load differs"] = df.groupby("variant", sort=False)["load_avg"].max() >= df["load_avg"].min() + 1
+        agg["speed not comparable (busier machine)"] = \
+            df.groupby("variant", sort=False)["load_avg"].max() >= df["load_avg"].min() + 1
     if base is not None:  # the reference row: no seeds, no training
         row = {c: base.get(c.removesuffix(" mean")) for c in agg.columns if not c.endswith(" std")}
         agg.loc[base["variant"]] = pd.Series(row)
-    return agg.round(2)
+    num = agg.select_dtypes("number").columns
+    agg[num] = agg[num].round(2) + 0.0  # + 0.0 turns -0.0 (a learned weight rounded to 0) into 0.0
+    return agg

@@ -89,17 +89,22 @@ def plot_training(run_dir, smooth: int = 5):
     points) and validation recalls per epoch, legends outside the curves."""
     steps, val = read_log(run_dir)
     fig, axes = plt.subplots(1, 2, figsize=(13, 4))
-    for term, color in zip(("loss", "i2t", "t2i"), sns.color_palette(n_colors=3)):
-        axes[0].plot(steps["step"], steps[term], color=color, alpha=0.25, lw=0.8)
-        axes[0].plot(steps["step"], steps[term].rolling(smooth, min_periods=1).mean(), color=color, lw=2, label=term)
+    for term, color, dash in zip(("loss", "i2t", "t2i"), sns.color_palette(n_colors=3), ("-", "--", ":")):
+        axes[0].plot(steps["step"], steps[term], color=color, alpha=0.25, lw=0.8, ls=dash)
+        axes[0].plot(steps["step"], steps[term].rolling(smooth, min_periods=1).mean(), color=color, lw=2, ls=dash,
+                     label=term)  # dashes: i2t and t2i stay visible where they overlap
     axes[0].set_yscale("log")
     axes[0].set(title="loss terms per step (log scale)", xlabel="step", ylabel="loss")
     axes[0].legend(loc="upper right", frameon=True)
     if len(val):
         rec = val.melt(id_vars=["epoch"], value_vars=[c for c in val if c.endswith(("_r1", "_r5", "_r10"))],
                        var_name="recall")
-        sns.lineplot(data=rec, x="epoch", y="value", hue="recall", marker="o", ax=axes[1])
-        axes[1].set(title="validation recall per epoch", ylabel="recall (%)")
+        rec["epoch"] = rec["epoch"] + 1  # as the terminal counts: 0 = the untrained model, then epochs 1..N
+        rec["direction"] = rec["recall"].str.split("_").str[0]
+        rec["K"] = "R@" + rec["recall"].str.split("_r").str[-1]
+        sns.lineplot(data=rec, x="epoch", y="value", hue="K", style="direction", marker="o", ax=axes[1])
+        axes[1].set(title="validation recall per epoch", xlabel="epoch (0 = untrained)", ylabel="recall (%)")
+        axes[1].xaxis.get_major_locator().set_params(integer=True)
         sns.move_legend(axes[1], "upper left", bbox_to_anchor=(1.01, 1), frameon=False)
     fig.tight_layout()
     return fig

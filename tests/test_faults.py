@@ -510,3 +510,14 @@ def test_warm_ups_longer_than_the_run_are_said_before_training(tmp_path, capsys)
     assert "hardest negatives never start" in notes[1]
     assert notes[0] in capsys.readouterr().out and notes[0] in (tmp_path / PROGRESS_LOG).read_text()
     assert warn_schedule(override(cfg, {"train": {"epochs": 20}, "loss": {"warmup_steps": 10}}), 9, tmp_path, False) == []
+
+
+def test_ablation_summary_prints_no_negative_zero_and_names_the_load_flag():
+    import pandas as pd
+
+    from hosa_lib.ablations import summarize
+    df = pd.DataFrame({"variant": ["a", "b"], "seed": [0, 0], "rsum": [1.0, 2.0], "w_local_learned": [-0.001, 0.3],
+                       "steps_per_s": [1.0, 2.0], "load_avg": [0.5, 2.0]})
+    out = summarize(df)
+    assert str(out["w_local_learned"].iloc[0]) == "0.0"  # was -0.0
+    assert out["speed not comparable (busier machine)"].tolist() == [False, True]
