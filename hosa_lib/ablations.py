@@ -2,7 +2,8 @@
 
 A grid file (params/ablations/*.yaml) lists `variants: [{name, overrides}]` and optionally
 `seeds`. Every cell is an ordinary run folder keyed by its params hash, so re-running trains and
-evaluates only the cells that are missing; results are collected into one tidy CSV.
+evaluates only the cells that are missing; a cell with the run's own weights key is the run's own
+folder (not trained twice); results are collected into one tidy CSV.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import yaml
 from .config import ConfigError, RunConfig, deep_merge, override
 from .evaluate import evaluate_checkpoint
 from .metrics import TWINS
-from .runs import format_seconds, log_progress, run_dir_for
+from .runs import format_seconds, log_progress, run_dir_for, weights_key
 from .train import train
 
 
@@ -72,7 +73,9 @@ def run_grid(cfg: RunConfig, grid_path=None, seeds=None, out_csv=None, progress:
     rows = []  # every cell's config was built (and checked) above, before any cell trains
     for n, (v, seed, cell_cfg) in enumerate(tqdm(cells, desc="ablation grid", disable=not progress), start=1):
         t0 = time.perf_counter()
-        res = run_cell(cell_cfg)
+        # a cell that trains exactly the run's own weights (e.g. `hosa` with no overrides) is the run itself:
+        # its folder is reused, not trained again under another name
+        res = run_cell(cfg if weights_key(cell_cfg) == weights_key(cfg) else cell_cfg)
         cached = res.pop("cached", False)
         rows.append({"variant": v["name"], "seed": seed, **res})
         if out_csv:  # one progress line per cell into the run folder holding the table

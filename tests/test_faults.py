@@ -521,3 +521,17 @@ def test_ablation_summary_prints_no_negative_zero_and_names_the_load_flag():
     out = summarize(df)
     assert str(out["w_local_learned"].iloc[0]) == "0.0"  # was -0.0
     assert out["speed not comparable (busier machine)"].tolist() == [False, True]
+
+
+def test_a_cell_with_the_runs_own_weights_reuses_the_run_folder(monkeypatch):
+    """The `hosa` cell of images.yaml's grid (no overrides) trained the run's exact weights a second time
+    in another folder; it now is the run's own folder. Cells that change the weights keep their own."""
+    import hosa_lib.ablations as ab
+    from hosa_lib.config import load
+    from hosa_lib.runs import run_dir_for
+    cfg = load(REPO / "params" / "images.yaml")
+    seen = []
+    monkeypatch.setattr(ab, "run_cell", lambda c, progress=False: seen.append(run_dir_for(c)) or {"rsum": 1.0})
+    ab.run_grid(cfg, progress=False)
+    assert seen[0] == run_dir_for(cfg) and len(set(seen)) == 3
+    assert all(p.name.startswith("images-abl-") for p in seen[1:])
