@@ -7,7 +7,8 @@ an index page into the run folder, and prints one line per stage, per epoch and 
 
 A stage is up to date when it finished after its inputs last changed, as make/DVC decide: its
 marker `.<stage>.done` is removed when it starts and written last, and holds a digest of what
-the stage reads — the params, the code version, the store (and for evaluation the checkpoint) —
+the stage reads — the params it depends on (`stage_params`), the code version, the store (and for
+evaluation the checkpoint) —
 and the fingerprints of the files it wrote (a deleted best.pt makes training run again).
 Re-preparing the store therefore re-runs training and evaluation downstream.
 """
@@ -64,8 +65,23 @@ def fingerprint(path: Path) -> str:
     return f"{path.name}:{st.st_size}:{st.st_mtime_ns}" if st else f"{path.name}:missing"
 
 
+def stage_params(name: str, cfg) -> dict:
+    """The params a stage's outputs depend on: prepare the data section (not `force`), train what
+    changes the weights, evaluate those plus `eval.*`; the ablations stage everything. Changing
+    e.g. `train.workers` or `eval.ties` therefore re-runs only the stages it affects."""
+    from .runs import weights_config
+    full = portable_config(cfg)
+    if name == "prepare":
+        return {k: v for k, v in full["data"].items() if k != "force"}
+    if name == "train":
+        return weights_config(cfg)
+    if name == "evaluate":
+        return {"weights": weights_config(cfg), "eval": full["eval"]}
+    return full
+
+
 def stage_digest(name: str, cfg, run_dir: Path) -> str:
-    inputs = {"params": portable_config(cfg), "code": code_version()}
+    inputs = {"params": stage_params(name, cfg), "code": code_version()}
     if name != "prepare":
         inputs["store"] = fingerprint(Path(cfg.data.store))
     if name == "evaluate":

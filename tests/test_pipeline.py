@@ -158,3 +158,22 @@ def test_a_deleted_checkpoint_behind_its_marker_is_made_again(smoke_project, tmp
                             "--stages", "train", "evaluate"], capture_output=True, text=True, cwd=tmp_path)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "up to date, skipped" not in again.stdout and best.is_file()
+
+
+def test_a_change_outside_the_weights_reruns_only_the_stages_it_affects(smoke_project, tmp_path):
+    """Changing `eval.ties` (evaluation only) used to re-execute every stage, overwriting the training
+    report with a 0-second 'resumed' run; now prepare and train stay up to date."""
+    import shutil
+    root, proc = smoke_project
+    assert proc.returncode == 0
+    copy = tmp_path / "project"
+    shutil.copytree(root, copy, symlinks=True)
+    params = copy / "params" / "demo.yaml"
+    raw = yaml.safe_load(params.read_text())
+    raw.setdefault("eval", {})["ties"] = "optimistic"
+    params.write_text(yaml.safe_dump(raw))
+    again = subprocess.run([sys.executable, "-m", "hosa_lib.pipeline", str(params), "--stages", "prepare", "train",
+                            "evaluate"], capture_output=True, text=True, cwd=tmp_path)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "00_prepare_data: up to date, skipped" in again.stdout and "10_train: up to date, skipped" in again.stdout
+    assert "20_evaluate: up to date" not in again.stdout  # its outputs depend on eval.ties: it ran
