@@ -101,8 +101,14 @@ def stage_outputs(name: str, cfg, run_dir: Path) -> list[Path]:
 
 def marker_text(name: str, cfg, run_dir: Path, digest: str) -> str:
     """What a finished stage's marker holds: the digest of its inputs and the fingerprints of its outputs,
-    so a marker whose files were deleted or replaced since is not up to date."""
-    return "\n".join([digest] + [fingerprint(p) for p in stage_outputs(name, cfg, run_dir)])
+    so a marker whose store or best.pt was deleted or replaced since is not up to date. The metrics file
+    and executed notebook count by presence only: opening the notebook in JupyterLab and running it
+    with the same params rewrites them (new timings), which is no reason to redo the stage."""
+    def mark(p: Path) -> str:
+        if p.suffix in (".json", ".ipynb"):
+            return f"{p.name}:{'present' if p.exists() else 'missing'}"
+        return fingerprint(p)
+    return "\n".join([digest] + [mark(p) for p in stage_outputs(name, cfg, run_dir)])
 
 
 class _Tail(threading.Thread):
