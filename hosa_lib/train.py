@@ -309,7 +309,7 @@ def _train(cfg: RunConfig, run_dir: Path, progress: bool, stop_after_steps: int 
         groups.append({"params": gates, "lr": cfg.train.gate_lr, "weight_decay": 0.0})
     opt = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, spe))
-    step, epoch, start_batch, best, best_epoch = 0, 0, 0, -1.0, -1
+    step, epoch, start_batch, best, best_epoch, resume_rng = 0, 0, 0, -1.0, -1, None
     last = ck_dir / "last.pt"
     if last.is_file():
         ck = load_checkpoint(last)
@@ -318,7 +318,10 @@ def _train(cfg: RunConfig, run_dir: Path, progress: bool, stop_after_steps: int 
         sched.load_state_dict(ck["scheduler"])
         step, epoch, start_batch, best = ck["step"], ck["epoch"], ck["batch_in_epoch"], ck["best_rsum"]
         best_epoch = ck.get("best_epoch", epoch - 1)
-        set_rng_state(ck["rng"])
+        resume_rng = ck["rng"]
+        if start_batch == 0:  # saved at an epoch's end: the next epoch starts from this state
+            set_rng_state(resume_rng)
+            resume_rng = None
         if rank == 0:
             print(f"resuming run {run_dir.name} at epoch {epoch}, batch {start_batch}, step {step}, "
                   f"best rsum {best:.2f}")
@@ -378,7 +381,11 @@ def _train(cfg: RunConfig, run_dir: Path, progress: bool, stop_after_steps: int 
             sampler.set_epoch(epoch, start_batch)
             loader = torch.utils.data.DataLoader(data, batch_sampler=sampler, collate_fn=collate,
                                                  num_workers=cfg.train.workers)
-            bar = tqdm(loader, desc=f"epoch {epoch}", disable=not progress or rank != 0, mininterval=2,
+            batches = iter(loader)  # draws the loader's seed from the global RNG, as at every epoch's start
+            if resume_rng is not None:  # saved mid-epoch, i.e. after that draw: restored only now, so dropout
+                set_rng_state(resume_rng)  # continues with the stream an uninterrupted run has at this step
+                resume_rng = None
+            bar = tqdm(batches, desc=f"epoch {epoch}", disable=not progress or rank != 0, mininterval=2,
                        initial=start_batch, total=spe)
             t0 = time.perf_counter()
             for b, batch in enumerate(bar, start=start_batch):

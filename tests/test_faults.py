@@ -535,3 +535,65 @@ def test_a_cell_with_the_runs_own_weights_reuses_the_run_folder(monkeypatch):
     ab.run_grid(cfg, progress=False)
     assert seen[0] == run_dir_for(cfg) and len(set(seen)) == 3
     assert all(p.name.startswith("images-abl-") for p in seen[1:])
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_an_ablation_cell_then_rerun_equals_an_uninterrupted_grid(smoke_project, tmp_path):
+    """Ctrl-C (SIGINT to the terminal's process group) while an ablation cell trains mid-epoch, then the
+    same command again: the cell resumes and its CSV row and best.pt equal those of a grid run without
+    interruption (dropout on, so the RNG stream must be restored where the cell stopped)."""
+    import shutil
+
+    import pandas as pd
+    shared, proc = smoke_project
+    assert proc.returncode == 0, proc.stderr
+
+    def project(name):
+        root = tmp_path / name
+        shutil.copytree(shared, root)
+        (root / "params" / "cell.yaml").write_text(yaml.safe_dump({"seeds": [5], "variants": [  # seed 5: a cell the shared run has not trained
+            {"name": "global_only", "overrides": {"scoring": {"w_local": 0.0, "w_high": 0.0},
+                                                  "train": {"checkpoint_every": 2, "log_every": 1}}}]}))
+        params = root / "params" / "demo.yaml"
+        raw = yaml.safe_load(params.read_text())
+        raw["ablation"] = {**raw.get("ablation", {}), "grid": "params/cell.yaml"}
+        params.write_text(yaml.safe_dump(raw))
+        return root, [sys.executable, "-m", "hosa_lib.pipeline", str(params), "--stages", "ablations"]
+
+    before = {p.name for p in (shared / "outputs").iterdir()}
+
+    def cell(root):  # the folder of the grid's one cell (not one the shared run left)
+        return next(p for p in (root / "outputs").glob("demo-abl-global_only-*") if p.name not in before)
+
+    full_root, cmd = project("full")
+    full = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert full.returncode == 0, full.stdout + full.stderr
+
+    root, cmd = project("interrupted")
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+                         start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and p.poll() is None:
+        logs = [p for p in (root / "outputs").glob("demo-abl-global_only-*/metrics.jsonl")
+                if p.parent.name not in before]
+        if logs and sum('"loss"' in line for line in logs[0].read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGINT)  # what Ctrl-C in the terminal sends
+    out = p.communicate(timeout=120)[0]
+    assert p.returncode != 0, out
+    ck = torch.load(cell(root) / "checkpoints" / "last.pt", weights_only=False)
+    assert ck["batch_in_epoch"] > 0, f"not interrupted mid-epoch: {ck['step'], ck['epoch']} {out[-3000:]}"
+    assert not (cell(root) / "ablation_result.json").exists()
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert again.returncode == 0, again.stdout + again.stderr
+
+    rows = [pd.read_csv(next((r / "outputs").glob("demo-*/ablations.csv"))) for r in (full_root, root)]
+    rows = [r.drop(columns=[c for c in r if c.endswith(("seconds", "per_s")) or c in ("load_avg", "run_dir")])
+            for r in rows]  # the clocks and the folder differ; every metric must not
+    assert {"rsum", "i2t_r1", "t2i_r1", "steps"} <= set(rows[0])
+    pd.testing.assert_frame_equal(rows[0], rows[1], check_exact=True)
+    a, b = (torch.load(cell(r) / "checkpoints" / "best.pt", weights_only=False) for r in (full_root, root))
+    assert a["step"] == b["step"] and a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
