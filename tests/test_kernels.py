@@ -73,7 +73,10 @@ def test_kernel_gradcheck(kernel):
     gram = (feats @ feats.transpose(-1, -2)).to(dev).requires_grad_(True)
     weight = torch.tensor([[0.5, 0.5, 0, 0], [0.25] * 4], dtype=torch.float64, device=dev)
     f = lambda r, gm: fused.reconstruct(r, gm, amask.to(dev), weight, 2.5, kernel)
-    assert torch.autograd.gradcheck(f, (rho, gram))
+    # Under TRITON_INTERPRET every kernel launch is interpreted in Python (~50 ms): the full numerical
+    # Jacobian (2 calls per input element) took ~1 min; fast mode compares one random projection of it
+    # (J·u against the backward's uᵀJ), which any wrong gradient entry fails with probability ~1.
+    assert torch.autograd.gradcheck(f, (rho, gram), fast_mode=kernel == "triton")
 
 
 @pytest.mark.parametrize("kernel", KERNELS[1:])
