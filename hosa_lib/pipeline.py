@@ -174,15 +174,48 @@ def run_stage(name: str, params_path: Path, cfg, run_dir: Path, force: bool) -> 
     return {"stage": name, "skipped": False, **record}
 
 
-def write_index(run_dir: Path, cfg_name: str, params_path: Path, results: list[dict]) -> Path:
+def describe_run(cfg) -> str:
+    """One line saying what a run is: data, model and scoring, training, evaluation protocol."""
+    d, m, sc = cfg.data, cfg.model, cfg.scoring
+    data = {"synthetic": f"synthetic scenes ({d.n_images} images)", "images": f"image folder {Path(d.root).name or '(data.root unset)'}",
+            "teran": f"{d.dataset.upper()} in TERAN's layout", "scan": "SCAN precomputed features",
+            "store": f"store {Path(d.store).name}"}[d.source]
+    terms = "+".join(t for t, w in (("global", sc.w_global), ("local", sc.w_local), ("high-order", sc.w_high)) if w)
+    model = f"{m.arch.upper()} embed {m.embed}, scoring {terms or 'none'}" + (f" (G={sc.bands})" if sc.w_high else "")
+    return (f"{data}; {model}; text {d.text_model} layer {d.text_layer}; {cfg.train.epochs} epochs; "
+            f"evaluated on {cfg.eval.split}, ties {cfg.eval.ties}")
+
+
+def metrics_table(run_dir: Path) -> str:
+    """The run's test metrics beside the ridge baseline of the same store and split (from the ablations
+    stage, which computes it) and their difference."""
+    metrics = run_dir / "evaluate_metrics.json"
+    if not metrics.is_file():
+        return ""
+    m = json.loads(metrics.read_text())
+    abl = run_dir / "ablations_metrics.json"
+    base = json.loads(abl.read_text()).get("baseline") if abl.is_file() else None
+    keep = [k for k in m if k.endswith(("_r1", "_r5", "_r10")) or k.startswith(("i2t_ndcg", "t2i_ndcg"))
+            or k in ("rsum", "swap_acc", "relation_acc")]
+    head = "<tr><th>metric</th><th>this run</th>"
+    if base:
+        head += f"<th>{html.escape(base['variant'])}</th><th>run − baseline</th>"
+    rows = []
+    for k in keep:
+        row = f"<tr><td>{html.escape(k)}</td><td>{m[k]:.2f}</td>"
+        if base:
+            b = base.get(k)
+            row += (f"<td>{b:.2f}</td><td>{m[k] - b + 0.0:+.2f}</td>" if isinstance(b, (int, float))
+                    else "<td></td><td></td>")
+        rows.append(row + "</tr>")
+    note = "" if base else "<p>(the ridge baseline appears here once the ablations stage has run)</p>"
+    return f"<table>{head}</tr>{''.join(rows)}</table>{note}"
+
+
+def write_index(run_dir: Path, cfg, params_path: Path, results: list[dict]) -> Path:
     rows = [f'<li><a href="{stem}.html">{stem}</a></li>' for stem in STAGES.values()
             if (run_dir / f"{stem}.html").is_file()]
-    metrics = run_dir / "evaluate_metrics.json"
-    table = ""
-    if metrics.is_file():
-        m = json.loads(metrics.read_text())
-        keep = [k for k in m if k.endswith(("_r1", "_r5", "_r10")) or k in ("rsum", "swap_acc", "relation_acc")]
-        table = "<table>" + "".join(f"<tr><td>{html.escape(k)}</td><td>{m[k]:.2f}</td></tr>" for k in keep) + "</table>"
+    table = metrics_table(run_dir)
     history = json.loads((run_dir / "stages.json").read_text()) if (run_dir / "stages.json").is_file() else {}
     now = {r["stage"]: r for r in results}
     timing = []
@@ -197,10 +230,11 @@ def write_index(run_dir: Path, cfg_name: str, params_path: Path, results: list[d
         shown = params_path.relative_to(project_root())
     except ValueError:
         shown = params_path.name
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>HOSA run {html.escape(cfg_name)}</title>"
-            "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}td{padding:0 1em}</style></head><body>"
-            f"<h1>HOSA workbench run <code>{html.escape(run_dir.name)}</code></h1>"
-            f"<p>params: <code>{html.escape(str(shown))}</code></p><h2>Reports</h2><ul>{''.join(rows)}</ul>"
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>HOSA run {html.escape(cfg.name)}</title>"
+            "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}td,th{padding:0 1em}</style></head><body>"
+            f"<h1>HOSA run {html.escape(cfg.name)}</h1><p>{html.escape(describe_run(cfg))}</p>"
+            f"<p>params: <code>{html.escape(str(shown))}</code>; run folder <code>{html.escape(run_dir.name)}</code> "
+            f"(named by the params that change the weights)</p><h2>Reports</h2><ul>{''.join(rows)}</ul>"
             f"<h2>Test metrics</h2>{table or '<p>(no evaluation yet)</p>'}"
             "<h2>Stages (last real run of each)</h2><table><tr><th>stage</th><th>time</th><th>finished</th>"
             f"<th>code version</th><th></th></tr>{''.join(timing)}</table></body></html>")
@@ -223,7 +257,7 @@ def run(params: str, stages=None, force: bool = False) -> Path:
         results.append(res)
         print(f"[pipeline] {STAGES[name]}: " + ("up to date, skipped" if res["skipped"] else f"{res['seconds']:.0f} s"),
               flush=True)
-        write_index(run_dir, cfg.name, params_path, results)
+        write_index(run_dir, cfg, params_path, results)
     return run_dir / "index.html"
 
 

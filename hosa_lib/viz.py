@@ -204,12 +204,18 @@ def alignment_heatmap(model, cfg, split: str, image: int, caption: int, text, sc
     panels = [(d, b) for d in ("t2i", "i2t") if d in maps for b in shown]
     fig, axes = plt.subplots(1, 1 + len(panels), figsize=(4.5 + 3 * len(panels), 4.5), squeeze=False)
     axes = axes[0]
-    sns.heatmap(maps["cosine"].numpy(), ax=axes[0], cmap="viridis", xticklabels=labels)
+    # every k-th region labelled (at most ~12 per axis) so tick labels never overlap; words all shown, upright
+    every = max(1, -(-maps["cosine"].shape[0] // 12))
+    sns.heatmap(maps["cosine"].numpy(), ax=axes[0], cmap="viridis", xticklabels=labels, yticklabels=every)
     axes[0].set_title("region-word cosine")
     axes[0].set_ylabel("region")
     for (d, b), ax in zip(panels, axes[1:]):
         sns.heatmap(maps[d][b].numpy(), ax=ax, cmap="magma", vmin=0, vmax=1, xticklabels=labels, yticklabels=False)
         ax.set_title(f"band {b}: " + ("each region over words" if d == "t2i" else "each word over regions"))
+    for ax in axes:
+        ax.tick_params(axis="both", labelsize=8)
+        plt.setp(ax.get_xticklabels(), rotation=90)
+        plt.setp(ax.get_yticklabels(), rotation=0)
     fig.suptitle(_wrap(caption_text, 100), fontsize=9)
     fig.tight_layout()
     return fig
@@ -257,20 +263,33 @@ def plot_ablations(df: pd.DataFrame, base: dict | None = None):
     panels = [(c, t) for c, t in (("rsum", "test rsum"), ("swap_acc", "attribute-swap accuracy (%)"),
                                   ("relation_acc", "relation-swap accuracy (%)"),
                                   ("steps_per_s", "training steps per second")) if c in df]
-    fig, axes = plt.subplots(1, len(panels) + 2, figsize=(5 * (len(panels) + 2), 4))
+    n = len(panels) + 2  # + recall@K per direction; at most 3 panels a row, so labels stay readable
+    cols = min(3, n)
+    rows = -(-n // cols)
+    height = max(4.0, 1.5 + 0.35 * df["variant"].nunique())  # variant names on the y axis, one line each
+    fig, grid = plt.subplots(rows, cols, figsize=(5.5 * cols, height * rows), squeeze=False)
+    axes = list(grid.flat)
+    for ax in axes[n:]:
+        ax.set_visible(False)
     for ax, (col, title) in zip(axes, panels):
-        sns.pointplot(data=df, x="variant", y=col, errorbar="sd", linestyle="none", ax=ax, color="black")
-        sns.stripplot(data=df, x="variant", y=col, ax=ax, alpha=0.6)
+        sns.pointplot(data=df, y="variant", x=col, errorbar="sd", linestyle="none", ax=ax, color="black",
+                      orient="h")
+        sns.stripplot(data=df, y="variant", x=col, ax=ax, alpha=0.6, orient="h")
         ax.set_title(title)
-        ax.tick_params(axis="x", rotation=45)
+        ax.set_ylabel("")
         if col in ("swap_acc", "relation_acc"):
-            ax.axhline(50, ls=":", c="gray", label="chance")
+            ax.axvline(50, ls=":", c="gray", label="chance")
         if base is not None and col in base:
-            ax.axhline(base[col], ls="--", c="firebrick", label=base["variant"])
-            ax.legend(loc="best", fontsize=8)
+            ax.axvline(base[col], ls="--", c="firebrick", label=base["variant"])
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="best", fontsize=10)
     rec = recall_at_k_frame(df)
-    for ax, d in zip(axes[len(panels):], ("i2t", "t2i")):
-        sns.lineplot(data=rec[rec.direction == d], x="K", y="value", hue="variant", marker="o", ax=ax)
+    for i, (ax, d) in enumerate(zip(axes[len(panels):n], ("i2t", "t2i"))):
+        sns.lineplot(data=rec[rec.direction == d], x="K", y="value", hue="variant", marker="o", ax=ax,
+                     legend=i == 0)
         ax.set_title(f"{d} recall@K")
+        ax.set_ylabel("recall (%)")
+        if i == 0:  # one legend for both directions (same colours)
+            ax.legend(title="variant", fontsize=10, title_fontsize=10)
     fig.tight_layout()
     return fig

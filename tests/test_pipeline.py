@@ -85,6 +85,9 @@ def test_smoke_pipeline_end_to_end(smoke_project):
     page = index.read_text()
     for stem in ("00_prepare_data", "10_train", "20_evaluate", "30_ablations"):
         assert f'href="{stem}.html"' in page and (run / f"{stem}.html").stat().st_size > 10_000
+    # the index says what the run is and puts the ridge baseline beside its metrics
+    assert "<h1>HOSA run demo</h1>" in page and "synthetic scenes (80 images)" in page and "2 epochs" in page
+    assert "<th>ridge baseline (lambda" in page and "run − baseline" in page
     m = json.loads((run / "evaluate_metrics.json").read_text())
     assert m["rsum"] == pytest.approx(sum(m[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)))
     assert 0 <= m["swap_acc"] <= 100 and 0 < m["t2i_ndcg_rougeL"] <= 1
