@@ -19,6 +19,7 @@ from .config import ConfigError, RunConfig, deep_merge, override
 from .evaluate import evaluate_checkpoint
 from .metrics import TWINS
 from .runs import format_seconds, log_progress, run_dir_for, weights_key
+from .scoring import gated_terms
 from .train import train
 
 
@@ -47,7 +48,7 @@ def run_cell(cfg: RunConfig, progress: bool = False) -> dict:
     ev = evaluate_checkpoint(cfg, run_dir / "checkpoints" / "best.pt", progress=False)
     m = dict(ev["metrics"])
     if cfg.scoring.gates:  # the weights training gave the local terms (gates folded in)
-        m.update(w_local_learned=ev["cfg"].scoring.w_local, w_high_learned=ev["cfg"].scoring.w_high)
+        m.update({f"{t.weight}_learned": getattr(ev["cfg"].scoring, t.weight) for t in gated_terms()})
     # machine load while the cell trained: timings of cells run under different load do not compare
     out = {**m, "train_seconds": t_train, "steps": res["steps"], "steps_per_s": res["steps"] / t_train,
            "load_avg": (load0 + os.getloadavg()[0]) / 2, "run_dir": str(run_dir)}
@@ -103,7 +104,7 @@ def summarize(df: pd.DataFrame, base: dict | None = None) -> pd.DataFrame:
     """Mean (and, with several seeds, sd) per variant of the headline metrics and training speed.
     `speed not comparable (busier machine)` flags variants whose cells trained under a machine load 1
     or more above the grid's lowest: their steps/s do not compare. Values print without a sign on 0."""
-    cols = [c for c in ("rsum", "i2t_r1", "t2i_r1", *TWINS.values(), "w_local_learned", "w_high_learned",
+    cols = [c for c in ("rsum", "i2t_r1", "t2i_r1", *TWINS.values(), *(f"{t.weight}_learned" for t in gated_terms()),
                         "steps_per_s") if c in df]
     several = df.groupby("variant", sort=False).size().max() > 1
     agg = df.groupby("variant", sort=False)[cols].agg(["mean", "std"] if several else ["mean"])

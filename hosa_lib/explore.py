@@ -7,7 +7,7 @@ import torch
 
 from .config import override
 from .evaluate import evaluate_checkpoint
-from .scoring import score_all_pairs
+from .scoring import SCORING_TERMS, score_all_pairs
 from .store import Store
 from .text import load_backbone, tokenize
 
@@ -39,8 +39,9 @@ class Explorer:
             batch["text"] = hidden
         return {k: v.float() if v.is_floating_point() else v for k, v in self.model.encode_captions(batch).items()}
 
-    def set_weights(self, w_local: float, w_high: float, w_global: float) -> None:
-        self.scoring = override(self.scoring, {"w_local": w_local, "w_high": w_high, "w_global": w_global})
+    def set_weights(self, **weights: float) -> None:
+        """New term weights by their keys (e.g. w_high=0.0); the others are kept."""
+        self.scoring = override(self.scoring, weights)
 
     def text_query(self, text: str, k: int = 5, show: bool = True):
         cap = self.encode_text(text)
@@ -79,12 +80,12 @@ class Explorer:
         box = W.Text(value=query, description="caption", layout=W.Layout(width="60%"), continuous_update=False)
         pick = W.IntSlider(value=0, min=0, max=len(self.images) - 1, description="image #")
         # learned gates (scoring.gates) can make a weight negative or fractional: the range holds it
-        sliders = [W.FloatSlider(value=getattr(self.scoring, n), min=-10, max=10, step=0.05, description=n)
-                   for n in ("w_local", "w_high", "w_global")]
+        sliders = [W.FloatSlider(value=getattr(self.scoring, t.weight), min=-10, max=10, step=0.05,
+                                 description=t.weight) for t in SCORING_TERMS]
         out_text, out_image = W.Output(), W.Output()
 
         def refresh(_=None):
-            self.set_weights(*(s.value for s in sliders))
+            self.set_weights(**{s.description: s.value for s in sliders})
             with out_text:
                 out_text.clear_output(wait=True)
                 display(self.text_query(box.value, k))

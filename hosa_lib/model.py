@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from .config import ModelConfig, ScoringConfig, check_gates
 from .encoders import ImageEncoder, TextEncoder, transformer
-from .scoring import make_side, pair_scores
+from .scoring import N_GATES, SCORING_TERMS, gated_weights, make_side, pair_scores
 
 
 class HOSA(nn.Module):
@@ -30,9 +30,9 @@ class HOSA(nn.Module):
             self.image = ImageEncoder(mcfg, feat_dim)
             self.text = TextEncoder(mcfg, text_dim, backbone if mcfg.text_finetune else None)
         self.shared = transformer(mcfg, mcfg.shared_layers)
-        if scfg.gates:  # (local, high): the untrained model scores with its global term alone
+        if scfg.gates:  # one per gated term (scoring.SCORING_TERMS): untrained, the global term alone scores
             check_gates(scfg)
-            self.term_gates = nn.Parameter(torch.zeros(2))
+            self.term_gates = nn.Parameter(torch.zeros(N_GATES))
 
     def encode_images(self, batch: dict) -> dict[str, torch.Tensor]:
         """-> glob (B, d), local (B, K, d), mask (B, K): what evaluation caches."""
@@ -50,16 +50,15 @@ class HOSA(nn.Module):
         term gates, differentiably, when the model has them and no other scoring is given)."""
         weights = None
         if cfg is None and self.scfg.gates:
-            c = self.scfg
-            weights = {"global": c.w_global, "local": c.w_local * self.term_gates[0], "high": c.w_high * self.term_gates[1]}
+            weights = gated_weights(self.scfg, self.term_gates)
         cfg = cfg or self.scfg
         return pair_scores(make_side(**img, cfg=cfg, name="images"), make_side(**cap, cfg=cfg, name="captions"), cfg,
                            weights)
 
     def scoring_config(self) -> ScoringConfig:
-        """The scoring this model's scores are evaluated with: its config, the gates folded into
-        w_local and w_high (plain floats) when it has them."""
+        """The scoring this model's scores are evaluated with: its config, the gates folded into the
+        gated terms' weights (plain floats) when it has them."""
         if not self.scfg.gates:
             return self.scfg
-        g = self.term_gates.detach().cpu().tolist()
-        return replace(self.scfg, w_local=self.scfg.w_local * g[0], w_high=self.scfg.w_high * g[1], gates=False)
+        folded = gated_weights(self.scfg, self.term_gates.detach().cpu().tolist())
+        return replace(self.scfg, **{t.weight: folded[t.name] for t in SCORING_TERMS}, gates=False)

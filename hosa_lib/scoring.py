@@ -16,6 +16,7 @@ Score matrices are (images, captions), as TERAN's.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -23,9 +24,6 @@ import torch.nn.functional as nnf
 
 from . import fused
 from .config import ScoringConfig
-from .tproduct import t_product_reference
-
-TERMS = ("global", "local", "high")
 
 
 @dataclass
@@ -226,45 +224,96 @@ def _high_fused(img: Side, cap: Side, cfg: ScoringConfig, kernel: str) -> torch.
     return sum(parts) / len(parts)
 
 
+# ----------------------------------------------------------------------------- the scoring terms
+def _global_term(img: Side, cap: Side, cfg: ScoringConfig) -> torch.Tensor:
+    return img.glob @ cap.glob.T
+
+
+def _local_term(img: Side, cap: Side, cfg: ScoringConfig) -> torch.Tensor:
+    # one more d-wide matmul is cheaper than summing the G band shares
+    (Ni, M), (Nc, L), d = img.mask.shape, cap.mask.shape, img.local.shape[-1]
+    align = (cap.local.reshape(Nc * L, d) @ img.local.reshape(Ni * M, d).T).view(Nc, L, Ni, M)
+    return mrsw(align, img.mask, cap.mask, cfg.local_pool, cfg.padding).T
+
+
+def _high_term(img: Side, cap: Side, cfg: ScoringConfig) -> torch.Tensor:
+    kernel = fused.resolve(cfg.kernel, img.local.device, eager_only="scoring.condition" if cfg.condition else None)
+    if kernel != "torch":
+        return _high_fused(img, cap, cfg, kernel)
+    G, (Ni, M), (Nc, L) = img.bands.shape[0], img.mask.shape, cap.mask.shape
+    rho = torch.matmul(cap.bands.reshape(G, Nc * L, -1),
+                       img.bands.reshape(G, Ni * M, -1).transpose(1, 2)).view(G, Nc, L, Ni, M)
+    scale = cfg.temperature * G  # lambda * G
+    parts = []
+    if cfg.direction in ("t2i", "both"):  # condition: each word's cosine with the image's global vector
+        bias = cfg.temperature * torch.einsum("cld,id->cli", cap.local, img.glob) if cfg.condition else None
+        parts.append(_reconstruct_t2i(rho, img, cap, scale, bias))
+    if cfg.direction in ("i2t", "both"):  # condition: each region's cosine with the caption's global vector
+        bias = cfg.temperature * torch.einsum("imd,cd->imc", img.local, cap.glob) if cfg.condition else None
+        parts.append(_reconstruct_i2t(rho, img, cap, scale, bias))
+    return (sum(parts) / len(parts)).T
+
+
+@dataclass(frozen=True)
+class Term:
+    """One term of the pair score. Everything else reads SCORING_TERMS: `pair_scores` and its total,
+    the model's learned gates, the explorer's weight sliders, the TERAN import (which keeps only
+    TERAN's terms) and the ablation summary. A new term is one entry here, its weight field in
+    `ScoringConfig`, and its explicit per-pair form in `hosa_lib.reference` (a test fails without it)."""
+    name: str                 # key in score dicts
+    weight: str               # its weight field in ScoringConfig (0 = not computed)
+    label: str                # what it is, for sliders and reports
+    gate: int | None          # index of its learned gate under scoring.gates; None = never gated
+    teran: bool               # part of TERAN's own score
+    compute: Callable[[Side, Side, ScoringConfig], torch.Tensor]  # all pairs of two sides: (Ni, Nc)
+
+
+# The order is the order `total` adds the terms in (floating-point addition is not associative, so a
+# reordering would change totals, and trained weights, in the last bit).
+SCORING_TERMS = (
+    Term("global", "w_global", "global: image vector · caption vector", None, False, _global_term),
+    Term("high", "w_high", "high-order: t-product reconstruction of the regions", 1, False, _high_term),
+    Term("local", "w_local", "local: TERAN's region-word MrSw", 0, True, _local_term),
+)
+TERMS = tuple(t.name for t in SCORING_TERMS)
+N_GATES = 1 + max(t.gate for t in SCORING_TERMS if t.gate is not None)
+
+
+def term_weights(cfg: ScoringConfig) -> dict[str, float]:
+    """{term name: its weight in cfg}."""
+    return {t.name: getattr(cfg, t.weight) for t in SCORING_TERMS}
+
+
+def gated_weights(cfg: ScoringConfig, gates) -> dict[str, object]:
+    """The weights with each gated term's weight times its gate (`gates` indexable: a tensor keeps the
+    result differentiable, a list of floats folds learned gates into plain weights)."""
+    return {t.name: getattr(cfg, t.weight) if t.gate is None else getattr(cfg, t.weight) * gates[t.gate]
+            for t in SCORING_TERMS}
+
+
+def gated_terms() -> list[Term]:
+    """The gated terms in gate order (the learned gate vector's layout)."""
+    return sorted((t for t in SCORING_TERMS if t.gate is not None), key=lambda t: t.gate)
+
+
+def teran_only() -> dict[str, float]:
+    """Scoring overrides that switch off every term TERAN does not have (the TERAN import)."""
+    return {t.weight: 0.0 for t in SCORING_TERMS if not t.teran}
+
+
 def pair_scores(img: Side, cap: Side, cfg: ScoringConfig,
                 weights: dict[str, float | torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """All (image, caption) pair scores of two sides: dict of (Ni, Nc) tensors, terms and 'total'.
 
-    Terms whose weight in cfg is 0 are not computed. `weights` ({"global", "local", "high"}) replaces
+    Terms whose weight in cfg is 0 are not computed. `weights` ({term name: weight}) replaces
     cfg's weights in 'total' only; tensors are allowed (the model's learnable term gates).
     Differentiable; used for the B x B training matrix and, through `score_all_pairs`, for chunked
     evaluation.
     """
     _check_pair(img, cap)
-    Ni, M = img.mask.shape
-    Nc, L = cap.mask.shape
-    out: dict[str, torch.Tensor] = {}
-    if cfg.w_global != 0:
-        out["global"] = img.glob @ cap.glob.T
-    rho = None
-    kernel = "torch" if cfg.w_high == 0 else fused.resolve(
-        cfg.kernel, img.local.device, eager_only="scoring.condition" if cfg.condition else None)
-    if kernel != "torch":
-        out["high"] = _high_fused(img, cap, cfg, kernel)
-    elif cfg.w_high != 0:
-        G = img.bands.shape[0]
-        rho = torch.matmul(cap.bands.reshape(G, Nc * L, -1),
-                           img.bands.reshape(G, Ni * M, -1).transpose(1, 2)).view(G, Nc, L, Ni, M)
-    if cfg.w_local != 0:  # one more d-wide matmul is cheaper than summing the G band shares
-        d = img.local.shape[-1]
-        align = (cap.local.reshape(Nc * L, d) @ img.local.reshape(Ni * M, d).T).view(Nc, L, Ni, M)
-        out["local"] = mrsw(align, img.mask, cap.mask, cfg.local_pool, cfg.padding).T
-    if rho is not None:
-        scale = cfg.temperature * rho.shape[0]  # lambda * G
-        parts = []
-        if cfg.direction in ("t2i", "both"):  # condition: each word's cosine with the image's global vector
-            bias = cfg.temperature * torch.einsum("cld,id->cli", cap.local, img.glob) if cfg.condition else None
-            parts.append(_reconstruct_t2i(rho, img, cap, scale, bias))
-        if cfg.direction in ("i2t", "both"):  # condition: each region's cosine with the caption's global vector
-            bias = cfg.temperature * torch.einsum("imd,cd->imc", img.local, cap.glob) if cfg.condition else None
-            parts.append(_reconstruct_i2t(rho, img, cap, scale, bias))
-        out["high"] = (sum(parts) / len(parts)).T
-    weights = weights or {"global": cfg.w_global, "local": cfg.w_local, "high": cfg.w_high}
+    own = term_weights(cfg)
+    out = {t.name: t.compute(img, cap, cfg) for t in SCORING_TERMS if own[t.name] != 0}
+    weights = weights or own
     out["total"] = sum(weights[k] * v for k, v in out.items())
     return out
 
@@ -327,52 +376,4 @@ def score_all_pairs(img: dict, cap: dict, cfg: ScoringConfig, max_elems: int = 1
         cols = blk["index"][c0:c0 + cc]
         for t in terms:
             out[t][i0:i0 + ci, cols] = res[t].float().cpu()
-    return out
-
-
-# ----------------------------------------------------------------------------- slow references
-def high_order_reference(v: torch.Tensor, t: torch.Tensor, bands: int, temperature: float,
-                         direction: str = "t2i", glob: tuple | None = None) -> torch.Tensor:
-    """One pair, explicit: builds H in the Fourier domain, goes back to tubes, and reconstructs
-    with the block-circulant t-product. v (m, d), t (l, d) unpadded, any norm. Returns s_h.
-    glob (image global, caption global) conditions H (scoring.condition): the softmax logits add
-    lambda * cos(softmax-side position, global vector of the side being reconstructed)."""
-    v = nnf.normalize(v.double(), dim=-1)
-    t = nnf.normalize(t.double(), dim=-1)
-    if direction == "both":
-        return (high_order_reference(v, t, bands, temperature, "t2i", glob)
-                + high_order_reference(v, t, bands, temperature, "i2t", glob)) / 2
-    g = None if glob is None else nnf.normalize(glob[0 if direction == "t2i" else 1].double(), dim=-1)
-    if direction == "i2t":
-        v, t = t, v  # reconstruct the words from the regions
-    d = v.shape[-1]
-    n_bins = d // 2 + 1
-    owner = torch.arange(n_bins) * bands // n_bins
-    w = parseval_weights(d, dtype=torch.float64)
-    cross = (torch.fft.rfft(v)[:, None, :] * torch.fft.rfft(t)[None, :, :].conj()).real * w  # (m, l, F)
-    rho = torch.stack([cross[..., owner == b].sum(-1) for b in range(bands)], dim=-1)  # (m, l, G)
-    logits = temperature * bands * rho
-    if g is not None:
-        logits = logits + temperature * (t @ g)[None, :, None]
-    h_hat = torch.softmax(logits, dim=1)[..., owner]  # (m, l, F), softmax over words
-    h = torch.fft.irfft(h_hat.to(torch.complex128), n=d)  # (m, l, d) real tubes
-    v_rec = t_product_reference(h, t.unsqueeze(1))[:, 0, :]  # (m, d) = H * T
-    return nnf.cosine_similarity(v, v_rec, dim=-1).mean()
-
-
-def pair_scores_reference(img: dict, cap: dict, cfg: ScoringConfig) -> dict[str, torch.Tensor]:
-    """All terms by explicit loops over pairs, regions and words (float64). For tests."""
-    n_img, n_cap = img["mask"].shape[0], cap["mask"].shape[0]
-    out = {k: torch.zeros(n_img, n_cap, dtype=torch.float64) for k in (*TERMS, "total")}
-    for i in range(n_img):
-        v = img["local"][i][img["mask"][i].bool()].double()
-        for c in range(n_cap):
-            t = cap["local"][c][cap["mask"][c].bool()].double()
-            out["global"][i, c] = nnf.cosine_similarity(img["glob"][i].double(), cap["glob"][c].double(), dim=0)
-            a = nnf.normalize(v, dim=-1) @ nnf.normalize(t, dim=-1).T  # (m, l)
-            best = a.max(dim=0).values
-            out["local"][i, c] = best.mean() if cfg.local_pool == "mean" else best.sum()
-            glob = (img["glob"][i], cap["glob"][c]) if cfg.condition else None
-            out["high"][i, c] = high_order_reference(v, t, cfg.bands, cfg.temperature, cfg.direction, glob)
-    out["total"] = cfg.w_global * out["global"] + cfg.w_local * out["local"] + cfg.w_high * out["high"]
     return out

@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from .config import ConfigError, ModelConfig, RunConfig, deep_merge, override
 from .encoders import run_layers, transformer
+from .scoring import teran_only
 
 
 class TeranImageEncoder(nn.Module):
@@ -155,7 +156,7 @@ def _alignment(v, key):
     pools = {"MrSw": "sum", "MrAVGw": "mean"}
     if v not in pools:
         raise ConfigError(f"TERAN config key '{key}' = {v!r}: only MrSw and MrAVGw pooling exist here")
-    return {"scoring": {"local_pool": pools[v], "w_high": 0.0, "w_global": 0.0}}
+    return {"scoring": {"local_pool": pools[v], **teran_only()}}  # TERAN's own terms only
 
 
 def _warmup(v, key, cfg):

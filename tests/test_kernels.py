@@ -10,7 +10,8 @@ if not torch.cuda.is_available():  # must precede the kernels' import: @triton.j
 
 from hosa_lib import fused  # noqa: E402
 from hosa_lib.config import ScoringConfig  # noqa: E402
-from hosa_lib.scoring import make_side, pair_scores, pair_scores_reference, score_all_pairs  # noqa: E402
+from hosa_lib.reference import pair_scores_reference  # noqa: E402
+from hosa_lib.scoring import make_side, pair_scores, score_all_pairs  # noqa: E402
 from test_scoring import random_side  # noqa: E402
 
 KERNELS = ["torch", "numba", pytest.param("triton", marks=pytest.mark.skipif(

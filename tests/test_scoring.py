@@ -3,8 +3,8 @@ import torch
 import torch.nn.functional as nnf
 
 from hosa_lib.config import ScoringConfig, override
-from hosa_lib.scoring import (band_features, make_side, pair_scores, pair_scores_reference,
-                              score_all_pairs)
+from hosa_lib.reference import pair_scores_reference
+from hosa_lib.scoring import band_features, make_side, pair_scores, score_all_pairs
 
 
 def random_side(n, length, d, seed, min_len=1):
@@ -214,3 +214,19 @@ def test_conditioned_h_uses_the_eager_kernel(capsys):
     assert "scoring.condition runs in the eager kernel only" in capsys.readouterr().err
     with pytest.raises(ValueError, match="condition runs in the eager kernel only; use auto or torch"):
         fast(img, cap, ScoringConfig(bands=4, condition=True, kernel="numba"))
+
+
+def test_every_registered_term_has_a_weight_a_reference_and_a_distinct_gate():
+    """The term registry is the one place a term is declared: its weight key exists in ScoringConfig,
+    the explicit reference covers it, gates index 0..N_GATES-1 once each, and the TERAN import keeps
+    exactly TERAN's terms."""
+    import dataclasses
+
+    from hosa_lib.reference import REFERENCES
+    from hosa_lib.scoring import N_GATES, SCORING_TERMS, gated_terms, teran_only
+    fields = {f.name for f in dataclasses.fields(ScoringConfig)}
+    assert {t.weight for t in SCORING_TERMS} <= fields
+    assert set(REFERENCES) == {t.name for t in SCORING_TERMS}
+    assert [t.gate for t in gated_terms()] == list(range(N_GATES))
+    kept = override(ScoringConfig(), teran_only())
+    assert [t.name for t in SCORING_TERMS if getattr(kept, t.weight) != 0] == ["local"]
