@@ -17,7 +17,7 @@ import yaml
 
 from .config import ConfigError, RunConfig, deep_merge, override
 from .evaluate import evaluate_checkpoint
-from .metrics import TWINS
+from .metrics import HEADLINE
 from .runs import format_seconds, log_progress, run_dir_for, weights_key
 from .scoring import gated_terms
 from .train import train
@@ -104,8 +104,7 @@ def summarize(df: pd.DataFrame, base: dict | None = None) -> pd.DataFrame:
     """Mean (and, with several seeds, sd) per variant of the headline metrics and training speed.
     `speed not comparable (busier machine)` flags variants whose cells trained under a machine load 1
     or more above the grid's lowest: their steps/s do not compare. Values print without a sign on 0."""
-    cols = [c for c in ("rsum", "i2t_r1", "t2i_r1", *TWINS.values(), *(f"{t.weight}_learned" for t in gated_terms()),
-                        "steps_per_s") if c in df]
+    cols = [c for c in (*HEADLINE, *(f"{t.weight}_learned" for t in gated_terms()), "steps_per_s") if c in df]
     several = df.groupby("variant", sort=False).size().max() > 1
     agg = df.groupby("variant", sort=False)[cols].agg(["mean", "std"] if several else ["mean"])
     agg.columns = [f"{a} {b}" if several else a for a, b in agg.columns]

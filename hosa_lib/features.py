@@ -86,7 +86,7 @@ def add_text_cache(store_path, name: str = "minilm", layer: int = -1, max_words:
         meta = {"model": name, "layer": layer, "max_words": max_words, "block": block}
         with SidecarWriter(store_path, f"text-{key}", spec, meta, home=s.home,
                            chunk_rows={"hidden": 1}) as w:
-            w.f.attrs.update({"model": name, "layer": layer, "max_words": max_words, "min_words": int(n_words.min())})
+            w.set_attrs({"model": name, "layer": layer, "max_words": max_words, "min_words": int(n_words.min())})
             bar = progress_bar(total=n, initial=w.rows_done, desc=f"text features ({device})", unit="cap",
                        progress=progress)
             for start in range(w.rows_done, n, block):

@@ -194,6 +194,24 @@ def evaluate_scores(scores: np.ndarray, cap_img: np.ndarray, protocol: str = "al
 
 TWINS = {"swap_pairs": "swap_acc", "relation_pairs": "relation_acc"}  # store extra -> metric
 
+# ----------------------------------------------------------------------------- report columns
+# The one list of what reports show; evaluate, the ridge baseline, viz, ablations and the run index
+# read it. A new metric in every report = its key in the metric dict + one entry here.
+DIRECTIONS = {"i2t": "image → text", "t2i": "text → image"}
+RECALL = tuple(f"{d}_r{k}" for d in DIRECTIONS for k in KS)
+LABELS = {"rsum": "test rsum", "swap_acc": "attribute-swap accuracy (%)", "relation_acc": "relation-swap accuracy (%)",
+          "steps_per_s": "training steps per second"}
+CHANCE = {"swap_acc": 50.0, "relation_acc": 50.0}  # what guessing scores
+HEADLINE = ("rsum", "i2t_r1", "t2i_r1", *TWINS.values())  # one number each per variant in summaries
+PANELS = ("rsum", *TWINS.values(), "steps_per_s")  # the ablation figure's per-variant panels
+
+
+def report_keys(m: dict) -> list[str]:
+    """The keys of a metric dict a summary table shows, in order: recall@K both ways, rsum, NDCG
+    (each relevance, both ways), twin accuracies; timings and per-protocol extras left out."""
+    ndcg = [k for k in m if k.startswith(tuple(f"{d}_ndcg_" for d in DIRECTIONS))]
+    return [k for k in (*RECALL, "rsum", *ndcg, *TWINS.values()) if k in m]
+
 
 def twin_accuracies(scores: np.ndarray, cap_img: np.ndarray, twins: dict | None) -> dict[str, float]:
     """{metric: accuracy} for each kind of twin pairs given (split positions), e.g. swap_acc."""

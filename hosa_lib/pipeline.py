@@ -29,6 +29,7 @@ from pathlib import Path
 from . import code_version
 from .cli import STAGES
 from .config import find_params, load, project_root
+from .metrics import report_keys
 from .runs import PROGRESS_LOG, digest as _digest, portable_config, run_dir_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -195,8 +196,7 @@ def metrics_table(run_dir: Path) -> str:
     m = json.loads(metrics.read_text())
     abl = run_dir / "ablations_metrics.json"
     base = json.loads(abl.read_text()).get("baseline") if abl.is_file() else None
-    keep = [k for k in m if k.endswith(("_r1", "_r5", "_r10")) or k.startswith(("i2t_ndcg", "t2i_ndcg"))
-            or k in ("rsum", "swap_acc", "relation_acc")]
+    keep = report_keys(m)
     head = "<tr><th>metric</th><th>this run</th>"
     if base:
         head += f"<th>{html.escape(base['variant'])}</th><th>run − baseline</th>"

@@ -67,8 +67,10 @@ class StoreWriter:
 
     def __init__(self, path, n_images: int, max_regions: int, dim: int, *, source: str,
                  feature_extractor: str, name: str | None = None, pooled: bool = False,
-                 tmp_path: Path | None = None, resume: bool = False, dtype: str = "float16"):
+                 tmp_path: Path | None = None, resume: bool = False, dtype: str = "float16",
+                 keep_partial: bool = False):
         self.path = Path(path)
+        self.keep_partial = keep_partial  # a Ctrl-C keeps the partial file (resume=True continues it)
         self.tmp = Path(tmp_path) if tmp_path else self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume and self.tmp.exists():
@@ -106,6 +108,33 @@ class StoreWriter:
         if pooled is not None:
             g["pooled"][start:stop] = pooled.astype(np.float16)
         self.f.attrs["images_written"] = max(int(self.f.attrs["images_written"]), stop)
+
+    @property
+    def images_written(self) -> int:
+        """Rows [0, images_written) hold encoded images (a resumed build continues from there)."""
+        return int(self.f.attrs["images_written"])
+
+    def get_attr(self, name: str, default=None):
+        return self.f.attrs.get(name, default)
+
+    def set_attr(self, name: str, value) -> None:
+        self.f.attrs[name] = value
+
+    def flush(self) -> None:
+        """Everything written so far on disk: a kill -9 afterwards leaves a readable partial file."""
+        self.f.flush()
+
+    def keep_images(self, rows) -> None:
+        """Drop every image row not in `rows` (e.g. undecodable files skipped while encoding)."""
+        rows = list(rows)
+        for key in ("features", "boxes", "n_regions", "pooled"):
+            if f"images/{key}" not in self.f:
+                continue
+            old = self.f[f"images/{key}"]
+            data, chunks = old[rows], old.chunks if key == "features" and rows else None
+            del self.f[f"images/{key}"]
+            self.f.create_dataset(f"images/{key}", data=data, chunks=chunks)
+        self.f.attrs["images_written"] = len(rows)
 
     def set_images(self, ids, files=None, image_root: str | None = None) -> None:
         self._put("images/ids", np.asarray([str(i) for i in ids], dtype=object), STR)
@@ -146,7 +175,7 @@ class StoreWriter:
             os.replace(self.tmp, self.path)
         else:
             self.f.close()
-            if not getattr(self, "keep_partial", False) or not issubclass(exc_type, KeyboardInterrupt):
+            if not self.keep_partial or not issubclass(exc_type, KeyboardInterrupt):
                 self.tmp.unlink(missing_ok=True)
         return False
 
@@ -340,6 +369,10 @@ class SidecarWriter:
         self.f.attrs["rows_done"] = self.rows_done
         self.f.flush()  # a kill after this keeps every block written so far
 
+    def set_attrs(self, attrs: dict) -> None:
+        """Describe the content (e.g. the text model and layer of a cache); readers see them as attrs."""
+        self.f.attrs.update(attrs)
+
     def __enter__(self):
         return self
 
@@ -358,7 +391,7 @@ def write_sidecar(store_path, what: str, arrays: dict[str, np.ndarray], attrs: d
     spec = {k: (v.shape, v.dtype) for k, v in arrays.items()}
     with SidecarWriter(store_path, what, spec, {"whole": True}, home) as w:
         w.write(0, arrays)
-        w.f.attrs.update(attrs or {})
+        w.set_attrs(attrs or {})
     return w.path
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
+from .metrics import CHANCE, DIRECTIONS, LABELS, PANELS, RECALL, TWINS
 from .store import Store
 
 
@@ -117,12 +118,12 @@ def recall_frame(m: dict, base: dict | None = None):
     for label, met in (("model", m), (base["variant"] if base else "", base)):
         if met is None:
             continue
-        for d, arrow in (("i2t", "image → text"), ("t2i", "text → image")):
+        for d, arrow in DIRECTIONS.items():
             row = {k[len(d) + 1:]: v for k, v in met.items() if k.startswith(d + "_")}
             row["rsum"] = met["rsum"] if d == "i2t" else None
-            for key, col in (("swap_acc", "swap acc %"), ("relation_acc", "relation acc %")):
+            for key in TWINS.values():
                 if key in met:
-                    row[col] = met[key] if d == "i2t" else None
+                    row[LABELS[key]] = met[key] if d == "i2t" else None
             rows.append(row)
             index.append(f"{label}: {arrow}")
     return pd.DataFrame(rows, index=index).style.format(precision=3, na_rep="")
@@ -249,7 +250,7 @@ def show_images(store_path, indices, labels, title: str = ""):
 
 def recall_at_k_frame(df: pd.DataFrame) -> pd.DataFrame:
     """Tidy recall@K rows (variant, seed, direction, K, value) from an ablation table."""
-    cols = [c for c in df if c.startswith(("i2t_r", "t2i_r")) and c[5:].isdigit()]
+    cols = [c for c in RECALL if c in df]
     rec = df.melt(id_vars=["variant", "seed"], value_vars=cols, var_name="metric")
     rec["direction"] = rec.metric.str[:3]
     rec["K"] = rec.metric.str[5:].astype(int)
@@ -260,9 +261,7 @@ def recall_at_k_frame(df: pd.DataFrame) -> pd.DataFrame:
 def plot_ablations(df: pd.DataFrame, base: dict | None = None):
     """rsum, swap accuracy and training speed per variant (each seed a point, mean and sd; the ridge
     baseline as a dashed line), and recall@K per direction."""
-    panels = [(c, t) for c, t in (("rsum", "test rsum"), ("swap_acc", "attribute-swap accuracy (%)"),
-                                  ("relation_acc", "relation-swap accuracy (%)"),
-                                  ("steps_per_s", "training steps per second")) if c in df]
+    panels = [(c, LABELS[c]) for c in PANELS if c in df]
     n = len(panels) + 2  # + recall@K per direction; at most 3 panels a row, so labels stay readable
     cols = min(3, n)
     rows = -(-n // cols)
@@ -277,8 +276,8 @@ def plot_ablations(df: pd.DataFrame, base: dict | None = None):
         sns.stripplot(data=df, y="variant", x=col, ax=ax, alpha=0.6, orient="h")
         ax.set_title(title)
         ax.set_ylabel("")
-        if col in ("swap_acc", "relation_acc"):
-            ax.axvline(50, ls=":", c="gray", label="chance")
+        if col in CHANCE:
+            ax.axvline(CHANCE[col], ls=":", c="gray", label="chance")
         if base is not None and col in base:
             ax.axvline(base[col], ls="--", c="firebrick", label=base["variant"])
         if ax.get_legend_handles_labels()[0]:

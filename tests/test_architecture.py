@@ -1,6 +1,7 @@
 """The module graph of hosa_lib (docs/architecture.md): no import cycles, HDF5 only in the store,
 no hidden global side effects on import or on model building."""
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -150,3 +151,61 @@ def test_run_key_is_the_same_with_a_symlinked_outputs_folder(tmp_path, monkeypat
         monkeypatch.chdir(root)
         keys.append(weights_key(load(root / "params" / "base.yaml")))
     assert keys[0] == keys[1]
+
+
+DOC = PKG.parent / "docs" / "architecture.md"
+
+
+def doc_table() -> list[tuple[int, set[str], set[str]]]:
+    """(floor, modules, imports) of each row of docs/architecture.md's module table."""
+    import re
+    graph, _ = import_graph()
+
+    def names(cell):
+        out = set()
+        for n in re.findall(r"`([^`]+)`", cell):
+            out |= ({m for m in graph if m.startswith("hosa_lib.sources")} if n == "sources/*" else {f"hosa_lib.{n}"})
+        return out
+    rows = []
+    for line in DOC.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0].isdigit():
+            rows.append((int(cells[0]), names(cells[1]), names(cells[3])))
+    return rows
+
+
+def test_architecture_doc_states_the_import_graph_and_its_floors():
+    """docs/architecture.md is the import graph: one row per module, each row's imports exactly the
+    modules it imports, and every import pointing to a lower floor (the layering rule it states)."""
+    graph, _ = import_graph()
+    rows = doc_table()
+    listed = [m for _, mods, _ in rows for m in mods]
+    assert sorted(listed) == sorted(m for m in graph if m != "hosa_lib"), "a module is missing or listed twice"
+    floor = {m: f for f, mods, _ in rows for m in mods}
+    row_of = {m: i for i, (_, mods, _) in enumerate(rows) for m in mods}  # `sources/*` is one row
+    for f, mods, imports in rows:
+        actual = set().union(*(graph[m] for m in mods)) - mods
+        said = {row_of.get(m, m) for m in imports}
+        assert {row_of[m] for m in actual} == said, \
+            f"{sorted(mods)}: doc says {sorted(imports)}, code imports {sorted(actual)}"
+        for m in mods:
+            upward = [d for d in graph[m] if floor[d] >= f and d not in mods]
+            assert not upward, f"{m} (floor {f}) imports {upward} on its floor or above"
+
+
+def test_doc_table_parser_sees_a_wrong_row(tmp_path, monkeypatch):
+    """The doc check can fail: a row claiming an import the code does not have is caught."""
+    bad = DOC.read_text().replace("| 1 | `loss` |", "| 1 | `loss` | x | `store` |\n| 9 | `lossy` |", 1)
+    fake = tmp_path / "architecture.md"
+    fake.write_text(bad)
+    monkeypatch.setattr(sys.modules[__name__], "DOC", fake)
+    with pytest.raises(AssertionError):
+        test_architecture_doc_states_the_import_graph_and_its_floors()
+
+
+def test_only_the_store_reaches_into_hdf5_files():
+    """Sources and caches write through StoreWriter / SidecarWriter methods, never their `.f`."""
+    import re
+    offenders = [f"{p.relative_to(PKG)}:{i}" for p in PKG.rglob("*.py") if p.name != "store.py"
+                 for i, line in enumerate(p.read_text().splitlines(), 1) if re.search(r"\b\w+\.f(\.|\[)", line)]
+    assert not offenders, offenders

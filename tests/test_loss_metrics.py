@@ -267,3 +267,10 @@ def test_teran_ndcg_orders_like_teran_and_averages_i2t_over_nonzero_queries():
     assert fair["i2t_nonzero"] > fair["i2t"]  # both averages reported: all queries, and TERAN's
     m = evaluate_scores(scores, np.arange(20) % 8, "all", {"rougeL": rel}, k=5, ties="teran")
     assert m["i2t_ndcg_rougeL"] == pytest.approx(i2t[i2t != 0].mean())
+
+
+def test_report_keys_are_one_ordered_list_without_timings():
+    from hosa_lib.metrics import RECALL, report_keys
+    m = {"score_seconds": 1.0, "relation_acc": 50.0, "t2i_ndcg_rougeL": 0.5, "rsum": 300.0, "i2t_medr": 2.0,
+         **{k: 10.0 for k in reversed(RECALL)}, "i2t_ndcg_rougeL": 0.4, "swap_acc": 60.0}
+    assert report_keys(m) == [*RECALL, "rsum", "t2i_ndcg_rougeL", "i2t_ndcg_rougeL", "swap_acc", "relation_acc"]

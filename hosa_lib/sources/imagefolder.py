@@ -143,14 +143,13 @@ def convert_image_folder(image_root, captions_file, store_path, *, image_size: i
         partial.unlink()
     writer = StoreWriter(store_path, len(items), k, dim, source=source, pooled=True,
                          feature_extractor=f"efficientnet-lite0 imagenet grid {grid}x{grid} @ {image_size}px",
-                         tmp_path=partial, resume=resume)
-    writer.keep_partial = True  # a Ctrl-C keeps the partial store for the next run to resume
+                         tmp_path=partial, resume=resume, keep_partial=True)  # Ctrl-C: resumed next run
     with writer as w:
-        w.f.attrs["inputs_hash"] = digest
-        start = int(w.f.attrs["images_written"])
+        w.set_attr("inputs_hash", digest)
+        start = w.images_written
         if start:
             print(f"resuming {partial}: {start} of {len(items)} images were encoded before it stopped")
-        bad = json.loads(w.f.attrs.get("bad_images", "[]"))
+        bad = json.loads(w.get_attr("bad_images", "[]"))
         bar = progress_bar(total=len(items), initial=start, desc="encode images", unit="img", progress=progress)
         for s in range(start, len(items), batch_size):
             batch, ok = [], []
@@ -171,20 +170,15 @@ def convert_image_folder(image_root, captions_file, store_path, *, image_size: i
                 f, boxes, p = grid_regions(model, preprocess(batch, image_size).to(device))
                 feats[ok], pooled[ok] = f.cpu().numpy(), p.cpu().numpy()
             w.write_images(s, feats, np.broadcast_to(boxes.numpy(), (n, k, 4)), np.full(n, k), pooled)
-            w.f.attrs["bad_images"] = json.dumps(bad)
-            w.f.flush()  # each batch on disk: a kill -9 loses at most the batch being encoded
+            w.set_attr("bad_images", json.dumps(bad))
+            w.flush()  # each batch on disk: a kill -9 loses at most the batch being encoded
             bar.update(n)
         bar.close()
         if bad:  # drop skipped images: rewrite the kept ones (rare path)
             print(f"skipped {len(bad)} undecodable image(s): {bad[:10]}")
             keep = [i for i, it in enumerate(items) if it["filename"] not in set(bad)]
-            items_kept = [items[i] for i in keep]
-            for key in ("features", "boxes", "n_regions", "pooled"):
-                data = w.f[f"images/{key}"][keep]
-                del w.f[f"images/{key}"]
-                w.f.create_dataset(f"images/{key}", data=data,
-                                   chunks=(1, k, dim) if key == "features" and len(keep) else None)
-            items = items_kept
+            w.keep_images(keep)
+            items = [items[i] for i in keep]
         _finish(w, items, image_root, extras)
     far = far_from_square(image_root, items)
     if far:
