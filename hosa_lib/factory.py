@@ -7,13 +7,12 @@ initialisation (training) seed it themselves first.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
 from .config import ConfigError, RunConfig, from_dict, override
 from .data import TextInput
+from .loss import make_loss
 from .model import HOSA
 from .perf import resolve_device  # noqa: F401  (re-exported: the device of train.device)
 from .runs import load_checkpoint
@@ -40,8 +39,7 @@ def build_model(cfg: RunConfig, device="cpu", pretrained: bool = True,
         text = TextInput(tokenizer=dc.text_model, max_words=dc.max_words)
     if seed is not None:
         torch.manual_seed(seed)
-    log_scale = math.log(1 / cfg.loss.temperature) if cfg.loss.kind == "infonce" else None
-    model = HOSA(cfg.model, cfg.scoring, feat_dim, text_dim, backbone, log_scale=log_scale)
+    model = HOSA(cfg.model, cfg.scoring, feat_dim, text_dim, backbone, loss=make_loss(cfg.loss))
     if cfg.model.anchor and seed is not None:  # training starts at a closed-form fit; checkpoints bring their own
         init_anchors(model, dc.store, cache_key(dc.text_model, dc.text_layer), cfg.model.anchor_init)
     return model.to(device), text

@@ -1,8 +1,14 @@
 """Losses on a score matrix (images x captions), both directions: VSE++ hinge triplet (TERAN's)
-and symmetric InfoNCE with a learnable temperature (`loss.kind`)."""
+and symmetric InfoNCE with a learnable temperature (`loss.kind`). `make_loss(cfg)` builds the one
+the config names, as a module owning its parameters (InfoNCE's temperature); the model holds it so
+that they are trained, checkpointed and gathered under DDP with the weights. A new loss is one
+function, one module here and its name in `loss.kind`."""
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn as nn
 
 from .config import LossConfig
 
@@ -54,3 +60,34 @@ def infonce_loss(scores: torch.Tensor, positives: torch.Tensor, log_scale: torch
     has = positives.any(1)
     i2t = (logits.logsumexp(1) - pos_logits.logsumexp(1))[has].mean()
     return {"loss": i2t + t2i, "i2t": i2t.detach(), "t2i": t2i.detach(), "scale": scale.detach()}
+
+
+class TripletLoss(nn.Module):
+    """VSE++ hinge triplet (`triplet_loss`); hardest negatives after `loss.warmup_steps`. No parameters."""
+
+    def __init__(self, cfg: LossConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    def forward(self, scores: torch.Tensor, positives: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        return triplet_loss(scores, positives, self.cfg, step)
+
+
+class InfoNCELoss(nn.Module):
+    """Symmetric InfoNCE (`infonce_loss`) with its learnable inverse temperature, stored as its log and
+    started at 1 / `loss.temperature`."""
+
+    def __init__(self, cfg: LossConfig):
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.tensor(float(math.log(1 / cfg.temperature))))
+
+    def forward(self, scores: torch.Tensor, positives: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        return infonce_loss(scores, positives, self.log_scale)
+
+
+LOSSES = {"hinge": TripletLoss, "infonce": InfoNCELoss}
+
+
+def make_loss(cfg: LossConfig) -> nn.Module:
+    """The loss `cfg.kind` names: called as loss(scores, positives, step) -> {"loss", "i2t", "t2i", ...}."""
+    return LOSSES[cfg.kind](cfg)

@@ -16,11 +16,12 @@ from .scoring import N_GATES, SCORING_TERMS, gated_weights, make_side, pair_scor
 
 class HOSA(nn.Module):
     def __init__(self, mcfg: ModelConfig, scfg: ScoringConfig, feat_dim: int, text_dim: int,
-                 backbone: nn.Module | None = None, log_scale: float | None = None):
+                 backbone: nn.Module | None = None, loss: nn.Module | None = None):
         super().__init__()
         self.mcfg, self.scfg = mcfg, scfg
-        if log_scale is not None:  # InfoNCE's learnable inverse temperature (log), saved with the weights
-            self.log_scale = nn.Parameter(torch.tensor(float(log_scale)))
+        # the training loss (`loss.make_loss`): its parameters (InfoNCE's temperature) are trained and
+        # saved with the weights; registered first, where they always were (parameter order is kept)
+        self.loss = loss
         if mcfg.arch == "teran":  # TERAN's exact module layout (checkpoint import)
             from .teran import TeranImageEncoder, TeranTextEncoder
             if backbone is None:
@@ -33,6 +34,34 @@ class HOSA(nn.Module):
         if scfg.gates:  # one per gated term (scoring.SCORING_TERMS): untrained, the global term alone scores
             check_gates(scfg)
             self.term_gates = nn.Parameter(torch.zeros(N_GATES))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        old = prefix + "log_scale"  # checkpoints from before make_loss held InfoNCE's temperature here
+        if old in state_dict:
+            state_dict[prefix + "loss.log_scale"] = state_dict.pop(old)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def param_groups(self, tc) -> list[dict]:
+        """AdamW parameter groups: the fine-tuned text backbone at `lr * model.text_lr_scale`, the term
+        gates at `train.gate_lr` without weight decay (scalars that must move by O(1) within a run),
+        everything else at `train.lr`."""
+        backbone = list(self.text.backbone.parameters()) if self.text.backbone is not None else []
+        gates = [self.term_gates] if self.scfg.gates else []
+        ids = {id(p) for p in backbone + gates}
+        groups = [{"params": [p for p in self.parameters() if id(p) not in ids]}]
+        if backbone:
+            groups.append({"params": backbone, "lr": tc.lr * self.mcfg.text_lr_scale})
+        if gates:
+            groups.append({"params": gates, "lr": tc.gate_lr, "weight_decay": 0.0})
+        return groups
+
+    def clip_parameters(self) -> list[nn.Parameter]:
+        """Every parameter in the order gradient clipping sums their norms: the loss's first (where its
+        temperature was registered before `make_loss`), then the rest; the order of a float sum decides
+        its last bit, so clipped runs reproduce checkpoints trained before the change bit for bit."""
+        own = list(self.loss.parameters()) if self.loss is not None else []
+        ids = {id(p) for p in own}
+        return own + [p for p in self.parameters() if id(p) not in ids]
 
     def encode_images(self, batch: dict) -> dict[str, torch.Tensor]:
         """-> glob (B, d), local (B, K, d), mask (B, K): what evaluation caches."""

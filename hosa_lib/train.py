@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,6 @@ from .config import ConfigError, RunConfig, load, override, to_dict
 from .data import CaptionDataset, EpochSampler, collate, positives, to_device
 from .evaluate import encode_split, evaluate_embeddings
 from .factory import build_model, resolve_device
-from .loss import infonce_loss, triplet_loss
 from .model import HOSA
 from .perf import tune_cpu_allocator
 from .store import Store
@@ -100,10 +100,7 @@ def train_step(model, batch, cfg: RunConfig, step: int, device, amp: bool) -> di
     else:
         pos = positives(batch["images"]["index"], batch["captions"]["image"])
     scores = core.score(img, cap)
-    if cfg.loss.kind == "infonce":
-        out = infonce_loss(scores["total"], pos, core.log_scale)
-    else:
-        out = triplet_loss(scores["total"], pos, cfg.loss, step)
+    out = core.loss(scores["total"], pos, step)
     return {**out, "n_pairs": torch.tensor(float(scores["total"].numel()))}
 
 
@@ -267,7 +264,75 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, progress: bool = Tr
         return _train(cfg, run_dir, progress, stop_after_steps)
 
 
-def _train(cfg: RunConfig, run_dir: Path, progress: bool, stop_after_steps: int | None) -> dict:
+@dataclass
+class Run:
+    """One training run: what `setup` builds, the position and best result so far (what a checkpoint
+    holds), and the writes every rank-0 part shares (checkpoints, the metrics log)."""
+    cfg: RunConfig
+    run_dir: Path
+    progress: bool
+    rank: int
+    world: int
+    device: torch.device
+    amp: bool
+    core: HOSA
+    model: torch.nn.Module  # core, or core wrapped by DistributedDataParallel
+    text: object
+    data: CaptionDataset
+    sampler: EpochSampler
+    steps_per_epoch: int
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    store_identity: dict
+    step: int = 0
+    epoch: int = 0
+    start_batch: int = 0  # the batch the current epoch starts at (> 0 after a mid-epoch resume)
+    best: float = -1.0
+    best_epoch: int = -1  # -1: the untrained model
+    resume_rng: dict | None = None  # RNG state of a mid-epoch checkpoint, restored once its epoch's loader exists
+    last_val: dict = field(default_factory=dict)
+    stopped: bool = False  # stop_after_steps reached
+    log: object = None
+
+    @property
+    def ck_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    def checkpoint(self, names: tuple[str, ...], batch_in_epoch: int, epoch: int) -> None:
+        if self.rank == 0:
+            state = {"model": self.core.state_dict(), "optimizer": self.opt.state_dict(),
+                     "scheduler": self.sched.state_dict(), "step": self.step, "epoch": epoch,
+                     "batch_in_epoch": batch_in_epoch, "best_rsum": self.best, "best_epoch": self.best_epoch,
+                     "rng": rng_state(), "config": to_dict(self.cfg), "code_version": code_version(),
+                     "store": self.store_identity}
+            for name in names:
+                save_checkpoint(self.ck_dir / name, state)
+
+    def validate_and_save(self, val_epoch: int) -> dict:
+        """Rank 0: validate, log, save last.pt (and best.pt when val rsum improved). val_epoch -1 is
+        the untrained model."""
+        val = validate(self.core, self.cfg, self.text, self.device)
+        improved = val["rsum"] > self.best
+        if improved:
+            self.best, self.best_epoch = val["rsum"], val_epoch
+        self.log.write(json.dumps({"step": self.step, "epoch": val_epoch, "split": "val", **val}) + "\n")
+        self.log.flush()
+        self.checkpoint(("last.pt", "best.pt") if improved else ("last.pt",), 0, val_epoch + 1)
+        self.last_val = val
+        return val
+
+    def say(self, line: str) -> None:
+        log_progress(self.run_dir, line)
+        if self.progress:
+            print(line)
+
+
+def setup(cfg: RunConfig, run_dir: Path, progress: bool) -> Run:
+    """Process group, device, run folder files, model (seeded), data, optimizer and schedule."""
     tune_cpu_allocator()
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed and not dist.is_initialized():
@@ -299,141 +364,129 @@ def _train(cfg: RunConfig, run_dir: Path, progress: bool, stop_after_steps: int 
                           f"{cfg.train.batch_size * world}; lower train.batch_size")
     if rank == 0:
         warn_schedule(cfg, spe, run_dir, progress)
-    backbone = list(core.text.backbone.parameters()) if core.text.backbone is not None else []
-    gates = [core.term_gates] if cfg.scoring.gates else []
-    ids = {id(p) for p in backbone + gates}
-    groups = [{"params": [p for p in core.parameters() if id(p) not in ids]}]
-    if backbone:  # separate (smaller) learning rate for the fine-tuned text backbone
-        groups.append({"params": backbone, "lr": cfg.train.lr * cfg.model.text_lr_scale})
-    if gates:  # scalars that must be able to move by O(1) within a run
-        groups.append({"params": gates, "lr": cfg.train.gate_lr, "weight_decay": 0.0})
-    opt = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    opt = torch.optim.AdamW(core.param_groups(cfg.train), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, spe))
-    step, epoch, start_batch, best, best_epoch, resume_rng = 0, 0, 0, -1.0, -1, None
-    last = ck_dir / "last.pt"
-    if last.is_file():
-        ck = load_checkpoint(last)
-        core.load_state_dict(ck["model"], strict=True)
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        step, epoch, start_batch, best = ck["step"], ck["epoch"], ck["batch_in_epoch"], ck["best_rsum"]
-        best_epoch = ck.get("best_epoch", epoch - 1)
-        resume_rng = ck["rng"]
-        if start_batch == 0:  # saved at an epoch's end: the next epoch starts from this state
-            set_rng_state(resume_rng)
-            resume_rng = None
-        if rank == 0:
-            print(f"resuming run {run_dir.name} at epoch {epoch}, batch {start_batch}, step {step}, "
-                  f"best rsum {best:.2f}")
-    model = core
-    if distributed:
-        model = torch.nn.parallel.DistributedDataParallel(_DDPWrapper(core), device_ids=[device] if device.type == "cuda" else None)
+    return Run(cfg, run_dir, progress, rank, world, device, amp, core, core, text, data, sampler, spe, opt, sched,
+               store_identity)
 
-    def checkpoint(names: tuple[str, ...], batch_in_epoch: int, ep: int):
-        if rank == 0:
-            state = {"model": core.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                     "step": step, "epoch": ep, "batch_in_epoch": batch_in_epoch, "best_rsum": best,
-                     "best_epoch": best_epoch,
-                     "rng": rng_state(), "config": to_dict(cfg), "code_version": code_version(),
-                     "store": store_identity}
-            for name in names:
-                save_checkpoint(ck_dir / name, state)
 
-    def validate_and_save(val_epoch: int) -> dict:
-        """Rank 0: validate, log, save last.pt (and best.pt when val rsum improved). val_epoch -1 is
-        the untrained model."""
-        nonlocal best, best_epoch
-        val = validate(core, cfg, text, device)
-        improved = val["rsum"] > best
-        if improved:
-            best, best_epoch = val["rsum"], val_epoch
-        log.write(json.dumps({"step": step, "epoch": val_epoch, "split": "val", **val}) + "\n")
-        log.flush()
-        checkpoint(("last.pt", "best.pt") if improved else ("last.pt",), 0, val_epoch + 1)
-        return val
+def resume(run: Run) -> None:
+    """Continue from checkpoints/last.pt when there is one: weights, optimizer, schedule, position, best
+    result and RNG state (a mid-epoch state once the epoch's loader has drawn its seed, in fit_epoch)."""
+    last = run.ck_dir / "last.pt"
+    if not last.is_file():
+        return
+    ck = load_checkpoint(last)
+    run.core.load_state_dict(ck["model"], strict=True)
+    run.opt.load_state_dict(ck["optimizer"])
+    run.sched.load_state_dict(ck["scheduler"])
+    run.step, run.epoch, run.start_batch, run.best = ck["step"], ck["epoch"], ck["batch_in_epoch"], ck["best_rsum"]
+    run.best_epoch = ck.get("best_epoch", run.epoch - 1)
+    if run.start_batch == 0:  # saved at an epoch's end: the next epoch starts from this state
+        set_rng_state(ck["rng"])
+    else:
+        run.resume_rng = ck["rng"]
+    if run.rank == 0:
+        print(f"resuming run {run.run_dir.name} at epoch {run.epoch}, batch {run.start_batch}, step {run.step}, "
+              f"best rsum {run.best:.2f}")
 
-    log = open_log(run_dir / "metrics.jsonl", step) if rank == 0 else None
+
+def fit_epoch(run: Run, stop: "_StopRequest", stop_after_steps: int | None) -> dict | None:
+    """Train one epoch from run.start_batch (checkpointing every train.checkpoint_every steps and when a
+    stop is asked). Returns the last step's losses (None when a resume found the epoch's batches all
+    done); sets run.stopped and returns at once when stop_after_steps is reached."""
+    cfg = run.cfg
+    run.sampler.set_epoch(run.epoch, run.start_batch)
+    loader = torch.utils.data.DataLoader(run.data, batch_sampler=run.sampler, collate_fn=collate,
+                                         num_workers=cfg.train.workers)
+    batches = iter(loader)  # draws the loader's seed from the global RNG, as at every epoch's start
+    if run.resume_rng is not None:  # saved mid-epoch, i.e. after that draw: restored only now, so dropout
+        set_rng_state(run.resume_rng)  # continues with the stream an uninterrupted run has at this step
+        run.resume_rng = None
+    spe, every = run.steps_per_epoch, cfg.train.checkpoint_every
+    bar = tqdm(batches, desc=f"epoch {run.epoch}", disable=not run.progress or run.rank != 0, mininterval=2,
+               initial=run.start_batch, total=spe)
+    t0, out = time.perf_counter(), None
+    for b, batch in enumerate(bar, start=run.start_batch):
+        out = train_step(run.model, batch, cfg, run.step, run.device, run.amp)
+        run.opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        if cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(run.core.clip_parameters(), cfg.train.grad_clip)
+        run.opt.step()
+        run.sched.step()
+        run.step += 1
+        if run.log and (run.step % cfg.train.log_every == 0 or b == spe - 1):
+            rate = (b + 1 - run.start_batch) * cfg.train.batch_size * run.world / (time.perf_counter() - t0)
+            rec = {"step": run.step, "epoch": run.epoch, **{k: v.item() for k, v in out.items()},
+                   "lr": run.sched.get_last_lr()[0], "pairs_per_s": rate}
+            run.log.write(json.dumps(rec) + "\n")
+            run.log.flush()
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", pairs_s=f"{rate:.0f}")
+        if every and run.step % every == 0 and b + 1 < spe:
+            run.checkpoint(("last.pt",), b + 1, run.epoch)
+        if stop.requested:  # between steps the state is consistent: save it and stop
+            run.checkpoint(("last.pt",), b + 1, run.epoch)
+            raise KeyboardInterrupt(f"interrupted at step {run.step}: saved {run.ck_dir / 'last.pt'}; the same "
+                                    "command resumes from there")
+        if stop_after_steps is not None and run.step >= stop_after_steps:
+            run.stopped = True
+            return out
+    run.start_batch = 0
+    run.epoch += 1
+    return out
+
+
+def _train(cfg: RunConfig, run_dir: Path, progress: bool, stop_after_steps: int | None) -> dict:
+    run = setup(cfg, run_dir, progress)
+    resume(run)
+    if run.distributed:
+        run.model = torch.nn.parallel.DistributedDataParallel(
+            _DDPWrapper(run.core), device_ids=[run.device] if run.device.type == "cuda" else None)
+    run.log = open_log(run_dir / "metrics.jsonl", run.step) if run.rank == 0 else None
     stop = _StopRequest()
     try:
-        t_start, last_val, first_epoch = time.perf_counter(), {}, epoch
-        if rank == 0 and step > 0 and not (ck_dir / "best.pt").is_file():  # deleted since: made again
-            best = -1.0  # the next validation writes it; with no epoch left, validate the last model now
-            print(f"{ck_dir / 'best.pt'} is missing: the next validated model becomes best.pt")
-            if epoch >= cfg.train.epochs and start_batch == 0:
-                last_val = validate_and_save(epoch - 1)
-        if cfg.train.validate_at_start and step == 0 and rank == 0:  # the initialisation competes for best.pt
-            last_val = validate_and_save(-1)
-            log_progress(run_dir, f"epoch 0/{cfg.train.epochs} (untrained): val rsum {best:.1f}")
-        if cfg.train.validate_at_start and step == 0 and distributed:
+        t_start, first_epoch = time.perf_counter(), run.epoch
+        if run.rank == 0 and run.step > 0 and not (run.ck_dir / "best.pt").is_file():  # deleted since: made again
+            run.best = -1.0  # the next validation writes it; with no epoch left, validate the last model now
+            print(f"{run.ck_dir / 'best.pt'} is missing: the next validated model becomes best.pt")
+            if run.epoch >= cfg.train.epochs and run.start_batch == 0:
+                run.validate_and_save(run.epoch - 1)
+        if cfg.train.validate_at_start and run.step == 0 and run.rank == 0:  # the initialisation competes for best.pt
+            run.validate_and_save(-1)
+            log_progress(run_dir, f"epoch 0/{cfg.train.epochs} (untrained): val rsum {run.best:.1f}")
+        if cfg.train.validate_at_start and run.step == 0 and run.distributed:
             dist.barrier()
-        core.train()
-        every = cfg.train.checkpoint_every
-        while epoch < cfg.train.epochs:
-            if stale_for(epoch, best_epoch, cfg.train.patience, distributed):
-                if rank == 0:
-                    line = (f"early stop after epoch {epoch}/{cfg.train.epochs}: no better val rsum for "
-                            f"{cfg.train.patience} epochs (best {best:.1f}, "
-                            + ("the untrained model)" if best_epoch < 0 else f"after epoch {best_epoch + 1})"))
-                    log_progress(run_dir, line)
-                    if progress:
-                        print(line)
+        run.core.train()
+        while run.epoch < cfg.train.epochs:
+            if stale_for(run.epoch, run.best_epoch, cfg.train.patience, run.distributed):
+                if run.rank == 0:
+                    run.say(f"early stop after epoch {run.epoch}/{cfg.train.epochs}: no better val rsum for "
+                            f"{cfg.train.patience} epochs (best {run.best:.1f}, "
+                            + ("the untrained model)" if run.best_epoch < 0 else f"after epoch {run.best_epoch + 1})"))
                 break
-            sampler.set_epoch(epoch, start_batch)
-            loader = torch.utils.data.DataLoader(data, batch_sampler=sampler, collate_fn=collate,
-                                                 num_workers=cfg.train.workers)
-            batches = iter(loader)  # draws the loader's seed from the global RNG, as at every epoch's start
-            if resume_rng is not None:  # saved mid-epoch, i.e. after that draw: restored only now, so dropout
-                set_rng_state(resume_rng)  # continues with the stream an uninterrupted run has at this step
-                resume_rng = None
-            bar = tqdm(batches, desc=f"epoch {epoch}", disable=not progress or rank != 0, mininterval=2,
-                       initial=start_batch, total=spe)
-            t0 = time.perf_counter()
-            for b, batch in enumerate(bar, start=start_batch):
-                out = train_step(model, batch, cfg, step, device, amp)
-                opt.zero_grad(set_to_none=True)
-                out["loss"].backward()
-                if cfg.train.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(core.parameters(), cfg.train.grad_clip)
-                opt.step()
-                sched.step()
-                step += 1
-                if log and (step % cfg.train.log_every == 0 or b == spe - 1):
-                    rate = (b + 1 - start_batch) * cfg.train.batch_size * world / (time.perf_counter() - t0)
-                    rec = {"step": step, "epoch": epoch, **{k: v.item() for k, v in out.items()},
-                           "lr": sched.get_last_lr()[0], "pairs_per_s": rate}
-                    log.write(json.dumps(rec) + "\n")
-                    log.flush()
-                    bar.set_postfix(loss=f"{rec['loss']:.3f}", pairs_s=f"{rate:.0f}")
-                if every and step % every == 0 and b + 1 < spe:
-                    checkpoint(("last.pt",), b + 1, epoch)
-                if stop.requested:  # between steps the state is consistent: save it and stop
-                    checkpoint(("last.pt",), b + 1, epoch)
-                    raise KeyboardInterrupt(f"interrupted at step {step}: saved {ck_dir / 'last.pt'}; the same command "
-                                            "resumes from there")
-                if stop_after_steps is not None and step >= stop_after_steps:
-                    return {"run_dir": str(run_dir), "steps": step, "stopped": True}
-            start_batch = 0
-            epoch += 1
-            if rank == 0:
-                last_val = validate_and_save(epoch - 1)
+            out = fit_epoch(run, stop, stop_after_steps)
+            if run.stopped:
+                return {"run_dir": str(run_dir), "steps": run.step, "stopped": True}
+            if run.rank == 0:
+                run.validate_and_save(run.epoch - 1)
                 if stop.requested:  # asked during validation: the epoch is saved, stop here (even after the last)
-                    raise KeyboardInterrupt(f"interrupted after epoch {epoch}: saved {ck_dir / 'last.pt'}; the same "
-                                            "command resumes from there")
+                    raise KeyboardInterrupt(f"interrupted after epoch {run.epoch}: saved {run.ck_dir / 'last.pt'}; "
+                                            "the same command resumes from there")
                 elapsed = time.perf_counter() - t_start
-                eta = elapsed / max(1, epoch - first_epoch) * (cfg.train.epochs - epoch)
-                line = (f"epoch {epoch}/{cfg.train.epochs}: loss {out['loss'].item():.3f}, val rsum {last_val['rsum']:.1f} "
-                        f"(best {best:.1f}), elapsed {format_seconds(elapsed)}, ETA {format_seconds(eta)}")
-                log_progress(run_dir, line)
-                if progress:
-                    print(line)
-            if distributed:
+                eta = elapsed / max(1, run.epoch - first_epoch) * (cfg.train.epochs - run.epoch)
+                loss = f"{out['loss'].item():.3f}" if out else "(saved at the epoch's end)"
+                run.say(f"epoch {run.epoch}/{cfg.train.epochs}: loss {loss}, val rsum "
+                        f"{run.last_val['rsum']:.1f} (best {run.best:.1f}), elapsed {format_seconds(elapsed)}, "
+                        f"ETA {format_seconds(eta)}")
+            if run.distributed:
                 dist.barrier()
     finally:  # handlers back and the log closed however training ends
         stop.restore()
-        if log:
-            log.close()
-    return {"run_dir": str(run_dir), "best_rsum": best, "steps": step,
-            "seconds": time.perf_counter() - t_start, "last_val": last_val}
+        if run.log:
+            run.log.close()
+    return {"run_dir": str(run_dir), "best_rsum": run.best, "steps": run.step,
+            "seconds": time.perf_counter() - t_start, "last_val": run.last_val}
 
 
 def main(argv=None) -> int:

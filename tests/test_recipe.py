@@ -80,14 +80,21 @@ def test_anchor_and_infonce_train_step_shapes_and_gradients(smoke_store):
     assert torch.isfinite(out["loss"]) and out["scale"] == pytest.approx(1 / cfg.loss.temperature)
     out["loss"].backward()
     for name in ("image.anchor.map.weight", "text.anchor.map.weight", "image.anchor.gate", "text.anchor.gate",
-                 "log_scale", "image.proj.weight", "text.proj.weight"):
+                 "loss.log_scale", "image.proj.weight", "text.proj.weight"):
         grad = dict(model.named_parameters())[name].grad
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
     # a checkpoint of the recipe reloads strictly (log_scale and anchors are part of the weights)
     from hosa_lib.factory import build_model as rebuild
     again, _ = rebuild(cfg)
     again.load_state_dict(model.state_dict(), strict=True)
-    assert override(cfg, {"loss": {"kind": "hinge"}}).loss.kind == "hinge"
+    # checkpoints written before make_loss held the temperature as `log_scale`: they load into loss.log_scale
+    old = {("log_scale" if k == "loss.log_scale" else k): v.clone() + (1.0 if k == "loss.log_scale" else 0.0)
+           for k, v in model.state_dict().items()}
+    again.load_state_dict(old, strict=True)
+    assert again.loss.log_scale.item() == pytest.approx(model.loss.log_scale.item() + 1.0)
+    # the loss is the config's: a hinge model has no temperature among its weights
+    hinge, _ = rebuild(override(cfg, {"loss": {"kind": "hinge"}}))
+    assert not any("log_scale" in k for k in hinge.state_dict())
 
 
 def test_validate_at_start_keeps_the_initialisation_when_training_makes_val_worse(tmp_path, smoke_store):

@@ -173,3 +173,30 @@ def test_one_trainer_per_run_folder_and_no_resume_with_other_params(tmp_path, sm
     assert (run / "checkpoints" / "best.pt").is_file()
     with writing_lock(run / "train"):  # released when each run ended (this would raise StoreError)
         pass
+
+
+def test_stop_asked_in_an_epochs_last_step_resumes_to_the_same_weights(tmp_path, smoke_store, monkeypatch):
+    """Ctrl-C during the last step of an epoch saves a checkpoint positioned after every batch of that
+    epoch; the resumed run has no batch left there, validates it and goes on (this used to fail on the
+    epoch's loss, which no step of the resumed process had computed), ending with the uninterrupted weights."""
+    import hosa_lib.train as tr
+    cfg = smoke_cfg(smoke_store.store)
+    full = tr.train(cfg, tmp_path / "full", progress=False)
+    spe = full["steps"] // cfg.train.epochs
+    real = tr.train_step
+
+    def sigint_in_last_step(model, batch, cfg, step, *a):
+        if step == spe - 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(model, batch, cfg, step, *a)
+    monkeypatch.setattr(tr, "train_step", sigint_in_last_step)
+    with pytest.raises(KeyboardInterrupt, match=f"interrupted at step {spe}"):
+        tr.train(cfg, tmp_path / "cut", progress=False)
+    ck = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=False)
+    assert (ck["epoch"], ck["batch_in_epoch"]) == (0, spe)
+    monkeypatch.setattr(tr, "train_step", real)
+    done = tr.train(cfg, tmp_path / "cut", progress=False)
+    assert done["steps"] == full["steps"] and done["best_rsum"] == full["best_rsum"]
+    a, b = (torch.load(p / "checkpoints" / "last.pt", weights_only=False)["model"] for p in (tmp_path / "full", tmp_path / "cut"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
