@@ -312,7 +312,32 @@ def test_preflight_catches_missing_val_split_unwritable_folder_and_nan_boxes(tmp
         train(cfg, tmp_path / "run2", progress=False)
 
 
-def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+@pytest.fixture()
+def tiny_disk(tmp_path):
+    """A real 1 MiB file system (tmpfs; needs root, as in CI), unmounted afterwards."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a 1 MiB tmpfs needs root (CI runs as root)")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_disk_full_for_real_keeps_the_previous_checkpoint(tiny_disk):
+    """On an actually full file system (no mocks): the save fails with a one-line error naming the
+    folder, the previous checkpoint loads, and no temporary file is left behind."""
+    from hosa_lib import runs
+    path = tiny_disk / "last.pt"
+    runs.save_checkpoint(path, {"model": {"w": torch.zeros(2)}, "step": 1})
+    with pytest.raises(runs.CheckpointError, match=rf"no space left on {tiny_disk} while saving last.pt"):
+        runs.save_checkpoint(path, {"model": {"w": torch.randn(512, 1024)}, "step": 2})  # 2 MiB > the disk
+    assert runs.load_checkpoint(path)["step"] == 1 and not list(tiny_disk.glob(".last.pt.tmp-*"))
+
+
+def test_torchs_disk_full_message_is_recognised(tmp_path, monkeypatch):
+    """torch.save reports a full disk as an iostream RuntimeError without errno (what it raised on a full
+    disk): with little space left that is said as 'no space left' too."""
     from hosa_lib import runs
     path = tmp_path / "last.pt"
     runs.save_checkpoint(path, {"model": {"w": torch.zeros(2)}, "step": 1})

@@ -101,11 +101,11 @@ def test_ndcg_matches_definition():
 
 
 def test_coco_1k_folds_use_their_own_images_and_captions():
-    n = 5000
-    cap_img = np.repeat(np.arange(n), 5)
-    scores = np.full((n, 5 * n), -1.0)
-    scores[cap_img, np.arange(5 * n)] = 1.0  # perfect within the whole set ...
-    scores[0, 5 * 1000:5 * 1001] = 5.0  # ... except image 0 beats image 1000 on its captions (another fold)
+    n = 5000  # one caption per image, float32: 100 MB (five captions in float64 allocated 1 GB)
+    cap_img = np.arange(n)
+    scores = np.full((n, n), -1.0, dtype=np.float32)
+    scores[cap_img, np.arange(n)] = 1.0  # perfect within the whole set ...
+    scores[0, 1000] = 5.0  # ... except image 0 beats image 1000 on its caption (another fold)
     assert evaluate_scores(scores, cap_img, "coco_5k")["t2i_r1"] < 100
     m = evaluate_scores(scores, cap_img, "coco_1k")  # folds never mix: fold 1 is unaffected
     assert m["t2i_r1"] == 100 and m["rsum"] == 600

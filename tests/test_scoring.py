@@ -17,12 +17,16 @@ def random_side(n, length, d, seed, min_len=1):
 
 
 def fast(img, cap, cfg):
+    """The eager torch path (scoring.kernel `torch`) unless cfg names a kernel: `auto` would take the
+    numba kernel on a CPU, which tests/test_kernels.py checks against the same reference."""
+    if cfg.kernel == "auto":
+        cfg = override(cfg, {"kernel": "torch"})
     return pair_scores(make_side(**img, cfg=cfg), make_side(**cap, cfg=cfg), cfg)
 
 
-@pytest.mark.parametrize("d", [16, 17])
-@pytest.mark.parametrize("bands,direction,pool", [(1, "t2i", "sum"), (4, "t2i", "sum"), (3, "i2t", "mean"),
-                                                  (9, "both", "sum")])
+@pytest.mark.parametrize("d,bands,direction,pool", [
+    (d, *case) for d in (16, 17) for case in ((1, "t2i", "sum"), (4, "t2i", "sum"), (3, "i2t", "mean"), (9, "both", "sum"))
+] + [(33, 16, "both", "mean"), (32, 16, "t2i", "sum")])
 def test_fast_equals_explicit_reference(d, bands, direction, pool):
     cfg = ScoringConfig(bands=bands, direction=direction, local_pool=pool, temperature=3.0,
                         w_local=1.0, w_high=2.0, w_global=0.5)
@@ -210,7 +214,9 @@ def test_conditioned_h_uses_the_eager_kernel(capsys):
     from hosa_lib import fused
     img, cap = random_side(2, 4, 16, seed=1), random_side(2, 4, 16, seed=2)
     fused._told.discard("scoring.condition runs in the eager kernel only")
-    fast(img, cap, ScoringConfig(bands=4, condition=True))
+    auto = ScoringConfig(bands=4, condition=True)
+    assert auto.kernel == "auto"
+    pair_scores(make_side(**img, cfg=auto), make_side(**cap, cfg=auto), auto)
     assert "scoring.condition runs in the eager kernel only" in capsys.readouterr().err
     with pytest.raises(ValueError, match="condition runs in the eager kernel only; use auto or torch"):
         fast(img, cap, ScoringConfig(bands=4, condition=True, kernel="numba"))
