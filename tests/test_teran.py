@@ -71,6 +71,21 @@ def bert_dir(tmp_path_factory):
     return d
 
 
+TINY_BERT = BertConfig(hidden_size=32, num_hidden_layers=6, num_attention_heads=2, intermediate_size=64,
+                       vocab_size=64)  # six layers as TERAN's extraction layer needs; 0.1 M parameters, not 110 M
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(bert_dir, tmp_path_factory):
+    """bert_dir's vocabulary with a tiny BERT config: for tests of key mapping, not of sizes."""
+    import shutil
+    d = tmp_path_factory.mktemp("tiny_bert")
+    for f in bert_dir.iterdir():
+        shutil.copy(f, d / f.name)
+    TINY_BERT.save_pretrained(d)
+    return d
+
+
 def test_config_import_maps_every_published_key():
     teran = yaml.safe_load(TERAN_COCO)
     over, report = import_config(teran)
@@ -132,9 +147,9 @@ def test_coco_shaped_checkpoint_loads_strictly_and_embeds(bert_dir, teran_data):
     assert cap["mask"][0].sum() == lengths - 3  # TERAN's alignment words: drop [CLS], last piece, [SEP]
 
 
-def test_wrong_or_missing_keys_are_named(bert_dir, teran_data):
-    model, _ = teran_model(bert_dir, teran_data / "store.h5", feat_layers=1, embed=64, image_layers=1, text_layers=1)
-    sd = teran_state_dict(BertConfig(num_hidden_layers=6), embed=64, img_layers=1, layers=1)
+def test_wrong_or_missing_keys_are_named(tiny_bert_dir, teran_data):
+    model, _ = teran_model(tiny_bert_dir, teran_data / "store.h5", feat_layers=1, embed=64, image_layers=1, text_layers=1)
+    sd = teran_state_dict(TINY_BERT, embed=64, img_layers=1, layers=1)
     sd["img_txt_enc.img_enc.extra.weight"] = torch.zeros(1)
     del sd["img_txt_enc.cap_proj.bias"]
     sd["img_txt_enc.img_proj.weight"] = torch.zeros(3, 3)
@@ -168,9 +183,9 @@ def test_published_configs_full_key_set_imports_strictly(bert_dir, teran_data, n
     assert alias not in mapped and "text.backbone.embeddings.word_embeddings.weight" in mapped
 
 
-def test_alias_must_equal_the_bert_embedding(bert_dir, teran_data):
-    model, _ = teran_model(bert_dir, teran_data / "store.h5", feat_layers=1, embed=64, image_layers=1, text_layers=1)
-    sd = teran_state_dict(BertConfig(num_hidden_layers=6), embed=64, img_layers=1, layers=1)
+def test_alias_must_equal_the_bert_embedding(tiny_bert_dir, teran_data):
+    model, _ = teran_model(tiny_bert_dir, teran_data / "store.h5", feat_layers=1, embed=64, image_layers=1, text_layers=1)
+    sd = teran_state_dict(TINY_BERT, embed=64, img_layers=1, layers=1)
     sd["img_txt_enc.txt_enc.word_embeddings.weight"] = sd["img_txt_enc.txt_enc.word_embeddings.weight"] + 1
     with pytest.raises(ConfigError, match="should be the same tensor"):
         map_state_dict(sd, model, shared=False)
