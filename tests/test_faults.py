@@ -69,6 +69,8 @@ def test_kill_9_during_encoding_resumes_and_a_cut_partial_is_discarded(tmp_path)
         assert a.n_images == 240 and a.text_keys() and a.relevance("test")
         np.testing.assert_array_equal(a.features(), b.features())
     assert not partial.exists() and not cut.exists()
+    forced = run("hosa_lib.prepare", whole, "--force")  # a forced rebuild of a whole store leaves no partial
+    assert forced.returncode == 0 and not cut.exists() and Store(tmp_path / "whole" / "out" / "smoke.h5").n_images == 240
 
 
 def test_stale_partial_from_other_inputs_is_discarded(tmp_path):
@@ -594,8 +596,10 @@ def test_ctrl_c_in_an_ablation_cell_then_rerun_equals_an_uninterrupted_grid(smok
     assert full.returncode == 0, full.stdout + full.stderr
 
     root, cmd = project("interrupted")
+    # as a terminal's foreground job: SIGINT at its default, even when this test runs in a background job
+    # (a non-interactive shell starts those with SIGINT ignored, which the child would inherit)
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
-                         start_new_session=True)
+                         start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while time.time() < deadline and p.poll() is None:
         logs = [p for p in (root / "outputs").glob("demo-abl-global_only-*/metrics.jsonl")
@@ -603,6 +607,7 @@ def test_ctrl_c_in_an_ablation_cell_then_rerun_equals_an_uninterrupted_grid(smok
         if logs and sum('"loss"' in line for line in logs[0].read_text().splitlines()) >= 3:
             break
         time.sleep(0.05)
+    assert p.poll() is None, "the grid ended before its cell had logged 3 steps"
     os.killpg(p.pid, signal.SIGINT)  # what Ctrl-C in the terminal sends
     out = p.communicate(timeout=120)[0]
     assert p.returncode != 0, out
