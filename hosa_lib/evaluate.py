@@ -28,7 +28,7 @@ from tqdm import tqdm  # plain tqdm: widget bars render blank in offline HTML
 from .config import ConfigError, EvalConfig, RunConfig, ScoringConfig, override, to_dict
 from .data import CaptionDataset, ImageDataset, TextInput, collate_captions, collate_images, to_device
 from .factory import load_model
-from .metrics import TWINS, evaluate_scores, twin_accuracies
+from .metrics import DIRECTIONS, KS, TWINS, evaluate_scores, twin_accuracies
 from .scoring import score_all_pairs
 from .store import Store, load_embeddings, save_embeddings
 
@@ -268,11 +268,12 @@ def format_table(m: dict) -> str:
     """R@1/5/10, medr, meanr and NDCG per direction, then rsum (and swap accuracy when present)."""
     ndcg = sorted({k.split("_ndcg_")[1] for k in m if "_ndcg_" in k})
     names = {"rougeL": "ROUGE-L", "spice": "SPICE"}
-    head = f"{'':14s}{'R@1':>8s}{'R@5':>8s}{'R@10':>8s}{'medr':>7s}{'meanr':>8s}" + \
+    head = f"{'':14s}" + "".join(f"{f'R@{k}':>8s}" for k in KS) + f"{'medr':>7s}{'meanr':>8s}" + \
         "".join(f"{'NDCG-' + names.get(n, n):>14s}" for n in ndcg)
     rows = [head]
-    for d, label in (("i2t", "Image to text"), ("t2i", "Text to image")):
-        rows.append(f"{label:14s}{m[f'{d}_r1']:8.1f}{m[f'{d}_r5']:8.1f}{m[f'{d}_r10']:8.1f}{m[f'{d}_medr']:7.0f}"
+    labels = {"i2t": "Image to text", "t2i": "Text to image"}  # TERAN's evaluation prints these
+    for d in DIRECTIONS:
+        rows.append(f"{labels[d]:14s}" + "".join(f"{m[f'{d}_r{k}']:8.1f}" for k in KS) + f"{m[f'{d}_medr']:7.0f}"
                     f"{m[f'{d}_meanr']:8.1f}" + "".join(f"{m[f'{d}_ndcg_{n}']:14.4f}" for n in ndcg))
     rows.append(f"rsum: {m['rsum']:.2f}" + "".join(f"   {k.replace('_', ' ')}: {m[k]:.1f}%"
                                                     for k in TWINS.values() if k in m))
