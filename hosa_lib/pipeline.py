@@ -177,11 +177,12 @@ def run_stage(name: str, params_path: Path, cfg, run_dir: Path, force: bool) -> 
 
 def describe_run(cfg) -> str:
     """One line saying what a run is: data, model and scoring, training, evaluation protocol."""
+    from .scoring import SCORING_TERMS  # lazily: torch is not needed to drive the notebooks
     d, m, sc = cfg.data, cfg.model, cfg.scoring
     data = {"synthetic": f"synthetic scenes ({d.n_images} images)", "images": f"image folder {Path(d.root).name or '(data.root unset)'}",
             "teran": f"{d.dataset.upper()} in TERAN's layout", "scan": "SCAN precomputed features",
             "store": f"store {Path(d.store).name}"}[d.source]
-    terms = "+".join(t for t, w in (("global", sc.w_global), ("local", sc.w_local), ("high-order", sc.w_high)) if w)
+    terms = "+".join(t.name for t in SCORING_TERMS if getattr(sc, t.weight))
     model = f"{m.arch.upper()} embed {m.embed}, scoring {terms or 'none'}" + (f" (G={sc.bands})" if sc.w_high else "")
     return (f"{data}; {model}; text {d.text_model} layer {d.text_layer}; {cfg.train.epochs} epochs; "
             f"evaluated on {cfg.eval.split}, ties {cfg.eval.ties}")
