@@ -99,11 +99,60 @@ def preprocess(images, size: int) -> torch.Tensor:
     return (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
 
 
+def grid_boxes(n: int) -> torch.Tensor:
+    """The cells of an n x n grid over the image as normalised (x1, y1, x2, y2), row by row: (n*n, 4)."""
+    ys, xs = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+    return torch.stack([xs / n, ys / n, (xs + 1) / n, (ys + 1) / n], dim=-1).reshape(-1, 4).float()
+
+
+def roi_pool(fmap: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """ROI average pooling: fmap (B, C, H, W) and normalised boxes (B, R, 4) -> (B, R, C), the mean of
+    the map over each box with every cell weighted by the area of the cell inside the box (exact, so
+    a box that is one cell gives that cell, and a box that is the image gives the global mean).
+    Why hand-written: torchvision's roi_align does not import beside the pinned CPU torch (module
+    docstring), and it samples bilinear points rather than the exact area average used here."""
+    _, _, h, w = fmap.shape
+
+    def overlap(lo, hi, n):  # (B, R) box edges -> (B, R, n): length of each cell's interval inside the box
+        edges = torch.arange(n + 1, dtype=fmap.dtype, device=fmap.device) / n
+        return (torch.minimum(hi[..., None], edges[1:]) - torch.maximum(lo[..., None], edges[:-1])).clamp_min(0)
+
+    boxes = boxes.to(fmap.dtype)
+    wy, wx = overlap(boxes[..., 1], boxes[..., 3], h), overlap(boxes[..., 0], boxes[..., 2], w)  # (B, R, H), (B, R, W)
+    weight = wy[..., :, None] * wx[..., None, :]  # (B, R, H, W)
+    total = weight.sum(dim=(-2, -1)).clamp_min(torch.finfo(fmap.dtype).tiny)
+    return torch.einsum("brhw,bchw->brc", weight, fmap) / total[..., None]
+
+
 @torch.no_grad()
-def grid_regions(model: EfficientNetLite0, x: torch.Tensor):
-    """Batch -> (features (B, g*g, 1280), boxes (g*g, 4) normalised, pooled (B, 1280))."""
+def grid_regions(model: EfficientNetLite0, x: torch.Tensor, levels: tuple[int, ...] = ()):
+    """Batch -> (features (B, K, 1280), boxes (K, 4) normalised, pooled (B, 1280)). levels = (): the
+    map's own cells (K = g*g for a g x g map); else the map ROI-pooled over an n x n grid for each n
+    (multi-scale, e.g. (1, 2, 3, 5): K = 1 + 4 + 9 + 25)."""
     fmap = model.features(x)  # (B, C, g, g)
     b, c, gh, gw = fmap.shape
-    ys, xs = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
-    boxes = torch.stack([xs / gw, ys / gh, (xs + 1) / gw, (ys + 1) / gh], dim=-1).reshape(-1, 4)
-    return fmap.flatten(2).transpose(1, 2), boxes, fmap.mean(dim=(2, 3))
+    if not levels:
+        return fmap.flatten(2).transpose(1, 2), grid_boxes(gh), fmap.mean(dim=(2, 3))
+    boxes = torch.cat([grid_boxes(n) for n in levels]).to(fmap.device)
+    return roi_pool(fmap, boxes.expand(b, -1, -1)), boxes.cpu(), fmap.mean(dim=(2, 3))
+
+
+@torch.no_grad()
+def object_regions(model: EfficientNetLite0, x: torch.Tensor, boxes: list, context: tuple[int, ...] = (1,)):
+    """Bottom-up-style regions: one per object box (normalised (x1, y1, x2, y2)), the CNN's map
+    ROI-pooled inside it, then the context regions (an n x n grid for each n in `context`; (1,) = the
+    whole image). boxes: per image an (n_i, 4) array. -> (features (B, K, 1280), boxes (B, K, 4),
+    n_regions (B,), pooled (B, 1280)) with K = max n_i + the context cells; rows past n_regions are 0."""
+    fmap = model.features(x)  # (B, C, g, g)
+    ctx = torch.cat([grid_boxes(n) for n in context]) if context else torch.zeros(0, 4)
+    n_obj = [len(bx) for bx in boxes]
+    k = max(n_obj, default=0) + len(ctx)
+    all_boxes = torch.zeros(len(boxes), k, 4)
+    for i, bx in enumerate(boxes):  # objects first, then the context cells
+        all_boxes[i, :n_obj[i]] = torch.as_tensor(bx, dtype=torch.float32).reshape(-1, 4)
+        all_boxes[i, n_obj[i]:n_obj[i] + len(ctx)] = ctx
+    n_regions = torch.tensor(n_obj) + len(ctx)
+    feats = roi_pool(fmap, all_boxes.to(fmap.device))
+    valid = torch.arange(k)[None, :] < n_regions[:, None]
+    feats = feats * valid[..., None].to(feats.device, feats.dtype)
+    return feats, all_boxes * valid[..., None], n_regions, fmap.mean(dim=(2, 3))

@@ -33,7 +33,14 @@ class DataConfig:
     splits: tuple[str, ...] = ("train", "val", "test")  # scan: which {split}_ims.npy to convert
     n_images: int = 1200           # synthetic: number of scenes
     seed: int = 0                  # synthetic: generator seed
-    image_size: int = 224          # images/synthetic: CNN input side (224 -> 7x7 grid regions)
+    image_size: int = 224          # images/synthetic: CNN input side (224 -> a 7x7 feature map)
+    regions: str = "auto"          # images/synthetic: objects (one region per object box, the CNN map ROI-pooled
+                                   # inside it, as bottom-up features are; needs boxes) | grid (the map's cells) |
+                                   # auto (objects for the synthetic scenes, grid for image folders)
+    grid: tuple[int, ...] = ()     # grid regions: () = the map's own cells; else the map ROI-pooled over an n x n grid
+                                   # for each n, e.g. [1, 2, 3, 5] (multi-scale, 39 regions)
+    context: tuple[int, ...] = (1,)  # objects: context regions after the objects, an n x n grid for each n
+                                   # ([1] = the whole image; [1, 2] adds the quadrants)
     batch_size: int = 32           # images: CNN batch size
     on_bad_image: str = "fail"     # images: fail | skip (skipped files are reported)
     image_fit: str = "letterbox"   # images: letterbox (pad to square) | crop (centre square) before resizing
@@ -161,6 +168,7 @@ CHOICES = {
     "data.dataset": ("coco", "f30k"),
     "data.on_bad_image": ("fail", "skip"),
     "data.image_fit": ("letterbox", "crop"),
+    "data.regions": ("auto", "objects", "grid"),
     "scoring.local_pool": ("sum", "mean"),
     "scoring.direction": ("t2i", "i2t", "both"),
     "scoring.padding": ("ours", "teran"),
@@ -182,6 +190,7 @@ _FRACTION = "a number in [0, 1)", lambda v: 0 <= v < 1
 RANGES = {
     "data.n_images": _at_least(1), "data.image_size": _at_least(32), "data.batch_size": _at_least(1),
     "data.max_words": _at_least(3), "data.text_layer": _at_least(-1), "data.split_fractions": _at_least(0),
+    "data.grid": _at_least(1), "data.context": _at_least(1),
     "scoring.bands": _at_least(1), "scoring.temperature": _POSITIVE,
     "model.embed": _at_least(1), "model.heads": _at_least(1), "model.ff": _at_least(1), "model.dropout": _FRACTION,
     "model.image_layers": _at_least(0), "model.text_layers": _at_least(0), "model.shared_layers": _at_least(0),

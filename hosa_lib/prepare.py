@@ -57,13 +57,23 @@ def build_store(dc: DataConfig, store: Path, progress: bool = True) -> dict:
     raise StoreError(f"data.source: unknown source '{dc.source}'")
 
 
+def region_layout(dc: DataConfig) -> str:
+    """data.regions resolved: auto means objects for the synthetic scenes (they know every object's box)
+    and grid for image folders (which have none)."""
+    if dc.regions == "auto":
+        return "objects" if dc.source == "synthetic" else "grid"
+    return dc.regions
+
+
 def image_options(dc: DataConfig) -> dict:
-    return {"fit": dc.image_fit, "background": dc.background, "split_fractions": dc.split_fractions}
+    return {"fit": dc.image_fit, "background": dc.background, "split_fractions": dc.split_fractions,
+            "regions": region_layout(dc), "grid": dc.grid, "context": dc.context}
 
 
 # DataConfig keys that change the store's content
 SOURCE_KEYS = ("source", "root", "dataset", "captions", "features_dir", "restval", "image_sizes", "splits",
-               "n_images", "seed", "image_size", "on_bad_image", "image_fit", "background", "split_fractions")
+               "n_images", "seed", "image_size", "on_bad_image", "image_fit", "background", "split_fractions",
+               "regions", "grid", "context")
 
 
 def source_digest(dc: DataConfig) -> str:

@@ -1,6 +1,12 @@
-"""A folder of images + a captions file -> store, images encoded by a pretrained CNN into grid cells.
+"""A folder of images + a captions file -> store, images encoded by a pretrained CNN into regions.
 
-Captions file: Karpathy JSON ({"images": [{"filename", "split", "sentences": [{"raw"}]}]}) or a
+Regions (`data.regions`): `grid`, the CNN map's cells (or, with `data.grid`, the map ROI-pooled over
+n x n grids, e.g. multi-scale 1 + 2x2 + 3x3 + 5x5); or `objects`, as bottom-up features are for
+COCO: one region per object box, the map ROI-pooled inside it, then context regions (`data.context`,
+default the whole image). Object boxes come with a Karpathy JSON (`images[].boxes`: normalised
+[x1, y1, x2, y2] per object; the synthetic scenes write them).
+
+Captions file: Karpathy JSON ({"images": [{"filename", "split", "sentences": [{"raw"}], "boxes"?}]}) or a
 CSV with a header `filename,caption[,split]` (one row per caption). A file without splits gets a
 deterministic hash split (`data.split_fractions`, default 80/10/10 train/val/test).
 Encoding is batched, shows progress, holds one batch in memory, and is resumable: the partial
@@ -33,7 +39,8 @@ def read_captions(path, split_fractions=(0.8, 0.1, 0.1)) -> list[dict]:
             data = json.loads(path.read_text(encoding="utf-8-sig"))
             items = [{"filename": im.get("filepath", "") and f"{im['filepath']}/{im['filename']}" or im["filename"],
                       "split": canonical_split(im.get("split", "all"), f"{path} image '{im['filename']}'"),
-                      "captions": [s["raw"] for s in im["sentences"]]} for im in data["images"]]
+                      "captions": [s["raw"] for s in im["sentences"]],
+                      **({"boxes": im["boxes"]} if "boxes" in im else {})} for im in data["images"]]
         except (KeyError, TypeError, json.JSONDecodeError) as e:
             raise StoreError(f"{path}: not a Karpathy-format JSON (need images[].filename and "
                              f"images[].sentences[].raw): {e!r}") from None
@@ -69,9 +76,28 @@ def read_captions(path, split_fractions=(0.8, 0.1, 0.1)) -> list[dict]:
             if not any(unicodedata.category(ch)[0] in "LNS" for ch in c):
                 raise StoreError(f"{path}: caption #{k} {c!r} for image '{it['filename']}' has no letter, digit or "
                                  "symbol (punctuation and spaces only); a text model reads no words in it")
+    for it in items:
+        if "boxes" in it:
+            it["boxes"] = check_boxes(it["boxes"], f"{path}: image '{it['filename']}'")
     if items and all(it["split"] == "all" for it in items):
         hash_split(items, split_fractions)
     return items
+
+
+def check_boxes(boxes, where: str) -> np.ndarray:
+    """Object boxes as an (n, 4) float array of normalised (x1, y1, x2, y2) with 0 <= x1 < x2 <= 1 and
+    0 <= y1 < y2 <= 1; anything else (outside [0, 1], empty or inverted, not 4 numbers) names the box."""
+    try:
+        arr = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) if len(boxes) else np.zeros((0, 4))
+    except (TypeError, ValueError):
+        raise StoreError(f"{where}: boxes must be a list of [x1, y1, x2, y2] (normalised), got {boxes!r:.80}") from None
+    for j, (x1, y1, x2, y2) in enumerate(arr.tolist()):
+        if not np.isfinite([x1, y1, x2, y2]).all() or min(x1, y1) < 0 or max(x2, y2) > 1:
+            raise StoreError(f"{where}: box #{j} {[x1, y1, x2, y2]} is outside [0, 1] (boxes are normalised "
+                             "x1, y1, x2, y2)")
+        if x2 <= x1 or y2 <= y1:
+            raise StoreError(f"{where}: box #{j} {[x1, y1, x2, y2]} is empty or inverted (need x1 < x2, y1 < y2)")
+    return arr.astype(np.float32)
 
 
 def hash_split(items: list[dict], fractions) -> None:
@@ -118,13 +144,14 @@ def _inputs_hash(items, image_root: Path, size) -> str:
 def convert_image_folder(image_root, captions_file, store_path, *, image_size: int = 224, batch_size: int = 32,
                          on_bad_image: str = "fail", extras: dict | None = None, source: str = "images",
                          device: str = "cpu", progress: bool = True, fit: str = "letterbox",
-                         background=(255, 255, 255), split_fractions=(0.8, 0.1, 0.1)) -> dict:
-    """Encode every image with EfficientNet-Lite0 into a grid of regions; write the store.
+                         background=(255, 255, 255), split_fractions=(0.8, 0.1, 0.1), regions: str = "grid",
+                         grid: tuple[int, ...] = (), context: tuple[int, ...] = (1,)) -> dict:
+    """Encode every image with EfficientNet-Lite0 into regions (module docstring); write the store.
 
     extras: optional {name: callable(kept_filenames) -> array} evaluated after skipping bad images.
     Returns a report dict (images, captions, skipped files).
     """
-    from ..cnn import grid_regions, load_pretrained, preprocess
+    from ..cnn import grid_regions, load_pretrained, object_regions, preprocess
 
     image_root, store_path = Path(image_root), Path(store_path)
     items = read_captions(captions_file, split_fractions)
@@ -132,17 +159,27 @@ def convert_image_folder(image_root, captions_file, store_path, *, image_size: i
     if missing:
         raise StoreError(f"{image_root}: {len(missing)} image file(s) named in {captions_file} are missing, "
                          f"first: '{missing[0]}'")
+    if regions == "objects" and not all("boxes" in it for it in items):
+        first = next(it["filename"] for it in items if "boxes" not in it)
+        raise StoreError(f"data.regions: objects needs object boxes for every image (Karpathy JSON "
+                         f"images[].boxes), but {captions_file} has none for '{first}'; use data.regions: grid")
     model = load_pretrained().to(device)
-    grid = (image_size + 31) // 32
-    k, dim = grid * grid, 1280
+    cells = (image_size + 31) // 32
+    if regions == "objects":
+        k = max(len(it["boxes"]) for it in items) + sum(n * n for n in context)
+        layout = f"object boxes + context {'+'.join(f'{n}x{n}' for n in context) or 'none'}"
+    else:
+        k = sum(n * n for n in grid) if grid else cells * cells
+        layout = "grid " + ("+".join(f"{n}x{n}" for n in grid) if grid else f"{cells}x{cells}")
+    dim = 1280
     partial = store_path.with_name(f".{store_path.name}.partial")
-    digest = _inputs_hash(items, image_root, f"{image_size}|{fit}|{tuple(background)}")
+    digest = _inputs_hash(items, image_root, f"{image_size}|{fit}|{tuple(background)}|{layout}")
     resume = partial.exists() and partial_attr(partial, "inputs_hash") == digest
     if partial.exists() and not resume:
         print(f"discarding {partial}: unreadable (cut by a crash) or made from other inputs; encoding from the start")
         partial.unlink()
     writer = StoreWriter(store_path, len(items), k, dim, source=source, pooled=True,
-                         feature_extractor=f"efficientnet-lite0 imagenet grid {grid}x{grid} @ {image_size}px",
+                         feature_extractor=f"efficientnet-lite0 imagenet {layout} @ {image_size}px",
                          tmp_path=partial, resume=resume, keep_partial=True)  # Ctrl-C: resumed next run
     with writer as w:
         w.set_attr("inputs_hash", digest)
@@ -165,11 +202,21 @@ def convert_image_folder(image_root, captions_file, store_path, *, image_size: i
                     bad.append(it["filename"])
             n = len(items[s:s + batch_size])
             feats = np.zeros((n, k, dim), np.float32)
+            boxes = np.zeros((n, k, 4), np.float32)
+            n_regions = np.full(n, k)
             pooled = np.zeros((n, dim), np.float32)
             if batch:
-                f, boxes, p = grid_regions(model, preprocess(batch, image_size).to(device))
-                feats[ok], pooled[ok] = f.cpu().numpy(), p.cpu().numpy()
-            w.write_images(s, feats, np.broadcast_to(boxes.numpy(), (n, k, 4)), np.full(n, k), pooled)
+                x = preprocess(batch, image_size).to(device)
+                if regions == "objects":
+                    obj = [items[s + j]["boxes"] for j in ok]
+                    f, bx, nr, p = object_regions(model, x, obj, context)
+                    kk = f.shape[1]
+                    feats[ok, :kk], boxes[ok, :kk], n_regions[ok] = f.cpu().numpy(), bx.numpy(), nr.numpy()
+                else:
+                    f, bx, p = grid_regions(model, x, grid)
+                    feats[ok], boxes[ok] = f.cpu().numpy(), bx.numpy()
+                pooled[ok] = p.cpu().numpy()
+            w.write_images(s, feats, boxes, n_regions, pooled)
             w.set_attr("bad_images", json.dumps(bad))
             w.flush()  # each batch on disk: a kill -9 loses at most the batch being encoded
             bar.update(n)

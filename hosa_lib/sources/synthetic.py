@@ -50,17 +50,25 @@ def _swapped(objs: list[dict], rng: random.Random) -> list[dict] | None:
     return twin
 
 
+def _clamped(o: dict) -> dict:
+    """The object moved (if need be) so that all of it lies inside the canvas, clear of the edge."""
+    r = SIZES[o["size"]] + MARGIN
+    return {**o, "x": min(max(o["x"], r), 1 - r), "y": min(max(o["y"], r), 1 - r)}
+
+
 def _relation_twins(rng: random.Random) -> tuple[list[dict], list[dict]]:
     """Two distinguishable objects in different cells, and the same two with their positions
-    exchanged (the relation between them flips)."""
+    exchanged (the relation between them flips). A large object moved to a small one's place is
+    kept inside the canvas; a pair whose relation would then not flip is drawn again."""
     while True:
         objs = _scene(rng)[:2]
-        if _np(objs[0]) != _np(objs[1]):
-            break
-    twin = [dict(o) for o in objs]
-    for k in ("x", "y"):
-        twin[0][k], twin[1][k] = objs[1][k], objs[0][k]
-    return objs, twin
+        if _np(objs[0]) == _np(objs[1]):
+            continue
+        twin = [_clamped({**objs[0], "x": objs[1]["x"], "y": objs[1]["y"]}),
+                _clamped({**objs[1], "x": objs[0]["x"], "y": objs[0]["y"]})]
+        if _relation(twin[0], twin[1]) == _relation(objs[1], objs[0]) and \
+                _relation(twin[1], twin[0]) == _relation(objs[0], objs[1]):
+            return objs, twin
 
 
 def render(objs: list[dict], size: int, rng: random.Random) -> Image.Image:
@@ -80,6 +88,12 @@ def render(objs: list[dict], size: int, rng: random.Random) -> Image.Image:
         else:
             draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
     return img
+
+
+def box(o: dict) -> list[float]:
+    """The object's normalised bounding box (x1, y1, x2, y2): what a detector would give for it."""
+    r = SIZES[o["size"]]
+    return [round(o["x"] - r, 6), round(o["y"] - r, 6), round(o["x"] + r, 6), round(o["y"] + r, 6)]
 
 
 def _np(o: dict, article: str = "a") -> str:
@@ -145,6 +159,7 @@ def generate(out_dir, n_images: int, seed: int = 0, size: int = 224, val_frac: f
         render(objs, size, rng).save(out / "images" / name)
         caps = captions(objs, rng, relational=split == "test_relation")
         images.append({"filename": name, "imgid": i, "split": split.removesuffix("_relation"), "objects": objs,
+                       "boxes": [box(o) for o in objs],
                        "sentences": [{"raw": c, "tokens": c.split()} for c in caps]})
     (out / "dataset.json").write_text(json.dumps({"dataset": "synthetic", "images": images}))
     for name, twins in (("swap_pairs", pairs), ("relation_pairs", rel_pairs)):
