@@ -2,6 +2,8 @@
 training, evaluation and the notebook pipeline driver. `docs/architecture.md` maps the modules."""
 from functools import cache
 
+from . import provenance as _provenance  # noqa: F401  the package's source as this process imported it
+
 __version__ = "0.1.0"
 
 

@@ -13,18 +13,19 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
-from .config import ConfigError, RunConfig, deep_merge, override
+from .config import ConfigError, RunConfig, deep_merge, override, read_yaml
 from .evaluate import evaluate_checkpoint
 from .metrics import HEADLINE
+from .provenance import STALE_NOTE, fingerprint, is_current, keep_stale, running_code
+from .store import Store
 from .runs import format_seconds, log_progress, run_dir_for, weights_key
 from .scoring import gated_terms
 from .train import train
 
 
 def read_grid(path) -> tuple[list[dict], list[int] | None]:
-    raw = yaml.safe_load(Path(path).read_text()) or {}
+    raw = read_yaml(Path(path)) or {}
     unknown = set(raw) - {"variants", "seeds", "common"}
     if unknown:
         raise ConfigError(f"{path}: unknown key '{sorted(unknown)[0]}' (expected variants, seeds, common)")
@@ -36,23 +37,51 @@ def read_grid(path) -> tuple[list[dict], list[int] | None]:
     return variants, raw.get("seeds")
 
 
-def run_cell(cfg: RunConfig, progress: bool = False) -> dict:
-    """Train (or reuse) and evaluate one configuration; results cached in its run folder."""
+def cell_inputs(cfg: RunConfig) -> dict:
+    """What a cell's cached result was computed from besides its params (the folder's key) and its
+    code: the store build it read."""
+    with Store(cfg.data.store, check_values=False) as s:
+        ident = s.identity()
+    return {"store": {k: ident[k] for k in ("source_digest", "uid")}}
+
+
+def cached_cell(path: Path, inputs: dict) -> dict | None:
+    """A cell's cached result when it was computed from `inputs`, by the code there is now, from the
+    best.pt there is now; with only its code changed and HOSA_KEEP_STALE set, marked 'computed by other
+    code'. None: compute it."""
+    if not path.is_file():
+        return None
+    res = json.loads(path.read_text())
+    if res.get("inputs") != inputs or res.get("checkpoint") != fingerprint(path.parent / "checkpoints" / "best.pt"):
+        return None  # another store build, or trained again since (or best.pt gone)
+    if is_current(res.get("code")):
+        return {**res, "cached": True}
+    return {**res, "cached": True, "stale": STALE_NOTE} if keep_stale() else None
+
+
+def run_cell(cfg: RunConfig, progress: bool = False, fresh: bool = False) -> dict:
+    """Train (or reuse) and evaluate one configuration; results cached in its run folder together with
+    what they were computed from (`cell_inputs`): other code or another store build computes the cell
+    again (its training starts over, `train.recover`); fresh=True always does."""
     run_dir = run_dir_for(cfg)
-    cached = run_dir / "ablation_result.json"
-    if cached.is_file():
-        return {**json.loads(cached.read_text()), "cached": True}
+    cached, inputs = run_dir / "ablation_result.json", cell_inputs(cfg)
+    hit = None if fresh else cached_cell(cached, inputs)
+    if hit is not None:
+        return hit
     t0, load0 = time.perf_counter(), os.getloadavg()[0]
-    res = train(cfg, run_dir, progress=progress)
+    res = train(cfg, run_dir, progress=progress, fresh=fresh)
     t_train = time.perf_counter() - t0
-    ev = evaluate_checkpoint(cfg, run_dir / "checkpoints" / "best.pt", progress=False)
+    ev = evaluate_checkpoint(cfg, run_dir / "checkpoints" / "best.pt", progress=False, cache=not fresh)
     m = dict(ev["metrics"])
     if cfg.scoring.gates:  # the weights training gave the local terms (gates folded in)
         m.update({f"{t.weight}_learned": getattr(ev["cfg"].scoring, t.weight) for t in gated_terms()})
     # machine load while the cell trained: timings of cells run under different load do not compare
     out = {**m, "train_seconds": t_train, "steps": res["steps"], "steps_per_s": res["steps"] / t_train,
            "load_avg": (load0 + os.getloadavg()[0]) / 2, "run_dir": str(run_dir)}
-    cached.write_text(json.dumps(out, indent=2))
+    tmp = cached.with_name(f".{cached.name}.tmp")
+    ck = fingerprint(run_dir / "checkpoints" / "best.pt")
+    tmp.write_text(json.dumps({**out, "inputs": inputs, "checkpoint": ck, "code": running_code()}, indent=2))
+    os.replace(tmp, cached)
     return out
 
 
@@ -65,7 +94,8 @@ def cell_config(cfg: RunConfig, variant: dict, seed: int, grid_path) -> RunConfi
     return override(cfg, over, f"{grid_path}: variant {variant['name']}")
 
 
-def run_grid(cfg: RunConfig, grid_path=None, seeds=None, out_csv=None, progress: bool = True) -> pd.DataFrame:
+def run_grid(cfg: RunConfig, grid_path=None, seeds=None, out_csv=None, progress: bool = True,
+             fresh: bool = False) -> pd.DataFrame:
     from tqdm import tqdm
 
     variants, grid_seeds = read_grid(grid_path or cfg.ablation.grid)
@@ -76,13 +106,16 @@ def run_grid(cfg: RunConfig, grid_path=None, seeds=None, out_csv=None, progress:
         t0 = time.perf_counter()
         # a cell that trains exactly the run's own weights (e.g. `hosa` with no overrides) is the run itself:
         # its folder is reused, not trained again under another name
-        res = run_cell(cfg if weights_key(cell_cfg) == weights_key(cfg) else cell_cfg)
+        own = weights_key(cell_cfg) == weights_key(cfg)
+        res = run_cell(cfg if own else cell_cfg, fresh=fresh and not own)  # --force retrains the run itself in train
+        for k in ("inputs", "checkpoint", "code"):
+            res.pop(k, None)
         cached = res.pop("cached", False)
         rows.append({"variant": v["name"], "seed": seed, **res})
         if out_csv:  # one progress line per cell into the run folder holding the table
             log_progress(Path(out_csv).parent, f"ablation cell {n}/{len(cells)} {v['name']} seed {seed}: rsum "
                          f"{res['rsum']:.1f}, {format_seconds(time.perf_counter() - t0)}"
-                         + (" (cached)" if cached else ""))
+                         + (f" (cached, {res['stale']})" if res.get("stale") else " (cached)" if cached else ""))
     df = pd.DataFrame(rows)
     if out_csv:
         Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
@@ -108,6 +141,8 @@ def summarize(df: pd.DataFrame, base: dict | None = None) -> pd.DataFrame:
     several = df.groupby("variant", sort=False).size().max() > 1
     agg = df.groupby("variant", sort=False)[cols].agg(["mean", "std"] if several else ["mean"])
     agg.columns = [f"{a} {b}" if several else a for a, b in agg.columns]
+    if "stale" in df and df["stale"].notna().any():  # kept by HOSA_KEEP_STALE: said beside the variant
+        agg[STALE_NOTE] = df.groupby("variant", sort=False)["stale"].apply(lambda s: s.notna().any())
     if "load_avg" in df:
         agg["speed not comparable (busier machine)"] = \
             df.groupby("variant", sort=False)["load_avg"].max() >= df["load_avg"].min() + 1

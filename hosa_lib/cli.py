@@ -30,6 +30,8 @@ def parser(name: str):
     elif name == "train":
         ap.add_argument("params", help=params_help)
         ap.add_argument("--run-dir", default=None, help="run folder (default: outputs/<name>-<weights key>)")
+        ap.add_argument("--fresh", action="store_true",
+                        help="train anew even if the run folder has checkpoints (they move to checkpoints.replaced/)")
     elif name == "evaluate":
         ap.add_argument("params", nargs="?", help=params_help + "; omit for a TERAN checkpoint with --size")
         ap.add_argument("--checkpoint", required=True, help="checkpoint to evaluate (ours, or TERAN's with --size)")
@@ -50,7 +52,13 @@ def parser(name: str):
     elif name == "pipeline":
         ap.add_argument("params", help=params_help)
         ap.add_argument("--stages", nargs="+", default=None, choices=list(STAGES), help="stages to run (default: all)")
-        ap.add_argument("--force", action="store_true", help="re-run stages even if they are up to date")
+        ap.add_argument("--force", action="store_true",
+                        help="re-run every stage from scratch: train anew (old checkpoints moved to checkpoints.replaced/), "
+                             "recompute embeddings and ablation cells (the store is rebuilt only when its source changed)")
+        ap.add_argument("--keep-stale", action="store_true",
+                        help="reuse stages, checkpoints and ablation cells computed by other code (the package's or "
+                             "notebooks' source changed since) instead of recomputing; reports mark them "
+                             "'computed by other code'. Data changes always rerun")
     return ap
 
 

@@ -334,6 +334,38 @@ def find_params(path: str | Path) -> Path:
     return project_root() / path
 
 
+def _repeated_key(node, prefix: str = ""):
+    """(dotted key, first line, second line) of the first key that a YAML mapping repeats, or None."""
+    if isinstance(node, yaml.MappingNode):
+        lines: dict = {}
+        for k, v in node.value:
+            key = getattr(k, "value", None)
+            if isinstance(key, str) and key in lines:
+                return f"{prefix}{key}", lines[key], k.start_mark.line + 1
+            lines[key] = k.start_mark.line + 1
+            if (found := _repeated_key(v, f"{prefix}{key}.")) is not None:
+                return found
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            if (found := _repeated_key(v, f"{prefix.rstrip('.')}[{i}].")) is not None:
+                return found
+    return None
+
+
+def read_yaml(path: Path):
+    """A YAML file (params or ablation grid) as Python data. A key repeated in one mapping is an error
+    naming the key and both lines (PyYAML would keep the last silently)."""
+    text = Path(path).read_text(encoding="utf-8-sig")
+    try:
+        found = _repeated_key(yaml.compose(text, Loader=yaml.SafeLoader))
+        if found:
+            key, first, second = found
+            raise ConfigError(f"{path}: key '{key}' appears twice (line {first} and line {second}); keep one")
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+
+
 def read_params(path: str | Path, _seen: tuple = (), _referrer: str = "") -> dict:
     """The merged raw dict of a params file and its `base:` chain (bases relative to the file)."""
     path = Path(path)
@@ -342,10 +374,7 @@ def read_params(path: str | Path, _seen: tuple = (), _referrer: str = "") -> dic
     if path.resolve() in _seen:
         chain = " -> ".join(str(p) for p in (*_seen, path.resolve()))
         raise ConfigError(f"{path}: base: chain loops ({chain})")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    raw = read_yaml(path)
     if raw is None:
         raise ConfigError(f"{path}: empty params file (name at least a base: file, e.g. `base: base.yaml`)")
     if not isinstance(raw, dict):
@@ -361,7 +390,7 @@ def own_names(path: Path, raw: dict) -> dict:
     `data.store` are not inherited from a base file but derived from the file's name
     (`mine.yaml` -> name `mine`, store `outputs/data/mine.h5`), so following a base such as
     images.yaml never writes into another params file's store (e.g. the demo's)."""
-    own = yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}
+    own = read_yaml(path) or {}
     raw = dict(raw)
     if "name" not in own:
         raw["name"] = path.stem

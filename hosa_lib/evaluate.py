@@ -29,6 +29,7 @@ from .config import ConfigError, EvalConfig, RunConfig, ScoringConfig, override,
 from .data import CaptionDataset, ImageDataset, TextInput, collate_captions, collate_images, to_device
 from .factory import load_model
 from .metrics import DIRECTIONS, KS, TWINS, evaluate_scores, twin_accuracies
+from .provenance import fingerprint, static_code
 from .scoring import score_all_pairs
 from .store import Store, load_embeddings, save_embeddings
 
@@ -215,7 +216,11 @@ def evaluate_checkpoint(cfg: RunConfig, checkpoint, split: str | None = None, pr
     check_protocol(cfg.data.store, split, ecfg.protocol)  # before encoding anything
     check_scoring(cfg.scoring, run_cfg.scoring, checkpoint)
     run_cfg = replace(run_cfg, scoring=model.scoring_config())  # learned term gates folded into the weights
-    tag = f"{checkpoint.resolve()}|{ck['step']}|{split}|bucketed"
+    with Store(cfg.data.store, check_values=False) as st:
+        store_uid = st.uid
+    # the cache serves only what this checkpoint file, this store build and this code encoded
+    tag = (f"{checkpoint.resolve()}|{fingerprint(checkpoint)}|{ck['step']}|{split}|bucketed|store {store_uid}|"
+           f"code {static_code(('evaluate',))}")
     emb_path = checkpoint.with_name(f"embeddings_{checkpoint.stem}_{split}.h5")
     t0 = time.perf_counter()
     cached = load_embeddings(emb_path, tag) if cache else None

@@ -7,10 +7,13 @@ an index page into the run folder, and prints one line per stage, per epoch and 
 
 A stage is up to date when it finished after its inputs last changed, as make/DVC decide: its
 marker `.<stage>.done` is removed when it starts and written last, and holds a digest of what
-the stage reads — the params it depends on (`stage_params`), the code version, the store (and for
-evaluation the checkpoint) —
-and the fingerprints of the files it wrote (a deleted best.pt makes training run again).
-Re-preparing the store therefore re-runs training and evaluation downstream.
+the stage reads — the params it depends on (`stage_params`), the source files of the data (prepare:
+the captions file and image folder, as `prepare` itself sees them), the store (and for evaluation the
+checkpoint) —, the digest of the code it runs (its notebook's cells and every `hosa_lib` module the
+notebook imports, transitively, committed or not: `provenance.code_digest`), and the fingerprints of
+the files it wrote (a deleted best.pt makes training run again). Re-preparing the store therefore
+re-runs training and evaluation downstream; an edit of `scoring.py` re-runs the stages whose code
+imports it. `--keep-stale` skips stages whose only change is their code, marked in the index.
 """
 from __future__ import annotations
 
@@ -28,6 +31,8 @@ from pathlib import Path
 
 from . import code_version
 from .cli import STAGES
+from .provenance import (KEEP_STALE_ENV, STALE_NOTE, closure, current_code, fingerprint, is_current, notebook_digest,
+                         notebook_modules)
 from .config import find_params, load, project_root
 from .metrics import report_keys
 from .runs import PROGRESS_LOG, digest as _digest, portable_config, run_dir_for
@@ -60,12 +65,6 @@ def to_html(executed: Path, out: Path, hide_input: bool = True) -> None:
     out.write_text(body)
 
 
-def fingerprint(path: Path) -> str:
-    """What changes when a file is rewritten (our writers always replace files by rename)."""
-    st = path.stat() if path.exists() else None
-    return f"{path.name}:{st.st_size}:{st.st_mtime_ns}" if st else f"{path.name}:missing"
-
-
 def stage_params(name: str, cfg) -> dict:
     """The params a stage's outputs depend on: prepare the data section (not `force`), train what
     changes the weights, evaluate those plus `eval.*`; the ablations stage everything. Changing
@@ -82,12 +81,37 @@ def stage_params(name: str, cfg) -> dict:
 
 
 def stage_digest(name: str, cfg, run_dir: Path) -> str:
-    inputs = {"params": stage_params(name, cfg), "code": code_version()}
-    if name != "prepare":
+    """Digest of the data and params a stage reads (its code apart: `stage_code`)."""
+    inputs = {"params": stage_params(name, cfg)}
+    if name == "prepare":  # what prepare sees: the source files (an edited captions CSV or image folder)
+        from .prepare import source_digest
+        inputs["source"] = source_digest(cfg.data) if cfg.data.source != "store" else fingerprint(Path(cfg.data.store))
+    else:
         inputs["store"] = fingerprint(Path(cfg.data.store))
     if name == "evaluate":
         inputs["checkpoint"] = fingerprint(run_dir / "checkpoints" / "best.pt")
     return _digest(inputs)
+
+
+def stage_code(name: str, run_dir: Path, notebook: str) -> str:
+    """The marker's code line: the notebook's digest (taken when the stage started) and the hosa_lib
+    modules the stage's kernel loaded with the digest of their source as it ran (`.<stage>.code.json`,
+    written by `runs.write_metrics`; without it, the static import closure of the notebook's imports)."""
+    rec_file = run_dir / f".{name}.code.json"
+    if rec_file.is_file():
+        rec = json.loads(rec_file.read_text())
+    else:
+        rec = {"modules": current_code(closure(notebook_modules(NOTEBOOKS / f"{STAGES[name]}.ipynb")))}
+    return "code " + json.dumps({"notebook": notebook, "modules": rec["modules"]}, sort_keys=True)
+
+
+def code_is_current(line: str, name: str) -> bool:
+    """The marker's code line still describes the code: same notebook cells, same module sources."""
+    try:
+        rec = json.loads(line.removeprefix("code "))
+    except json.JSONDecodeError:
+        return False
+    return rec.get("notebook") == notebook_digest(NOTEBOOKS / f"{STAGES[name]}.ipynb") and is_current(rec)
 
 
 def stage_outputs(name: str, cfg, run_dir: Path) -> list[Path]:
@@ -100,16 +124,33 @@ def stage_outputs(name: str, cfg, run_dir: Path) -> list[Path]:
     return out
 
 
-def marker_text(name: str, cfg, run_dir: Path, digest: str) -> str:
-    """What a finished stage's marker holds: the digest of its inputs and the fingerprints of its outputs,
-    so a marker whose store or best.pt was deleted or replaced since is not up to date. The metrics file
-    and executed notebook count by presence only: opening the notebook in JupyterLab and running it
-    with the same params rewrites them (new timings), which is no reason to redo the stage."""
+def marker_text(name: str, cfg, run_dir: Path, digest: str, code: str) -> str:
+    """What a finished stage's marker holds: the digest of its inputs, its code line (`stage_code`) and
+    the fingerprints of its outputs, so a marker whose store or best.pt was deleted or replaced since is
+    not up to date. The metrics file and executed notebook count by presence only: opening the notebook
+    in JupyterLab and running it with the same params rewrites them (new timings), which is no reason to
+    redo the stage."""
     def mark(p: Path) -> str:
         if p.suffix in (".json", ".ipynb"):
             return f"{p.name}:{'present' if p.exists() else 'missing'}"
         return fingerprint(p)
-    return "\n".join([digest] + [mark(p) for p in stage_outputs(name, cfg, run_dir)])
+    return "\n".join([digest, code] + [mark(p) for p in stage_outputs(name, cfg, run_dir)])
+
+
+def up_to_date(name: str, stamp: Path, cfg, run_dir: Path, digest: str, keep_stale: bool) -> str | None:
+    """'current' when the stage's marker says it ran on these inputs and this code, 'other code' when
+    only its code changed and keep_stale allows that, else None (the stage runs)."""
+    if not stamp.is_file():
+        return None
+    have = stamp.read_text().strip().splitlines()
+    if len(have) < 2:
+        return None
+    want = marker_text(name, cfg, run_dir, digest, have[1]).splitlines()
+    if have != want:
+        return None
+    if code_is_current(have[1], name):
+        return "current"
+    return "other code" if keep_stale else None
 
 
 class _Tail(threading.Thread):
@@ -133,18 +174,22 @@ class _Tail(threading.Thread):
             self.poll()
 
 
-def run_stage(name: str, params_path: Path, cfg, run_dir: Path, force: bool) -> dict:
+def run_stage(name: str, params_path: Path, cfg, run_dir: Path, force: bool, keep_stale: bool = False) -> dict:
     import papermill as pm
 
     nb = NOTEBOOKS / f"{STAGES[name]}.ipynb"
     executed = run_dir / f"{STAGES[name]}.ipynb"
     stamp = run_dir / f".{STAGES[name]}.done"
-    digest = stage_digest(name, cfg, run_dir)
-    if not force and stamp.is_file() and stamp.read_text().strip() == marker_text(name, cfg, run_dir, digest):
-        return {"stage": name, "skipped": True}
+    digest, notebook = stage_digest(name, cfg, run_dir), notebook_digest(nb)
+    state = None if force else up_to_date(name, stamp, cfg, run_dir, digest, keep_stale)
+    if state:
+        return {"stage": name, "skipped": True, **({"stale": STALE_NOTE} if state == "other code" else {})}
     parameters = {"params": str(params_path), "run_dir": str(run_dir)}
+    if name != "prepare":  # --force: train anew, recompute embeddings and ablation cells
+        parameters["fresh"] = force
     check_parameters(nb, parameters)
     stamp.unlink(missing_ok=True)  # a stage killed from here on is not up to date
+    (run_dir / f".{name}.code.json").unlink(missing_ok=True)  # written anew by the stage's kernel
     t0 = time.perf_counter()
     tail = _Tail(run_dir / PROGRESS_LOG, f"[pipeline]   {STAGES[name]}: ")
     tail.start()
@@ -166,7 +211,8 @@ def run_stage(name: str, params_path: Path, cfg, run_dir: Path, force: bool) -> 
         tail.poll()
     to_html(executed, run_dir / f"{STAGES[name]}.html")
     seconds = time.perf_counter() - t0
-    stamp.write_text(marker_text(name, cfg, run_dir, digest))  # last: the stage is complete
+    code = stage_code(name, run_dir, notebook)
+    stamp.write_text(marker_text(name, cfg, run_dir, digest, code))  # last: the stage is complete
     record = {"seconds": round(seconds, 1), "code_version": code_version(),
               "finished": _dt.datetime.now().isoformat(timespec="seconds")}
     history = run_dir / "stages.json"
@@ -225,6 +271,8 @@ def write_index(run_dir: Path, cfg, params_path: Path, results: list[dict]) -> P
             continue
         h = history[name]
         note = " — up to date, skipped in the latest run" if now.get(name, {}).get("skipped") else ""
+        if now.get(name, {}).get("stale"):
+            note = f" — {STALE_NOTE}: its code changed since, kept by --keep-stale"
         timing.append(f"<tr><td>{stem}</td><td>{h['seconds']:.0f} s</td><td>{html.escape(h['finished'])}</td>"
                       f"<td><code>{html.escape(h['code_version'])}</code></td><td>{note}</td></tr>")
     try:
@@ -244,9 +292,13 @@ def write_index(run_dir: Path, cfg, params_path: Path, results: list[dict]) -> P
     return out
 
 
-def run(params: str, stages=None, force: bool = False) -> Path:
+def run(params: str, stages=None, force: bool = False, keep_stale: bool = False) -> Path:
+    import os
+
     params_path = find_params(params).resolve()
     cfg = load(params_path)
+    if keep_stale:  # the notebooks' kernels inherit it: checkpoints and ablation cells of other code are kept too
+        os.environ[KEEP_STALE_ENV] = "1"
     run_dir = run_dir_for(cfg).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     results = []
@@ -254,10 +306,11 @@ def run(params: str, stages=None, force: bool = False) -> Path:
         if name not in STAGES:
             raise PipelineError(f"unknown stage '{name}' (stages: {', '.join(STAGES)})")
         print(f"[pipeline] {STAGES[name]} ...", flush=True)
-        res = run_stage(name, params_path, cfg, run_dir, force)
+        res = run_stage(name, params_path, cfg, run_dir, force, keep_stale)
         results.append(res)
-        print(f"[pipeline] {STAGES[name]}: " + ("up to date, skipped" if res["skipped"] else f"{res['seconds']:.0f} s"),
-              flush=True)
+        done = f"{res['seconds']:.0f} s" if not res["skipped"] else \
+            f"{STALE_NOTE}, kept (--keep-stale)" if res.get("stale") else "up to date, skipped"
+        print(f"[pipeline] {STAGES[name]}: {done}", flush=True)
         write_index(run_dir, cfg, params_path, results)
     return run_dir / "index.html"
 
@@ -267,7 +320,7 @@ def main(argv=None) -> int:
 
     def go(args):
         try:
-            index = run(args.params, args.stages, args.force)
+            index = run(args.params, args.stages, args.force, args.keep_stale)
         except PipelineError as e:
             print(f"pipeline error: {e}", file=sys.stderr)
             return 1

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .config import PATH_KEYS, RunConfig, marked_root, to_dict
+from .provenance import running_code
 from .progress import PROGRESS_LOG, ProgressLog, log_progress  # noqa: F401  (re-exported)
 
 # Keys that never change the trained weights (section -> keys; "*" = the whole section).
@@ -150,6 +151,8 @@ def write_metrics(run_dir, stage: str, metrics: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{stage}_metrics.json"
     path.write_text(json.dumps(_nan_to_none(metrics), indent=2, default=str))
+    # the code this stage ran (the pipeline's marker records it: an edit of a module it loaded reruns it)
+    (out / f".{stage}.code.json").write_text(json.dumps(running_code()))
     print(f"metrics written to {path.name} in run folder {out.name}")
 
 

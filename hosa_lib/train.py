@@ -3,7 +3,9 @@
 The run folder holds params.yaml, code_version.txt, metrics.jsonl (loss terms per step,
 validation metrics per epoch) and checkpoints/{last,best}.pt, written atomically. A run whose
 folder has checkpoints/last.pt resumes from it (model, optimizer, scheduler, RNG states, epoch
-and batch position), reaching the same weights as an uninterrupted run.
+and batch position), reaching the same weights as an uninterrupted run — unless the checkpoints
+cannot be continued (another build of the store, other code, unreadable, best.pt lost: `recover`),
+in which case it trains from the start and says why.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ if __name__ == "__main__":  # answer --help and usage errors before torch loads
 
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -31,6 +34,7 @@ from .evaluate import encode_split, evaluate_embeddings
 from .factory import build_model, resolve_device
 from .model import HOSA
 from .perf import tune_cpu_allocator
+from .provenance import KEEP_STALE_ENV, STALE_NOTE, changed_modules, is_current, keep_stale, running_code
 from .store import Store
 from .runs import (CheckpointError, format_seconds, load_checkpoint, log_progress, rng_state, run_dir_for, save_checkpoint,
                    set_rng_state)
@@ -252,16 +256,81 @@ def check_resumable(cfg: RunConfig, run_dir: Path) -> None:
 
 
 def train(cfg: RunConfig, run_dir: str | Path | None = None, progress: bool = True,
-          stop_after_steps: int | None = None) -> dict:
+          stop_after_steps: int | None = None, fresh: bool = False) -> dict:
     """Train (or resume) a run. Returns {"run_dir", "best_rsum", "steps", "seconds", "last_val"}.
-    One process at a time trains into a run folder (a second fails at once, naming the first)."""
+    One process at a time trains into a run folder (a second fails at once, naming the first).
+    A run folder whose checkpoints cannot be continued as they are — made from another build of the
+    store, by other code (`provenance`; kept with HOSA_KEEP_STALE=1), unreadable, or whose best.pt is
+    lost — trains again from the start, its old checkpoints moved to checkpoints.replaced/; so does
+    fresh=True (the pipeline's --force)."""
     from .store import writing_lock
     run_dir = Path(run_dir) if run_dir else run_dir_for(cfg)
-    if int(os.environ.get("RANK", "0")) != 0:
-        return _train(cfg, run_dir, progress, stop_after_steps)
+    if int(os.environ.get("RANK", "0")) != 0:  # the same decision from the same files, read only: rank 0 acts
+        anew = start_over_reason(cfg, run_dir / "checkpoints", fresh, act=False) is not None
+        return _train(cfg, run_dir, progress, stop_after_steps, anew)
     with writing_lock(run_dir / "train", subject=f"run folder {run_dir}"):
         check_resumable(cfg, run_dir)
-        return _train(cfg, run_dir, progress, stop_after_steps)
+        anew = recover(cfg, run_dir, fresh)
+        return _train(cfg, run_dir, progress, stop_after_steps, anew)
+
+
+def start_over_reason(cfg: RunConfig, ck_dir: Path, fresh: bool, act: bool = True) -> str | None:
+    """Why the checkpoints in ck_dir cannot be continued (None: resume, or nothing to resume). A lost
+    best.pt whose weights last.pt holds (its epoch was the best) is copied back instead (when `act`)."""
+    last, best = ck_dir / "last.pt", ck_dir / "best.pt"
+    if not last.is_file() and not best.is_file():
+        return None
+    if fresh:
+        return "asked to train anew (--force / fresh=True)"
+    if not last.is_file():
+        return f"{last.name} is missing (a run cannot continue from best.pt)"
+    try:
+        ck = load_checkpoint(last)
+    except CheckpointError as e:
+        return f"{last.name} is unreadable ({e})"
+    with Store(cfg.data.store, check_values=False) as st:
+        now = st.identity()
+    was = ck.get("store") or {}
+    if was and (was.get("source"), was.get("source_digest")) != (now["source"], now["source_digest"]):
+        return (f"it was trained on {cfg.data.store} when the store held other data (digest "
+                f"{was.get('source_digest') or '-'}, now {now['source_digest'] or '-'}; rebuilt since)")
+    if "train_code" in ck and not is_current(ck["train_code"]):  # the source of a module it ran changed since
+        changed = changed_modules(ck["train_code"])
+        if not keep_stale():
+            return f"it was trained by other code (changed since: {', '.join(changed) or '?'}; {KEEP_STALE_ENV}=1 keeps it)"
+        if act:
+            print(f"{last}: {STALE_NOTE} (changed since: {', '.join(changed)}); kept ({KEEP_STALE_ENV})")
+    try:
+        if best.is_file():
+            load_checkpoint(best)
+            return None
+    except CheckpointError:
+        pass
+    if ck["batch_in_epoch"] == 0 and ck.get("best_epoch", -2) == ck["epoch"] - 1:  # last.pt holds the best weights
+        if not act:
+            return None
+        shutil.copyfile(last, best.with_name(".best.pt.restore"))
+        os.replace(best.with_name(".best.pt.restore"), best)
+        print(f"{best} was missing or unreadable: restored from {last.name}, which holds the same weights")
+        return None
+    return (f"{best.name} is missing or unreadable and its weights (the model after epoch "
+            f"{ck.get('best_epoch', -1) + 1}) are not in {last.name}")
+
+
+def recover(cfg: RunConfig, run_dir: Path, fresh: bool) -> bool:
+    """Move checkpoints that cannot be continued aside (checkpoints.replaced/, one generation kept) so
+    the run trains from the start; one line says why. True when it starts over."""
+    ck_dir = run_dir / "checkpoints"
+    reason = start_over_reason(cfg, ck_dir, fresh)
+    if reason is None:
+        return False
+    old = run_dir / "checkpoints.replaced"
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(ck_dir, old)
+    line = f"training {run_dir.name} from the start: {reason}; the old checkpoints are in {old.name}/"
+    log_progress(run_dir, line)
+    print(line)
+    return True
 
 
 @dataclass
@@ -307,7 +376,7 @@ class Run:
             state = {"model": self.core.state_dict(), "optimizer": self.opt.state_dict(),
                      "scheduler": self.sched.state_dict(), "step": self.step, "epoch": epoch,
                      "batch_in_epoch": batch_in_epoch, "best_rsum": self.best, "best_epoch": self.best_epoch,
-                     "rng": rng_state(), "config": to_dict(self.cfg), "code_version": code_version(),
+                     "rng": rng_state(), "config": to_dict(self.cfg), "code_version": code_version(), "train_code": running_code(),
                      "store": self.store_identity}
             for name in names:
                 save_checkpoint(self.ck_dir / name, state)
@@ -437,9 +506,10 @@ def fit_epoch(run: Run, stop: "_StopRequest", stop_after_steps: int | None) -> d
     return out
 
 
-def _train(cfg: RunConfig, run_dir: Path, progress: bool, stop_after_steps: int | None) -> dict:
+def _train(cfg: RunConfig, run_dir: Path, progress: bool, stop_after_steps: int | None, anew: bool = False) -> dict:
     run = setup(cfg, run_dir, progress)
-    resume(run)
+    if not anew:
+        resume(run)
     if run.distributed:
         run.model = torch.nn.parallel.DistributedDataParallel(
             _DDPWrapper(run.core), device_ids=[run.device] if run.device.type == "cuda" else None)
@@ -447,11 +517,6 @@ def _train(cfg: RunConfig, run_dir: Path, progress: bool, stop_after_steps: int 
     stop = _StopRequest()
     try:
         t_start, first_epoch = time.perf_counter(), run.epoch
-        if run.rank == 0 and run.step > 0 and not (run.ck_dir / "best.pt").is_file():  # deleted since: made again
-            run.best = -1.0  # the next validation writes it; with no epoch left, validate the last model now
-            print(f"{run.ck_dir / 'best.pt'} is missing: the next validated model becomes best.pt")
-            if run.epoch >= cfg.train.epochs and run.start_batch == 0:
-                run.validate_and_save(run.epoch - 1)
         if cfg.train.validate_at_start and run.step == 0 and run.rank == 0:  # the initialisation competes for best.pt
             run.validate_and_save(-1)
             log_progress(run_dir, f"epoch 0/{cfg.train.epochs} (untrained): val rsum {run.best:.1f}")
@@ -493,7 +558,7 @@ def main(argv=None) -> int:
     from .cli import run
 
     def go(args):
-        out = train(load(args.params), args.run_dir)
+        out = train(load(args.params), args.run_dir, fresh=args.fresh)
         if int(os.environ.get("RANK", "0")) == 0:
             print(json.dumps({k: v for k, v in out.items() if k != "last_val"}))
         if dist.is_initialized():

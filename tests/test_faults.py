@@ -107,13 +107,13 @@ def test_killed_forced_stage_reruns_and_new_store_reruns_downstream(smoke_projec
     # a re-prepared store is a new file: both markers stop being up to date (checked on the markers
     # themselves; running the stages again is what test_a_deleted_checkpoint… does)
     from hosa_lib.config import load
-    from hosa_lib.pipeline import STAGES, marker_text, stage_digest
+    from hosa_lib.pipeline import STAGES, stage_digest, up_to_date as marker_state
     cfg = load(params)
     assert Path(cfg.data.store) == root / "outputs" / "data" / "synthetic_smoke.h5"
 
     def up_to_date(stage):
         mark = run_dir / f".{STAGES[stage]}.done"
-        return mark.read_text().strip() == marker_text(stage, cfg, run_dir, stage_digest(stage, cfg, run_dir))
+        return marker_state(stage, mark, cfg, run_dir, stage_digest(stage, cfg, run_dir), False) == "current"
     assert up_to_date("train") and up_to_date("evaluate")
     os.utime(cfg.data.store, ns=(time.time_ns(), time.time_ns()))
     assert not up_to_date("train") and not up_to_date("evaluate")

@@ -147,8 +147,9 @@ def test_pipeline_failure_names_notebook_and_cell(tmp_path):
 
 
 def test_a_deleted_checkpoint_behind_its_marker_is_made_again(smoke_project, tmp_path):
-    """The train stage's marker stands for best.pt: deleted, the stage runs again (training validates
-    the last model into best.pt) and evaluation works, instead of 'up to date, skipped' then failing."""
+    """The train stage's marker stands for best.pt: deleted, the stage runs again (training restores it:
+    copied back from last.pt when the last epoch was the best, else trained again from the start) and
+    evaluation works, instead of 'up to date, skipped' then failing."""
     import shutil
     root, proc = smoke_project
     assert proc.returncode == 0

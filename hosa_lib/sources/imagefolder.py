@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
+import posixpath
 import unicodedata
 from pathlib import Path
 
@@ -28,16 +30,37 @@ from . import canonical_split, repeated
 from ..progress import bar as progress_bar
 
 
+def normalise(name: str) -> str:
+    """A file name as the folder means it: `./x.png`, `a//x.png` and `a/../x.png` name one file each way."""
+    norm = posixpath.normpath(name.strip())
+    return norm if norm != "." else name
+
+
+def _text(path: Path) -> str:
+    """A captions file's text (UTF-8, a BOM allowed); other encodings are one error naming the file."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise StoreError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}); save it as UTF-8, "
+                         f"e.g. iconv -f cp1252 -t utf-8 {path.name} > utf8.csv (cp1252 is Excel's usual encoding)") from None
+
+
 def read_captions(path, split_fractions=(0.8, 0.1, 0.1)) -> list[dict]:
     """-> [{"filename", "split", "captions": [str]}] in file order, validated. A file without splits
-    (no CSV split column, no Karpathy `split`) gets a deterministic hash split by `split_fractions`."""
+    (no CSV split column, no Karpathy `split`) gets a deterministic hash split by `split_fractions`.
+    File names are normalised (`./x.png` is `x.png`); in a CSV, rows repeating an earlier row's file and
+    caption exactly are dropped and reported."""
     path = Path(path)
     if not path.is_file():
         raise StoreError(f"captions file not found: {path}")
+    text = _text(path)
     if path.suffix.lower() == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8-sig"))
-            items = [{"filename": im.get("filepath", "") and f"{im['filepath']}/{im['filename']}" or im["filename"],
+            data = json.loads(text)
+            items = [{"filename": normalise(im.get("filepath", "") and f"{im['filepath']}/{im['filename']}"
+                                            or im["filename"]),
                       "split": canonical_split(im.get("split", "all"), f"{path} image '{im['filename']}'"),
                       "captions": [s["raw"] for s in im["sentences"]],
                       **({"boxes": im["boxes"]} if "boxes" in im else {})} for im in data["images"]]
@@ -46,27 +69,10 @@ def read_captions(path, split_fractions=(0.8, 0.1, 0.1)) -> list[dict]:
                              f"images[].sentences[].raw): {e!r}") from None
         dupes = repeated(it["filename"] for it in items)
         if dupes:
-            raise StoreError(f"{path}: image(s) listed more than once: {dupes[:5]}")
+            raise StoreError(f"{path}: image(s) listed more than once (file names compared normalised, "
+                             f"./x.png = x.png): {dupes[:5]}")
     else:
-        by_file: dict[str, dict] = {}
-        with path.open(newline="", encoding="utf-8-sig") as fh:  # utf-8-sig: a BOM is not part of the header
-            reader = csv.DictReader(fh)
-            if not reader.fieldnames or not {"filename", "caption"} <= set(reader.fieldnames):
-                raise StoreError(f"{path}: CSV header must have 'filename,caption[,split]', got {reader.fieldnames}")
-            width = len(reader.fieldnames)
-            for row_no, row in enumerate(reader, start=2):
-                cells = width - sum(v is None for v in row.values()) + len(row.get(None) or [])
-                if cells != width:
-                    raise StoreError(f"{path} line {row_no}: {cells} cell(s), expected {width} "
-                                     f"({','.join(reader.fieldnames)}); quote a caption that contains commas")
-                split = canonical_split(row.get("split") or "all", f"{path} line {row_no}")
-                item = by_file.setdefault(row["filename"], {"filename": row["filename"], "captions": [],
-                                                            "split": split})
-                if item["split"] != split:
-                    raise StoreError(f"{path} line {row_no}: image '{row['filename']}' is in two splits "
-                                     f"('{item['split']}' and '{split}')")
-                item["captions"].append(row["caption"] or "")
-        items = list(by_file.values())
+        items = _read_csv(path, text)
     for it in items:
         if not it["captions"]:
             raise StoreError(f"{path}: image '{it['filename']}' has no captions")
@@ -82,6 +88,37 @@ def read_captions(path, split_fractions=(0.8, 0.1, 0.1)) -> list[dict]:
     if items and all(it["split"] == "all" for it in items):
         hash_split(items, split_fractions)
     return items
+
+
+def _read_csv(path: Path, text: str) -> list[dict]:
+    by_file: dict[str, dict] = {}
+    seen: dict[tuple[str, str], int] = {}
+    dropped: list[tuple[int, int]] = []
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    if not reader.fieldnames or not {"filename", "caption"} <= set(reader.fieldnames):
+        raise StoreError(f"{path}: CSV header must have 'filename,caption[,split]', got {reader.fieldnames}")
+    width = len(reader.fieldnames)
+    for row_no, row in enumerate(reader, start=2):
+        cells = width - sum(v is None for v in row.values()) + len(row.get(None) or [])
+        if cells != width:
+            raise StoreError(f"{path} line {row_no}: {cells} cell(s), expected {width} "
+                             f"({','.join(reader.fieldnames)}); quote a caption that contains commas")
+        split = canonical_split(row.get("split") or "all", f"{path} line {row_no}")
+        name = normalise(row["filename"])
+        item = by_file.setdefault(name, {"filename": name, "captions": [], "split": split})
+        if item["split"] != split:
+            raise StoreError(f"{path} line {row_no}: image '{name}' is in two splits "
+                             f"('{item['split']}' and '{split}')")
+        caption = row["caption"] or ""
+        if (name, caption) in seen:  # the same file and caption again: kept once (stated in the README)
+            dropped.append((row_no, seen[(name, caption)]))
+            continue
+        seen[(name, caption)] = row_no
+        item["captions"].append(caption)
+    if dropped:
+        print(f"{path}: {len(dropped)} row(s) repeat an earlier row's file and caption exactly and were dropped "
+              f"(first: line {dropped[0][0]} repeats line {dropped[0][1]})")
+    return list(by_file.values())
 
 
 def check_boxes(boxes, where: str) -> np.ndarray:
@@ -195,7 +232,7 @@ def convert_image_folder(image_root, captions_file, store_path, *, image_size: i
                     im = load_rgb(image_root / it["filename"], fit, background)
                     batch.append(im)
                     ok.append(j)
-                except (UnidentifiedImageError, OSError) as e:
+                except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
                     if on_bad_image == "fail":
                         raise StoreError(f"{image_root / it['filename']}: cannot decode image ({e}); "
                                          "set data.on_bad_image: skip to leave it out") from None
@@ -241,7 +278,7 @@ def far_from_square(image_root: Path, items) -> int:
         try:
             with Image.open(image_root / it["filename"]) as im:  # reads the header only
                 w, h = im.size
-        except (UnidentifiedImageError, OSError):
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
             continue
         n += not 0.5 <= w / h <= 2
     return n
@@ -253,7 +290,10 @@ def _finish(w: StoreWriter, items, image_root: Path, extras) -> None:
         texts += it["captions"]
         owner += [i] * len(it["captions"])
         splits.setdefault(it["split"], []).append(i)
-    w.set_images([Path(it["filename"]).stem for it in items], [it["filename"] for it in items],
+    stems = [Path(it["filename"]).stem for it in items]
+    clash = set(repeated(stems))  # a/x.png and b/x.png: ids from the path, so ids stay one per image
+    w.set_images([str(Path(it["filename"]).with_suffix("")) if st in clash else st for it, st in zip(items, stems)],
+                 [it["filename"] for it in items],
                  image_root=str(image_root.resolve()))
     w.set_captions(texts, owner)
     w.set_splits(splits)
