@@ -66,12 +66,33 @@ class ImageEncoder(nn.Module):
         return glob, x[:, 1:], mask
 
 
+class BackboneTop(nn.Module):
+    """The top layers of a pretrained text backbone, run on its cached states of a lower layer and
+    fine-tuned (`model.text_tune_layers`): fine-tuning where it binds words to their context, at a
+    fraction of running the whole backbone. `layers` are the backbone's own layer modules (Hugging Face
+    BERT-style: layer(hidden, additive mask (B, 1, 1, T)) -> hidden, or a tuple starting with it)."""
+
+    def __init__(self, layers: nn.ModuleList):
+        super().__init__()
+        self.layers = layers
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        add = torch.zeros(mask.shape, dtype=hidden.dtype, device=hidden.device)
+        add = add.masked_fill(~mask, torch.finfo(hidden.dtype).min)[:, None, None, :]  # (B, 1, 1, T)
+        for layer in self.layers:
+            out = layer(hidden, add)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
+
+
 class TextEncoder(nn.Module):
     """Cached backbone states (B, T, H) or token ids -> glob (B, d), local (B, T, d), word mask (B, T)."""
 
-    def __init__(self, cfg: ModelConfig, hidden_dim: int, backbone: nn.Module | None = None):
+    def __init__(self, cfg: ModelConfig, hidden_dim: int, backbone: nn.Module | None = None,
+                 top: BackboneTop | None = None):
         super().__init__()
         self.backbone = backbone  # truncated at the extraction layer: its last hidden state is used
+        self.top = top  # or: the backbone's top layers on cached lower-layer states (model.text_tune_layers)
         self.proj = nn.Linear(hidden_dim, cfg.embed)
         self.layers = transformer(cfg, cfg.text_layers)
         self.anchor = Anchor(hidden_dim, cfg.embed) if cfg.anchor else None
@@ -80,8 +101,11 @@ class TextEncoder(nn.Module):
         if self.backbone is not None:
             out = self.backbone(input_ids=input_ids, attention_mask=text_mask.long(), output_hidden_states=True)
             hidden = out.hidden_states[-1]
+        pooled_in = hidden  # the anchor's input: the states its closed-form start was fit on
+        if self.top is not None:
+            hidden = self.top(hidden, text_mask)
         x = self.proj(hidden)
         pad = ~text_mask
         x = run_layers(shared, run_layers(self.layers, x, pad), pad)
-        glob = x[:, 0] if self.anchor is None else self.anchor(hidden, text_mask, x[:, 0])
+        glob = x[:, 0] if self.anchor is None else self.anchor(pooled_in, text_mask, x[:, 0])
         return glob, x, word_mask
