@@ -87,7 +87,9 @@ class ModelConfig:
     image_layers: int = 1          # image-only transformer layers (TERAN: 4)
     text_layers: int = 1           # text-only transformer layers (TERAN: 4)
     shared_layers: int = 0         # layers shared by both modalities after the private ones (TERAN sharedTE: 2)
-    box_geometry: bool = True      # append (x1, y1, x2, y2, area) to region features
+    box_geometry: bool = True      # region geometry (x1, y1, x2, y2, area) enters the region embedding
+    box_embed: str = "concat"      # concat: appended to the features before their projection (TERAN's) | mlp: its own
+                                   # MLP, added to the projected features (position at the features' scale)
     text_finetune: bool = False    # False: train on cached backbone states; True: run and tune the backbone
     text_lr_scale: float = 0.1     # backbone learning rate = lr * this (fine-tune only)
     text_tune_layers: int = 0      # N > 0: run the backbone's N layers above the cached data.text_layer (set it, e.g.
@@ -171,6 +173,7 @@ CHOICES = {
     "data.source": ("synthetic", "teran", "scan", "images", "store"),
     "model.arch": ("hosa", "teran"),
     "model.anchor_init": ("ridge", "cca", "auto"),
+    "model.box_embed": ("concat", "mlp"),
     "data.dataset": ("coco", "f30k"),
     "data.on_bad_image": ("fail", "skip"),
     "data.image_fit": ("letterbox", "crop"),

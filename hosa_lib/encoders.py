@@ -49,17 +49,24 @@ class ImageEncoder(nn.Module):
     def __init__(self, cfg: ModelConfig, feat_dim: int):
         super().__init__()
         self.box_geometry = cfg.box_geometry
-        self.proj = nn.Linear(feat_dim + (5 if cfg.box_geometry else 0), cfg.embed)
+        self.box_mlp = None  # box_embed "mlp": the geometry gets its own MLP, added at the features' scale
+        if cfg.box_geometry and cfg.box_embed == "mlp":
+            self.box_mlp = nn.Sequential(nn.Linear(5, cfg.embed), nn.ReLU(), nn.Linear(cfg.embed, cfg.embed))
+        concat = cfg.box_geometry and self.box_mlp is None
+        self.proj = nn.Linear(feat_dim + (5 if concat else 0), cfg.embed)
         self.cls = nn.Parameter(torch.zeros(1, 1, cfg.embed))
         self.layers = transformer(cfg, cfg.image_layers)
         self.anchor = Anchor(feat_dim, cfg.embed) if cfg.anchor else None
 
     def forward(self, regions, boxes, mask, shared=None):
         raw = regions
-        if self.box_geometry:  # (x1, y1, x2, y2, area), TERAN's concat-and-process
+        if self.box_geometry:  # (x1, y1, x2, y2, area)
             area = ((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])).unsqueeze(-1)
-            regions = torch.cat([regions, boxes, area], dim=-1)
-        x = torch.cat([self.cls.expand(len(regions), -1, -1), self.proj(regions)], dim=1)  # (B, 1+K, d)
+            geom = torch.cat([boxes, area], dim=-1)  # (B, K, 5)
+        if self.box_geometry and self.box_mlp is None:  # TERAN's concat-and-process
+            regions = torch.cat([regions, geom], dim=-1)
+        local = self.proj(regions) if self.box_mlp is None else self.proj(regions) + self.box_mlp(geom)
+        x = torch.cat([self.cls.expand(len(regions), -1, -1), local], dim=1)  # (B, 1+K, d)
         pad = torch.cat([mask.new_zeros(len(mask), 1), ~mask], dim=1)
         x = run_layers(shared, run_layers(self.layers, x, pad), pad)
         glob = x[:, 0] if self.anchor is None else self.anchor(raw, mask, x[:, 0])

@@ -84,3 +84,19 @@ def test_train_twins_are_generated_and_stored(tmp_path):
     no = tmp_path / "none"
     generate(no, 80, seed=2, size=64, progress=False)
     assert json.loads((no / "train_pairs.json").read_text()) == []
+
+
+def test_box_geometry_as_its_own_mlp_reaches_the_region_embedding():
+    """model.box_embed: mlp adds an MLP of (x1, y1, x2, y2, area) to the projected features: two regions
+    with equal features and different boxes embed differently; concat (TERAN's) keeps the old layout."""
+    from hosa_lib.config import ModelConfig
+    from hosa_lib.encoders import ImageEncoder
+    torch.manual_seed(0)
+    feats = torch.ones(1, 2, 8)
+    boxes = torch.tensor([[[0.0, 0.0, 0.3, 0.3], [0.6, 0.6, 0.9, 0.9]]])
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    for kind, proj_in in (("mlp", 8), ("concat", 13)):
+        enc = ImageEncoder(ModelConfig(embed=16, heads=2, ff=32, image_layers=0, box_embed=kind), 8).eval()
+        assert enc.proj.in_features == proj_in and (enc.box_mlp is not None) == (kind == "mlp")
+        _, local, _ = enc(feats, boxes, mask)
+        assert not torch.allclose(local[0, 0], local[0, 1])
