@@ -33,6 +33,9 @@ class DataConfig:
     splits: tuple[str, ...] = ("train", "val", "test")  # scan: which {split}_ims.npy to convert
     n_images: int = 1200           # synthetic: number of scenes
     seed: int = 0                  # synthetic: generator seed
+    train_twins: float = 0.0       # synthetic: fraction of the train scenes made as twin pairs (attribute- or
+                                   # relation-swapped, as the test twins), batched together so each is the other's
+                                   # hard negative (composition-aware negatives, as NegCLIP's); 0 = none
     image_size: int = 224          # images/synthetic: CNN input side (224 -> a 7x7 feature map)
     regions: str = "auto"          # images/synthetic: objects (one region per object box, the CNN map ROI-pooled
                                    # inside it, as bottom-up features are; needs boxes) | grid (the map's cells) |
@@ -84,9 +87,14 @@ class ModelConfig:
     image_layers: int = 1          # image-only transformer layers (TERAN: 4)
     text_layers: int = 1           # text-only transformer layers (TERAN: 4)
     shared_layers: int = 0         # layers shared by both modalities after the private ones (TERAN sharedTE: 2)
-    box_geometry: bool = True      # append (x1, y1, x2, y2, area) to region features
+    box_geometry: bool = True      # region geometry (x1, y1, x2, y2, area) enters the region embedding
+    box_embed: str = "concat"      # concat: appended to the features before their projection (TERAN's) | mlp: its own
+                                   # MLP, added to the projected features (position at the features' scale)
     text_finetune: bool = False    # False: train on cached backbone states; True: run and tune the backbone
     text_lr_scale: float = 0.1     # backbone learning rate = lr * this (fine-tune only)
+    text_tune_layers: int = 0      # N > 0: run the backbone's N layers above the cached data.text_layer (set it, e.g.
+                                   # 4 of MiniLM's 6) on the cached states and fine-tune them: the binding of words to
+                                   # their context that fine-tuning brings, at a fraction of its cost (frozen text: 0)
     feat_layers: int = 0           # teran arch: transformer layers on region features before projection (TERAN: 4)
     word_layers: int = 0           # teran arch: transformer layers on backbone states before projection (TERAN: 0)
     anchor: bool = False           # global vectors = a linear map of the pretrained pooled inputs (mean region feature;
@@ -165,6 +173,7 @@ CHOICES = {
     "data.source": ("synthetic", "teran", "scan", "images", "store"),
     "model.arch": ("hosa", "teran"),
     "model.anchor_init": ("ridge", "cca", "auto"),
+    "model.box_embed": ("concat", "mlp"),
     "data.dataset": ("coco", "f30k"),
     "data.on_bad_image": ("fail", "skip"),
     "data.image_fit": ("letterbox", "crop"),
@@ -191,10 +200,11 @@ RANGES = {
     "data.n_images": _at_least(1), "data.image_size": _at_least(32), "data.batch_size": _at_least(1),
     "data.max_words": _at_least(3), "data.text_layer": _at_least(-1), "data.split_fractions": _at_least(0),
     "data.grid": _at_least(1), "data.context": _at_least(1),
+    "data.train_twins": ("a number in [0, 1]", lambda v: 0 <= v <= 1),
     "scoring.bands": _at_least(1), "scoring.temperature": _POSITIVE,
     "model.embed": _at_least(1), "model.heads": _at_least(1), "model.ff": _at_least(1), "model.dropout": _FRACTION,
     "model.image_layers": _at_least(0), "model.text_layers": _at_least(0), "model.shared_layers": _at_least(0),
-    "model.text_lr_scale": _at_least(0), "model.feat_layers": _at_least(0), "model.word_layers": _at_least(0),
+    "model.text_lr_scale": _at_least(0), "model.text_tune_layers": _at_least(0), "model.feat_layers": _at_least(0), "model.word_layers": _at_least(0),
     "loss.margin": _at_least(0), "loss.warmup_steps": _at_least(0), "loss.temperature": _POSITIVE,
     "train.epochs": _at_least(0), "train.batch_size": _at_least(1), "train.lr": _POSITIVE,
     "train.lr_warmup_steps": _at_least(0), "train.lr_decay_epochs": _at_least(1), "train.lr_decay": _at_least(0),
@@ -287,6 +297,10 @@ def check_run(cfg: "RunConfig", where: str) -> None:
     if cfg.train.epochs == 0 and not cfg.train.validate_at_start:
         raise ConfigError(f"{where}: train.epochs = 0: expected at least 1, or 0 with train.validate_at_start: true "
                           "(evaluates the untrained model)")
+    if cfg.model.text_tune_layers and (cfg.model.text_finetune or cfg.data.text_layer < 1):
+        raise ConfigError(f"{where}: model.text_tune_layers = {cfg.model.text_tune_layers} runs the layers above the "
+                          f"cached data.text_layer: needs data.text_layer >= 1 (got {cfg.data.text_layer}) and "
+                          f"model.text_finetune: false (got {cfg.model.text_finetune})")
     if cfg.model.embed % cfg.model.heads:
         raise ConfigError(f"{where}: model.embed = {cfg.model.embed} is not a multiple of model.heads = "
                           f"{cfg.model.heads}")

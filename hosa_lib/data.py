@@ -131,11 +131,15 @@ def to_device(batch, device):
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """Deterministic shuffle per (seed, epoch), optionally starting mid-epoch (resume) and sharded (DDP)."""
+    """Deterministic shuffle per (seed, epoch), optionally starting mid-epoch (resume) and sharded (DDP).
+    groups: dataset positions that stay next to each other in the shuffled order (twin captions, so
+    that a twin pair lands in one batch: `twin_groups`); the groups are shuffled, not their members."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1,
+                 groups: list[list[int]] | None = None):
         self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
         self.epoch, self.start_batch = 0, 0
+        self.groups = groups
 
     def batches_per_epoch(self) -> int:
         return self.n // (self.batch_size * self.world)  # drop the last partial batch
@@ -145,7 +149,11 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-        perm = torch.randperm(self.n, generator=g)
+        if self.groups:
+            order = torch.randperm(len(self.groups), generator=g).tolist()
+            perm = torch.tensor([i for k in order for i in self.groups[k]])
+        else:
+            perm = torch.randperm(self.n, generator=g)
         gb = self.batch_size * self.world
         for b in range(self.start_batch, self.batches_per_epoch()):
             chunk = perm[b * gb:(b + 1) * gb]
@@ -153,6 +161,25 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return self.batches_per_epoch() - self.start_batch
+
+
+def twin_groups(captions: np.ndarray, caption_image: np.ndarray, pairs) -> list[list[int]] | None:
+    """Groups of dataset positions (captions: the split's caption indices) for `EpochSampler`: for each
+    twin pair (store image indices a, b), the k-th caption of a with the k-th caption of b; every other
+    caption alone. None without pairs."""
+    if pairs is None or not len(pairs):
+        return None
+    by_image: dict[int, list[int]] = {}
+    for pos, c in enumerate(captions):
+        by_image.setdefault(int(caption_image[c]), []).append(pos)
+    groups, paired = [], set()
+    for a, b in np.asarray(pairs).reshape(-1, 2):
+        ca, cb = by_image.get(int(a), []), by_image.get(int(b), [])
+        for k in range(max(len(ca), len(cb))):
+            groups.append([p for p in (ca[k:k + 1] + cb[k:k + 1])])
+        paired.update(ca + cb)
+    groups += [[p] for p in range(len(captions)) if p not in paired]
+    return groups
 
 
 def collate_images(items: list[dict]) -> dict:

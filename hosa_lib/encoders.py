@@ -49,29 +49,57 @@ class ImageEncoder(nn.Module):
     def __init__(self, cfg: ModelConfig, feat_dim: int):
         super().__init__()
         self.box_geometry = cfg.box_geometry
-        self.proj = nn.Linear(feat_dim + (5 if cfg.box_geometry else 0), cfg.embed)
+        self.box_mlp = None  # box_embed "mlp": the geometry gets its own MLP, added at the features' scale
+        if cfg.box_geometry and cfg.box_embed == "mlp":
+            self.box_mlp = nn.Sequential(nn.Linear(5, cfg.embed), nn.ReLU(), nn.Linear(cfg.embed, cfg.embed))
+        concat = cfg.box_geometry and self.box_mlp is None
+        self.proj = nn.Linear(feat_dim + (5 if concat else 0), cfg.embed)
         self.cls = nn.Parameter(torch.zeros(1, 1, cfg.embed))
         self.layers = transformer(cfg, cfg.image_layers)
         self.anchor = Anchor(feat_dim, cfg.embed) if cfg.anchor else None
 
     def forward(self, regions, boxes, mask, shared=None):
         raw = regions
-        if self.box_geometry:  # (x1, y1, x2, y2, area), TERAN's concat-and-process
+        if self.box_geometry:  # (x1, y1, x2, y2, area)
             area = ((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])).unsqueeze(-1)
-            regions = torch.cat([regions, boxes, area], dim=-1)
-        x = torch.cat([self.cls.expand(len(regions), -1, -1), self.proj(regions)], dim=1)  # (B, 1+K, d)
+            geom = torch.cat([boxes, area], dim=-1)  # (B, K, 5)
+        if self.box_geometry and self.box_mlp is None:  # TERAN's concat-and-process
+            regions = torch.cat([regions, geom], dim=-1)
+        local = self.proj(regions) if self.box_mlp is None else self.proj(regions) + self.box_mlp(geom)
+        x = torch.cat([self.cls.expand(len(regions), -1, -1), local], dim=1)  # (B, 1+K, d)
         pad = torch.cat([mask.new_zeros(len(mask), 1), ~mask], dim=1)
         x = run_layers(shared, run_layers(self.layers, x, pad), pad)
         glob = x[:, 0] if self.anchor is None else self.anchor(raw, mask, x[:, 0])
         return glob, x[:, 1:], mask
 
 
+class BackboneTop(nn.Module):
+    """The top layers of a pretrained text backbone, run on its cached states of a lower layer and
+    fine-tuned (`model.text_tune_layers`): fine-tuning where it binds words to their context, at a
+    fraction of running the whole backbone. `layers` are the backbone's own layer modules (Hugging Face
+    BERT-style: layer(hidden, additive mask (B, 1, 1, T)) -> hidden, or a tuple starting with it)."""
+
+    def __init__(self, layers: nn.ModuleList):
+        super().__init__()
+        self.layers = layers
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        add = torch.zeros(mask.shape, dtype=hidden.dtype, device=hidden.device)
+        add = add.masked_fill(~mask, torch.finfo(hidden.dtype).min)[:, None, None, :]  # (B, 1, 1, T)
+        for layer in self.layers:
+            out = layer(hidden, add)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
+
+
 class TextEncoder(nn.Module):
     """Cached backbone states (B, T, H) or token ids -> glob (B, d), local (B, T, d), word mask (B, T)."""
 
-    def __init__(self, cfg: ModelConfig, hidden_dim: int, backbone: nn.Module | None = None):
+    def __init__(self, cfg: ModelConfig, hidden_dim: int, backbone: nn.Module | None = None,
+                 top: BackboneTop | None = None):
         super().__init__()
         self.backbone = backbone  # truncated at the extraction layer: its last hidden state is used
+        self.top = top  # or: the backbone's top layers on cached lower-layer states (model.text_tune_layers)
         self.proj = nn.Linear(hidden_dim, cfg.embed)
         self.layers = transformer(cfg, cfg.text_layers)
         self.anchor = Anchor(hidden_dim, cfg.embed) if cfg.anchor else None
@@ -80,8 +108,11 @@ class TextEncoder(nn.Module):
         if self.backbone is not None:
             out = self.backbone(input_ids=input_ids, attention_mask=text_mask.long(), output_hidden_states=True)
             hidden = out.hidden_states[-1]
+        pooled_in = hidden  # the anchor's input: the states its closed-form start was fit on
+        if self.top is not None:
+            hidden = self.top(hidden, text_mask)
         x = self.proj(hidden)
         pad = ~text_mask
         x = run_layers(shared, run_layers(self.layers, x, pad), pad)
-        glob = x[:, 0] if self.anchor is None else self.anchor(hidden, text_mask, x[:, 0])
+        glob = x[:, 0] if self.anchor is None else self.anchor(pooled_in, text_mask, x[:, 0])
         return glob, x, word_mask

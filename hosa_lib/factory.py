@@ -37,9 +37,18 @@ def build_model(cfg: RunConfig, device="cpu", pretrained: bool = True,
         _, backbone = load_backbone(dc.text_model, dc.text_layer if dc.text_layer > 0 else None, pretrained)
         text_dim = backbone.config.hidden_size
         text = TextInput(tokenizer=dc.text_model, max_words=dc.max_words)
+    top = None
+    if cfg.model.text_tune_layers:  # the backbone's layers above the cached one, pretrained and fine-tuned
+        from .encoders import BackboneTop
+        k, n = dc.text_layer, cfg.model.text_tune_layers
+        _, full = load_backbone(dc.text_model, None, pretrained)
+        if k + n > full.config.num_hidden_layers:
+            raise ConfigError(f"model.text_tune_layers = {n} above data.text_layer = {k}: {dc.text_model} has only "
+                              f"{full.config.num_hidden_layers} layers")
+        top = BackboneTop(full.encoder.layer[k:k + n])
     if seed is not None:
         torch.manual_seed(seed)
-    model = HOSA(cfg.model, cfg.scoring, feat_dim, text_dim, backbone, loss=make_loss(cfg.loss))
+    model = HOSA(cfg.model, cfg.scoring, feat_dim, text_dim, backbone, loss=make_loss(cfg.loss), top=top)
     if cfg.model.anchor and seed is not None:  # training starts at a closed-form fit; checkpoints bring their own
         init_anchors(model, dc.store, cache_key(dc.text_model, dc.text_layer), cfg.model.anchor_init)
     return model.to(device), text

@@ -16,7 +16,7 @@ from .scoring import N_GATES, SCORING_TERMS, gated_weights, make_side, pair_scor
 
 class HOSA(nn.Module):
     def __init__(self, mcfg: ModelConfig, scfg: ScoringConfig, feat_dim: int, text_dim: int,
-                 backbone: nn.Module | None = None, loss: nn.Module | None = None):
+                 backbone: nn.Module | None = None, loss: nn.Module | None = None, top: nn.Module | None = None):
         super().__init__()
         self.mcfg, self.scfg = mcfg, scfg
         # the training loss (`loss.make_loss`): its parameters (InfoNCE's temperature) are trained and
@@ -29,7 +29,7 @@ class HOSA(nn.Module):
             self.image, self.text = TeranImageEncoder(mcfg, feat_dim), TeranTextEncoder(mcfg, text_dim, backbone)
         else:
             self.image = ImageEncoder(mcfg, feat_dim)
-            self.text = TextEncoder(mcfg, text_dim, backbone if mcfg.text_finetune else None)
+            self.text = TextEncoder(mcfg, text_dim, backbone if mcfg.text_finetune else None, top)
         self.shared = transformer(mcfg, mcfg.shared_layers)
         if scfg.gates:  # one per gated term (scoring.SCORING_TERMS): untrained, the global term alone scores
             check_gates(scfg)
@@ -42,10 +42,11 @@ class HOSA(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def param_groups(self, tc) -> list[dict]:
-        """AdamW parameter groups: the fine-tuned text backbone at `lr * model.text_lr_scale`, the term
+        """AdamW parameter groups: the fine-tuned text backbone (or its top layers) at `lr * model.text_lr_scale`, the term
         gates at `train.gate_lr` without weight decay (scalars that must move by O(1) within a run),
         everything else at `train.lr`."""
-        backbone = list(self.text.backbone.parameters()) if self.text.backbone is not None else []
+        backbone = [p for m in (self.text.backbone, getattr(self.text, "top", None)) if m is not None
+                    for p in m.parameters()]
         gates = [self.term_gates] if self.scfg.gates else []
         ids = {id(p) for p in backbone + gates}
         groups = [{"params": [p for p in self.parameters() if id(p) not in ids]}]

@@ -26,7 +26,8 @@ def build_store(dc: DataConfig, store: Path, progress: bool = True) -> dict:
         from .sources.synthetic import generate
 
         raw = Path(dc.store).with_suffix("")  # outputs/data/<name>/ : images + dataset.json
-        ds_json = generate(raw, dc.n_images, seed=dc.seed, size=dc.image_size, progress=progress)
+        ds_json = generate(raw, dc.n_images, seed=dc.seed, size=dc.image_size, progress=progress,
+                           train_twins=dc.train_twins)
         def twins(name):  # file-name pairs -> store indices of the images kept
             pairs = json.loads((raw / f"{name}.json").read_text())
 
@@ -37,7 +38,7 @@ def build_store(dc: DataConfig, store: Path, progress: bool = True) -> dict:
 
         return convert_image_folder(raw / "images", ds_json, store, image_size=dc.image_size,
                                     batch_size=dc.batch_size, on_bad_image=dc.on_bad_image,
-                                    extras={n: twins(n) for n in ("swap_pairs", "relation_pairs")}, source=f"synthetic(seed={dc.seed})",
+                                    extras={n: twins(n) for n in ("swap_pairs", "relation_pairs", "train_pairs")}, source=f"synthetic(seed={dc.seed})",
                                     progress=progress, **image_options(dc))
     if dc.source == "images":
         from .sources.imagefolder import convert_image_folder
@@ -73,7 +74,7 @@ def image_options(dc: DataConfig) -> dict:
 # DataConfig keys that change the store's content
 SOURCE_KEYS = ("source", "root", "dataset", "captions", "features_dir", "restval", "image_sizes", "splits",
                "n_images", "seed", "image_size", "on_bad_image", "image_fit", "background", "split_fractions",
-               "regions", "grid", "context")
+               "regions", "grid", "context", "train_twins")
 
 
 def source_digest(dc: DataConfig) -> str:

@@ -29,7 +29,7 @@ from tqdm import tqdm  # plain tqdm: widget bars render blank in offline HTML
 
 from . import code_version
 from .config import ConfigError, RunConfig, load, override, to_dict
-from .data import CaptionDataset, EpochSampler, collate, positives, to_device
+from .data import CaptionDataset, EpochSampler, collate, positives, to_device, twin_groups
 from .evaluate import encode_split, evaluate_embeddings
 from .factory import build_model, resolve_device
 from .model import HOSA
@@ -423,10 +423,12 @@ def setup(cfg: RunConfig, run_dir: Path, progress: bool) -> Run:
     core, text = build_model(cfg, device, seed=cfg.train.seed)
     with Store(cfg.data.store, check_values=False) as st:  # recorded in checkpoints (evaluation compares)
         store_identity = st.identity()
+        train_pairs = st.extra("train_pairs")  # twin scenes batched together (hard negatives), if any
     if rank == 0:
         preflight(cfg, text, ck_dir, sum(p.numel() for p in core.parameters()))
     data = CaptionDataset(cfg.data.store, "train", text)
-    sampler = EpochSampler(len(data), cfg.train.batch_size, cfg.train.seed, rank, world)
+    sampler = EpochSampler(len(data), cfg.train.batch_size, cfg.train.seed, rank, world,
+                           groups=twin_groups(data.captions, data.caption_image, train_pairs))
     spe = sampler.batches_per_epoch()
     if spe == 0:
         raise ConfigError(f"{cfg.data.store}: the train split has {len(data)} captions, fewer than one batch of "

@@ -130,10 +130,12 @@ def captions(objs: list[dict], rng: random.Random, n: int = 5, relational: bool 
 
 
 def generate(out_dir, n_images: int, seed: int = 0, size: int = 224, val_frac: float = 0.1,
-             test_frac: float = 0.1, progress: bool = True) -> Path:
+             test_frac: float = 0.1, progress: bool = True, train_twins: float = 0.0) -> Path:
     """Write n_images scenes as PNGs + dataset.json (Karpathy format) + swap_pairs.json +
-    relation_pairs.json. The test split holds int(n_images * test_frac) attribute twins and half as
-    many relation twins. Returns dataset.json."""
+    relation_pairs.json + train_pairs.json. The test split holds int(n_images * test_frac) attribute
+    twins and half as many relation twins. A fraction `train_twins` of the train scenes comes as twin
+    pairs too (alternately attribute- and relation-swapped; train_pairs.json), which training batches
+    together so that each twin is the other's hard negative. Returns dataset.json."""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -152,16 +154,27 @@ def generate(out_dir, n_images: int, seed: int = 0, size: int = 224, val_frac: f
         rel_pairs.append((len(scenes), len(scenes) + 1))
         scenes += [(o, "test_relation") for o in _relation_twins(rng)]
     scenes += [(_scene(rng), "val") for _ in range(n_val)]
+    train_pairs = []
+    for k in range(int((n_images - len(scenes)) * train_twins) // 2):  # hard negatives for training
+        if k % 2 == 0:
+            objs = _scene(rng)
+            while (twin := _swapped(objs, rng)) is None:
+                objs = _scene(rng)
+            kind, pair = "train", [objs, twin]
+        else:
+            kind, pair = "train_relation", list(_relation_twins(rng))
+        train_pairs.append((len(scenes), len(scenes) + 1))
+        scenes += [(o, kind) for o in pair]
     scenes += [(_scene(rng), "train") for _ in range(n_images - len(scenes))]
     images = []
     for i, (objs, split) in enumerate(progress_bar(scenes, progress, desc="render scenes")):
         name = f"scene_{i:06d}.png"
         render(objs, size, rng).save(out / "images" / name)
-        caps = captions(objs, rng, relational=split == "test_relation")
+        caps = captions(objs, rng, relational=split.endswith("_relation"))
         images.append({"filename": name, "imgid": i, "split": split.removesuffix("_relation"), "objects": objs,
                        "boxes": [box(o) for o in objs],
                        "sentences": [{"raw": c, "tokens": c.split()} for c in caps]})
     (out / "dataset.json").write_text(json.dumps({"dataset": "synthetic", "images": images}))
-    for name, twins in (("swap_pairs", pairs), ("relation_pairs", rel_pairs)):
+    for name, twins in (("swap_pairs", pairs), ("relation_pairs", rel_pairs), ("train_pairs", train_pairs)):
         (out / f"{name}.json").write_text(json.dumps([[images[a]["filename"], images[b]["filename"]] for a, b in twins]))
     return out / "dataset.json"

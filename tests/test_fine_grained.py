@@ -1,0 +1,102 @@
+"""What the demo needs to measure fine-grained alignment: the backbone's top layers fine-tuned on cached
+lower-layer states (equal to the backbone itself), twin scenes in the train split, and batches that keep
+each twin pair together (hard negatives)."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from hosa_lib.config import ConfigError, load
+from hosa_lib.data import EpochSampler, twin_groups
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_top_layers_on_cached_states_equal_the_whole_backbone():
+    """BackboneTop(layers 5-6) on layer-4 states == MiniLM's own layer-6 output (every valid token), also
+    with padding in the batch; and its parameters are the pretrained ones, trainable."""
+    from hosa_lib.encoders import BackboneTop
+    from hosa_lib.text import load_backbone, tokenize
+    tok, bb = load_backbone("minilm")
+    bb.eval()
+    enc = tokenize(tok, ["a small red square left of a large blue circle", "a dog", "two green triangles"], 32)
+    with torch.no_grad():
+        out = bb(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], output_hidden_states=True)
+        top = BackboneTop(bb.encoder.layer[4:6]).eval()
+        got = top(out.hidden_states[4], enc["attention_mask"].bool())
+    valid = enc["attention_mask"].bool()
+    torch.testing.assert_close(got[valid], out.hidden_states[6][valid], rtol=1e-5, atol=1e-5)
+    assert all(p.requires_grad for p in top.parameters())
+
+
+def test_text_tune_layers_needs_an_explicit_cached_layer(tmp_path):
+    p = tmp_path / "p.yaml"
+    p.write_text(yaml.safe_dump({"base": str(REPO / "params" / "smoke.yaml"), "model": {"text_tune_layers": 2}}))
+    with pytest.raises(ConfigError, match=r"model.text_tune_layers = 2 .*data.text_layer >= 1"):
+        load(p)
+
+
+def test_twin_groups_keep_each_pair_in_one_batch():
+    caption_image = np.repeat(np.arange(20), 2)  # 20 images, 2 captions each
+    captions = np.arange(40)
+    pairs = np.array([[0, 1], [4, 9], [10, 11]])
+    groups = twin_groups(captions, caption_image, pairs)
+    assert sorted(p for g in groups for p in g) == list(range(40))  # every caption once
+    assert [0, 2] in groups and [8, 18] in groups and [9, 19] in groups
+    sampler = EpochSampler(40, 8, seed=3, groups=groups)
+    for epoch in range(5):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        seen = [i for b in batches for i in b]
+        assert len(seen) == len(set(seen)) == 40
+        for g in (g for g in groups if len(g) == 2):  # twins side by side: one batch unless at a batch's edge
+            assert abs(seen.index(g[0]) - seen.index(g[1])) == 1
+    assert twin_groups(captions, caption_image, np.zeros((0, 2))) is None
+
+
+def test_without_pairs_the_sampler_order_is_unchanged():
+    """Stores without train twins train exactly as before (bit-exact resumes stay bit-exact)."""
+    a, b = EpochSampler(30, 4, seed=1), EpochSampler(30, 4, seed=1, groups=None)
+    a.set_epoch(2), b.set_epoch(2)
+    g = torch.Generator().manual_seed(1 * 100003 + 2)
+    perm = torch.randperm(30, generator=g)
+    assert list(a) == list(b) == [perm[i * 4:(i + 1) * 4].tolist() for i in range(7)]
+
+
+def test_train_twins_are_generated_and_stored(tmp_path):
+    from hosa_lib.sources.synthetic import generate
+    ds = json.loads(generate(tmp_path, 80, seed=2, size=64, progress=False, train_twins=0.5).read_text())
+    pairs = json.loads((tmp_path / "train_pairs.json").read_text())
+    by_name = {im["filename"]: im for im in ds["images"]}
+    n_train = sum(im["split"] == "train" for im in ds["images"])
+    assert len(pairs) == int(n_train * 0.5) // 2
+    kinds = set()
+    for a, b in pairs:
+        oa, ob = by_name[a]["objects"], by_name[b]["objects"]
+        assert by_name[a]["split"] == by_name[b]["split"] == "train"
+        same_places = [(o["x"], o["y"]) for o in oa] == [(o["x"], o["y"]) for o in ob]
+        kinds.add("attribute" if same_places else "relation")
+        assert oa != ob
+    assert kinds == {"attribute", "relation"}
+    no = tmp_path / "none"
+    generate(no, 80, seed=2, size=64, progress=False)
+    assert json.loads((no / "train_pairs.json").read_text()) == []
+
+
+def test_box_geometry_as_its_own_mlp_reaches_the_region_embedding():
+    """model.box_embed: mlp adds an MLP of (x1, y1, x2, y2, area) to the projected features: two regions
+    with equal features and different boxes embed differently; concat (TERAN's) keeps the old layout."""
+    from hosa_lib.config import ModelConfig
+    from hosa_lib.encoders import ImageEncoder
+    torch.manual_seed(0)
+    feats = torch.ones(1, 2, 8)
+    boxes = torch.tensor([[[0.0, 0.0, 0.3, 0.3], [0.6, 0.6, 0.9, 0.9]]])
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    for kind, proj_in in (("mlp", 8), ("concat", 13)):
+        enc = ImageEncoder(ModelConfig(embed=16, heads=2, ff=32, image_layers=0, box_embed=kind), 8).eval()
+        assert enc.proj.in_features == proj_in and (enc.box_mlp is not None) == (kind == "mlp")
+        _, local, _ = enc(feats, boxes, mask)
+        assert not torch.allclose(local[0, 0], local[0, 1])
