@@ -90,19 +90,24 @@ def is_current(record: dict | None) -> bool:
     return not changed_modules(record)
 
 
-def _imports_of(tree: ast.AST, name: str, is_pkg: bool, mods) -> set[str]:
+def import_targets(tree: ast.AST, name: str, is_pkg: bool) -> list[str]:
+    """Every dotted name the module `name` imports (at any depth in the file, lazy imports included),
+    relative imports resolved, with `from m import a` giving both `m` and `m.a`. The architecture test
+    reads the import graph through this too."""
     pkg = name if is_pkg else name.rsplit(".", 1)[0]
-    out = set()
+    out = []
     for node in ast.walk(tree):
-        targets = []
         if isinstance(node, ast.Import):
-            targets = [a.name for a in node.names]
+            out += [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
             base = pkg.split(".")[: len(pkg.split(".")) - (node.level - 1)] if node.level else []
             mod = ".".join(base + ([node.module] if node.module else []))
-            targets = [mod] + [f"{mod}.{a.name}" for a in node.names]
-        out.update(t for t in targets if t in mods)
+            out += [mod] + [f"{mod}.{a.name}" for a in node.names]
     return out
+
+
+def _imports_of(tree: ast.AST, name: str, is_pkg: bool, mods) -> set[str]:
+    return {t for t in import_targets(tree, name, is_pkg) if t in mods}
 
 
 def closure(modules) -> list[str]:

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from hosa_lib.provenance import import_targets
+
 PKG = Path(__file__).resolve().parent.parent / "hosa_lib"
 
 
@@ -15,20 +17,11 @@ def import_graph() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
             for p in PKG.rglob("*.py")}
     graph, external = {}, {}
     for name, path in mods.items():
-        pkg = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
         deps, ext = set(), set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            targets = []
-            if isinstance(node, ast.Import):
-                targets = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                base = pkg.split(".")[: len(pkg.split(".")) - (node.level - 1)] if node.level else []
-                mod = ".".join(base + ([node.module] if node.module else []))
-                targets = [mod] + [f"{mod}.{a.name}" for a in node.names]
-            for t in targets:
-                ext.add(t.split(".")[0])
-                if t in mods and t != name and mods[t].name != "__init__.py":
-                    deps.add(t)
+        for t in import_targets(ast.parse(path.read_text()), name, path.name == "__init__.py"):
+            ext.add(t.split(".")[0])
+            if t in mods and t != name and mods[t].name != "__init__.py":
+                deps.add(t)
         graph[name], external[name] = deps, ext
     return graph, external
 
