@@ -341,18 +341,18 @@ def test_image_encoding_resumes_after_ctrl_c(tmp_path, monkeypatch):
     convert_image_folder(img, caps, clean, image_size=64, batch_size=2, progress=False)
     real, calls = cnn.grid_regions, []
 
-    def interrupted(model, x):
+    def interrupted(model, x, levels=()):
         calls.append(len(x))
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real(model, x)
+        return real(model, x, levels)
     monkeypatch.setattr(cnn, "grid_regions", interrupted)
     out = tmp_path / "s.h5"
     with pytest.raises(KeyboardInterrupt):
         convert_image_folder(img, caps, out, image_size=64, batch_size=2, progress=False)
     assert not out.exists() and (tmp_path / ".s.h5.partial").exists()
     calls.clear()
-    monkeypatch.setattr(cnn, "grid_regions", lambda m, x: calls.append(len(x)) or real(m, x))
+    monkeypatch.setattr(cnn, "grid_regions", lambda m, x, levels=(): calls.append(len(x)) or real(m, x, levels))
     convert_image_folder(img, caps, out, image_size=64, batch_size=2, progress=False)
     assert calls == [2, 1]  # images 0-1 were kept; only 2-3 and 4 were encoded again
     assert not (tmp_path / ".s.h5.partial").exists()
