@@ -98,6 +98,7 @@ def test_a_scoring_edit_reruns_what_runs_scoring_and_keep_stale_opts_out(smoke_p
     best_before = (run_dir / "checkpoints" / "best.pt").stat().st_mtime_ns
     again = cli("hosa_lib.pipeline", params, cwd=tmp_path, env=env)
     assert again.returncode == 0, again.stdout + again.stderr
+    print("after editing scoring.py:", again.stdout, sep="\n")  # shown with pytest -s
     lines = stage_lines(again.stdout)
     assert lines["00_prepare_data"] == "up to date, skipped", lines
     assert all(lines[s].endswith(" s") for s in ("10_train", "20_evaluate", "30_ablations")), lines
@@ -142,6 +143,7 @@ def test_a_captions_edit_reruns_prepare_train_and_evaluate(tmp_path):
     caps.write_text(caps.read_text().replace("another view number 3", "another view of the third one"))
     again = cli("hosa_lib.pipeline", params, "--stages", "prepare", "train", "evaluate", cwd=tmp_path)
     assert again.returncode == 0, again.stdout + again.stderr
+    print("after editing captions.csv:", again.stdout, sep="\n")  # shown with pytest -s
     lines = stage_lines(again.stdout)
     assert all(lines[s].endswith(" s") for s in ("00_prepare_data", "10_train", "20_evaluate")), lines
     run_dir = next((tmp_path / "out").glob("mine-*"))
@@ -172,6 +174,7 @@ def test_embeddings_cache_knows_its_store(tmp_path, smoke_store):
     cfg2 = replace(cfg, data=replace(cfg.data, store=other.store))
     b = evaluate_checkpoint(cfg2, ck, progress=False)["metrics"]
     fresh = evaluate_checkpoint(cfg2, ck, progress=False, cache=False)["metrics"]
+    print(f"store 1 rsum {a['rsum']:.2f}; store 2 (cache beside the checkpoint) {b['rsum']:.2f}, uncached {fresh['rsum']:.2f}")
     assert b["rsum"] == fresh["rsum"] and b != a
 
 
