@@ -557,7 +557,7 @@ def test_a_cell_with_the_runs_own_weights_reuses_the_run_folder(monkeypatch):
     from hosa_lib.runs import run_dir_for
     cfg = load(REPO / "params" / "images.yaml")
     seen = []
-    monkeypatch.setattr(ab, "run_cell", lambda c, progress=False: seen.append(run_dir_for(c)) or {"rsum": 1.0})
+    monkeypatch.setattr(ab, "run_cell", lambda c, progress=False, fresh=False: seen.append(run_dir_for(c)) or {"rsum": 1.0})
     ab.run_grid(cfg, progress=False)
     assert seen[0] == run_dir_for(cfg) and len(set(seen)) == 3
     assert all(p.name.startswith("images-abl-") for p in seen[1:])
