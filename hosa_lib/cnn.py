@@ -142,7 +142,8 @@ def object_regions(model: EfficientNetLite0, x: torch.Tensor, boxes: list, conte
     """Bottom-up-style regions: one per object box (normalised (x1, y1, x2, y2)), the CNN's map
     ROI-pooled inside it, then the context regions (an n x n grid for each n in `context`; (1,) = the
     whole image). boxes: per image an (n_i, 4) array. -> (features (B, K, 1280), boxes (B, K, 4),
-    n_regions (B,), pooled (B, 1280)) with K = max n_i + the context cells; rows past n_regions are 0."""
+    n_regions (B,), pooled (B, 1280): the mean of the image's regions) with K = max n_i + the context
+    cells; rows past n_regions are 0."""
     fmap = model.features(x)  # (B, C, g, g)
     ctx = torch.cat([grid_boxes(n) for n in context]) if context else torch.zeros(0, 4)
     n_obj = [len(bx) for bx in boxes]
@@ -155,4 +156,7 @@ def object_regions(model: EfficientNetLite0, x: torch.Tensor, boxes: list, conte
     feats = roi_pool(fmap, all_boxes.to(fmap.device))
     valid = torch.arange(k)[None, :] < n_regions[:, None]
     feats = feats * valid[..., None].to(feats.device, feats.dtype)
-    return feats, all_boxes * valid[..., None], n_regions, fmap.mean(dim=(2, 3))
+    # the global vector is the mean of the regions, as for grid cells (whose mean is the map's) and for
+    # stores without one: the ridge baseline, the closed-form starts and anchored models then read the same
+    pooled = feats.sum(1) / n_regions[:, None].to(feats.device, feats.dtype)
+    return feats, all_boxes * valid[..., None], n_regions, pooled

@@ -300,6 +300,8 @@ def start_over_reason(cfg: RunConfig, ck_dir: Path, fresh: bool, act: bool = Tru
             return f"it was trained by other code (changed since: {', '.join(changed) or '?'}; {KEEP_STALE_ENV}=1 keeps it)"
         if act:
             print(f"{last}: {STALE_NOTE} (changed since: {', '.join(changed)}); kept ({KEEP_STALE_ENV})")
+    if ck.get("best_rsum", -1.0) < 0:  # no model validated yet: there is no best.pt to lose
+        return None
     try:
         if best.is_file():
             load_checkpoint(best)

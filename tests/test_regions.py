@@ -78,6 +78,7 @@ def test_object_regions_are_the_boxes_then_the_context_and_zero_past_n_regions()
     np.testing.assert_allclose(feats[1, 1].numpy(), x[1].mean(dim=(1, 2)).numpy(), atol=1e-6)  # whole image
     np.testing.assert_allclose(boxes[1, 1].numpy(), [0, 0, 1, 1])
     assert not feats[1, 6].any() and not boxes[1, 6].any()  # padding past n_regions
+    np.testing.assert_allclose(pooled[1].numpy(), feats[1, :6].mean(0).numpy(), atol=1e-6)  # the regions' mean
 
 
 @pytest.mark.parametrize("box,match", [([0.1, 0.1, 1.2, 0.5], "outside"), ([-0.1, 0.1, 0.5, 0.5], "outside"),
