@@ -123,6 +123,17 @@ def load_checkpoint(path) -> dict:
     return ck
 
 
+def checkpoint_intact(path) -> bool:
+    """A checkpoint file that exists and is whole, read cheaply: torch.save writes a zip archive whose
+    directory sits at its end, so a cut or damaged file has none (the weights are not loaded)."""
+    import zipfile
+    try:
+        with zipfile.ZipFile(path):
+            return True
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
 def rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}

@@ -36,7 +36,7 @@ from .model import HOSA
 from .perf import tune_cpu_allocator
 from .provenance import KEEP_STALE_ENV, STALE_NOTE, changed_modules, is_current, keep_stale, running_code
 from .store import Store
-from .runs import (CheckpointError, format_seconds, load_checkpoint, log_progress, rng_state, run_dir_for, save_checkpoint,
+from .runs import (CheckpointError, checkpoint_intact, format_seconds, load_checkpoint, log_progress, rng_state, run_dir_for, save_checkpoint,
                    set_rng_state)
 
 
@@ -266,73 +266,67 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, progress: bool = Tr
     from .store import writing_lock
     run_dir = Path(run_dir) if run_dir else run_dir_for(cfg)
     if int(os.environ.get("RANK", "0")) != 0:  # the same decision from the same files, read only: rank 0 acts
-        anew = start_over_reason(cfg, run_dir / "checkpoints", fresh, act=False) is not None
-        return _train(cfg, run_dir, progress, stop_after_steps, anew)
+        reason, last = start_over_reason(cfg, run_dir / "checkpoints", fresh, act=False)
+        return _train(cfg, run_dir, progress, stop_after_steps, None if reason else last)
     with writing_lock(run_dir / "train", subject=f"run folder {run_dir}"):
         check_resumable(cfg, run_dir)
-        anew = recover(cfg, run_dir, fresh)
-        return _train(cfg, run_dir, progress, stop_after_steps, anew)
+        return _train(cfg, run_dir, progress, stop_after_steps, recover(cfg, run_dir, fresh))
 
 
-def start_over_reason(cfg: RunConfig, ck_dir: Path, fresh: bool, act: bool = True) -> str | None:
-    """Why the checkpoints in ck_dir cannot be continued (None: resume, or nothing to resume). A lost
-    best.pt whose weights last.pt holds (its epoch was the best) is copied back instead (when `act`)."""
+def start_over_reason(cfg: RunConfig, ck_dir: Path, fresh: bool, act: bool = True) -> tuple[str | None, dict | None]:
+    """(why the checkpoints in ck_dir cannot be continued, or None; last.pt as loaded, which `resume`
+    then uses instead of reading it again). A lost best.pt whose weights last.pt holds (its epoch was
+    the best) is copied back instead (when `act`)."""
     last, best = ck_dir / "last.pt", ck_dir / "best.pt"
     if not last.is_file() and not best.is_file():
-        return None
+        return None, None
     if fresh:
-        return "asked to train anew (--force / fresh=True)"
+        return "asked to train anew (--force / fresh=True)", None
     if not last.is_file():
-        return f"{last.name} is missing (a run cannot continue from best.pt)"
+        return f"{last.name} is missing (a run cannot continue from best.pt)", None
     try:
         ck = load_checkpoint(last)
     except CheckpointError as e:
-        return f"{last.name} is unreadable ({e})"
+        return f"{last.name} is unreadable ({e})", None
     with Store(cfg.data.store, check_values=False) as st:
         now = st.identity()
     was = ck.get("store") or {}
     if was and (was.get("source"), was.get("source_digest")) != (now["source"], now["source_digest"]):
         return (f"it was trained on {cfg.data.store} when the store held other data (digest "
-                f"{was.get('source_digest') or '-'}, now {now['source_digest'] or '-'}; rebuilt since)")
+                f"{was.get('source_digest') or '-'}, now {now['source_digest'] or '-'}; rebuilt since)"), ck
     if "train_code" in ck and not is_current(ck["train_code"]):  # the source of a module it ran changed since
         changed = changed_modules(ck["train_code"])
         if not keep_stale():
-            return f"it was trained by other code (changed since: {', '.join(changed) or '?'}; {KEEP_STALE_ENV}=1 keeps it)"
+            return f"it was trained by other code (changed since: {', '.join(changed) or '?'}; {KEEP_STALE_ENV}=1 keeps it)", ck
         if act:
             print(f"{last}: {STALE_NOTE} (changed since: {', '.join(changed)}); kept ({KEEP_STALE_ENV})")
-    if ck.get("best_rsum", -1.0) < 0:  # no model validated yet: there is no best.pt to lose
-        return None
-    try:
-        if best.is_file():
-            load_checkpoint(best)
-            return None
-    except CheckpointError:
-        pass
+    if ck.get("best_rsum", -1.0) < 0 or checkpoint_intact(best):  # nothing validated yet, or best.pt is whole
+        return None, ck
     if ck["batch_in_epoch"] == 0 and ck.get("best_epoch", -2) == ck["epoch"] - 1:  # last.pt holds the best weights
         if not act:
-            return None
+            return None, ck
         shutil.copyfile(last, best.with_name(".best.pt.restore"))
         os.replace(best.with_name(".best.pt.restore"), best)
         print(f"{best} was missing or unreadable: restored from {last.name}, which holds the same weights")
-        return None
+        return None, ck
     return (f"{best.name} is missing or unreadable and its weights (the model after epoch "
-            f"{ck.get('best_epoch', -1) + 1}) are not in {last.name}")
+            f"{ck.get('best_epoch', -1) + 1}) are not in {last.name}"), ck
 
 
-def recover(cfg: RunConfig, run_dir: Path, fresh: bool) -> bool:
+def recover(cfg: RunConfig, run_dir: Path, fresh: bool) -> dict | None:
     """Move checkpoints that cannot be continued aside (checkpoints.replaced/, one generation kept) so
-    the run trains from the start; one line says why. True when it starts over."""
+    the run trains from the start; one line says why. Returns last.pt to resume from (None: start)."""
     ck_dir = run_dir / "checkpoints"
-    reason = start_over_reason(cfg, ck_dir, fresh)
+    reason, last = start_over_reason(cfg, ck_dir, fresh)
     if reason is None:
-        return False
+        return last
     old = run_dir / "checkpoints.replaced"
     shutil.rmtree(old, ignore_errors=True)
     os.replace(ck_dir, old)
     line = f"training {run_dir.name} from the start: {reason}; the old checkpoints are in {old.name}/"
     log_progress(run_dir, line)
     print(line)
-    return True
+    return None
 
 
 @dataclass
@@ -443,13 +437,12 @@ def setup(cfg: RunConfig, run_dir: Path, progress: bool) -> Run:
                store_identity)
 
 
-def resume(run: Run) -> None:
-    """Continue from checkpoints/last.pt when there is one: weights, optimizer, schedule, position, best
-    result and RNG state (a mid-epoch state once the epoch's loader has drawn its seed, in fit_epoch)."""
-    last = run.ck_dir / "last.pt"
-    if not last.is_file():
+def resume(run: Run, ck: dict | None) -> None:
+    """Continue from last.pt as `start_over_reason` loaded it (None: train from the start): weights,
+    optimizer, schedule, position, best result and RNG state (a mid-epoch state once the epoch's loader
+    has drawn its seed, in fit_epoch)."""
+    if ck is None:
         return
-    ck = load_checkpoint(last)
     run.core.load_state_dict(ck["model"], strict=True)
     run.opt.load_state_dict(ck["optimizer"])
     run.sched.load_state_dict(ck["scheduler"])
@@ -510,10 +503,10 @@ def fit_epoch(run: Run, stop: "_StopRequest", stop_after_steps: int | None) -> d
     return out
 
 
-def _train(cfg: RunConfig, run_dir: Path, progress: bool, stop_after_steps: int | None, anew: bool = False) -> dict:
+def _train(cfg: RunConfig, run_dir: Path, progress: bool, stop_after_steps: int | None,
+           last: dict | None = None) -> dict:
     run = setup(cfg, run_dir, progress)
-    if not anew:
-        resume(run)
+    resume(run, last)
     if run.distributed:
         run.model = torch.nn.parallel.DistributedDataParallel(
             _DDPWrapper(run.core), device_ids=[run.device] if run.device.type == "cuda" else None)
