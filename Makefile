@@ -7,7 +7,7 @@ PARAMS ?= params/demo.yaml
 # JupyterLab refuses to run as root without --allow-root
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-.PHONY: setup demo test bench bench-scale gpu-check lab browser-check chromium clean-outputs
+.PHONY: setup demo test bench bench-scale gpu-check triton-aot lab browser-check chromium clean-outputs
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,10 @@ bench-scale: setup
 # On a CUDA machine (<= 10 min): Triton vs eager, bf16 training steps, COCO-5K-shaped evaluation; skips without CUDA
 gpu-check: setup
 	$(PY) benchmarks/gpu_check.py --out outputs/gpu_check.json
+
+# No GPU needed: compile the Triton kernels for sm_80/sm_90, print shared memory, registers, spills per length
+triton-aot: setup
+	$(PY) benchmarks/triton_aot.py
 
 lab: setup
 	$(VENV)/bin/jupyter lab --ServerApp.root_dir="$(CURDIR)" --LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate $(ROOT_FLAG)

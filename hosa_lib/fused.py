@@ -20,7 +20,24 @@ import sys
 import torch
 
 KERNELS = ("auto", "torch", "numba", "triton")
+TRITON_MAX_L = 128  # = max(fused_triton.LAUNCH) (tested): longer anchors exceed one GPU block's shared memory
 _told: set[str] = set()
+
+
+def _notice(why: str) -> None:
+    if why not in _told:
+        _told.add(why)
+        print(f"hosa: {why}", file=sys.stderr)
+
+
+def fits(kernel: str, anchor_len: int) -> str:
+    """`kernel`, or eager torch (with a one-line notice) when the Triton kernel has no launch
+    setting for anchors of anchor_len positions (> TRITON_MAX_L)."""
+    if kernel == "triton" and anchor_len > TRITON_MAX_L:
+        _notice(f"scoring.kernel=triton: anchors of more than {TRITON_MAX_L} positions (here {anchor_len}) do not "
+                "fit one GPU block's shared memory; those scores run in eager torch")
+        return "torch"
+    return kernel
 
 
 def _unavailable(name: str, device: torch.device) -> str | None:
@@ -55,9 +72,7 @@ def resolve(kernel: str, device: torch.device, eager_only: str | None = None) ->
             why = _unavailable(want, device) if want else f"no fused kernel for {device.type}"
         if why is None:
             return want
-        if why not in _told:
-            _told.add(why)
-            print(f"hosa: scoring.kernel=auto uses eager torch: {why}", file=sys.stderr)
+        _notice(f"scoring.kernel=auto uses eager torch: {why}")
         return "torch"
     why = _unavailable(kernel, device)
     if why is not None:

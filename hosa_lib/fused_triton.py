@@ -7,14 +7,27 @@ the query blocks, writes d_rho and accumulates d_gram = sum_q w alpha alpha^T wi
 results are deterministic. Inputs float32, bfloat16 or float64; accumulation in float32 (float64
 for float64 inputs). Under TRITON_INTERPRET=1 the same kernels run on CPU tensors through numpy,
 which is how CI tests them.
+
+Launch settings follow the anchor length (`launch`): the (LP, BLOCK) tile must fit the registers of
+num_warps warps and tl.dot's operands the shared memory of one block (sm_90: 232,448 B; sm_80:
+166,912 B). `benchmarks/triton_aot.py` (`make triton-aot`, no GPU needed) compiles every row of
+LAUNCH for sm_80 and sm_90 with the installed Triton and prints shared memory, registers and spills;
+its table is in README "GPU". Anchors longer than MAX_L positions run in eager torch (`hosa_lib.fused`).
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import triton
 import triton.language as tl
 
-BQ = 64
+# LP (anchor positions, a power of two) -> (BLOCK query positions per tile, num_warps, num_stages).
+# Chosen from the ahead-of-time table: no spills up to LP = 64, < 100 B at 128, shared memory well under
+# sm_80's limit. The defaults (BLOCK 64, 4 warps, 3 stages) needed 233,472 B at LP = 128 (> sm_90's
+# 232,448 B) and spilled 6.8 KB per thread at LP = 64.
+LAUNCH = {16: (64, 4, 1), 32: (64, 8, 1), 64: (32, 8, 1), 128: (16, 16, 1)}
+MAX_L = max(LAUNCH)
 
 
 @triton.jit
@@ -73,10 +86,22 @@ def _backward_kernel(rho_ptr, gram_ptr, amask_ptr, u_ptr, w_ptr, drho_ptr, dgram
              mask=(ks < L)[:, None] & (ks < L)[None, :])
 
 
+def launch(L: int) -> dict:
+    """Compile-time constants and launch options for anchors of L positions (L <= MAX_L)."""
+    lp = max(16, triton.next_power_of_2(L))
+    if lp not in LAUNCH:
+        raise ValueError(f"fused_triton: anchors of {L} positions exceed MAX_L = {MAX_L}; use the eager kernel")
+    block, warps, stages = LAUNCH[lp]
+    return {"LP": lp, "BLOCK": block, "num_warps": warps, "num_stages": stages}
+
+
 def _meta(rho: torch.Tensor) -> dict:
-    L = rho.shape[2]
-    return {"LP": max(16, triton.next_power_of_2(L)), "BLOCK": BQ,
-            "ACC": tl.float64 if rho.dtype == torch.float64 else tl.float32}
+    return {**launch(rho.shape[2]), "ACC": tl.float64 if rho.dtype == torch.float64 else tl.float32}
+
+
+def _on(t: torch.Tensor):
+    """Launch on the tensors' GPU, not the current one (train.device: cuda:1 in one process)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def forward(rho, gram, amask, scale):
@@ -84,14 +109,17 @@ def forward(rho, gram, amask, scale):
     acc = torch.float64 if rho.dtype == torch.float64 else torch.float32
     num = torch.empty(A, Q, device=rho.device, dtype=acc)
     n2 = torch.empty_like(num)
-    _forward_kernel[(A, triton.cdiv(Q, BQ))](rho, gram, amask.to(torch.int8), num, n2, G, A, L, Q, float(scale),
-                                             **_meta(rho))
+    meta = _meta(rho)
+    with _on(rho):
+        _forward_kernel[(A, triton.cdiv(Q, meta["BLOCK"]))](rho, gram, amask.to(torch.int8), num, n2, G, A, L, Q,
+                                                            float(scale), **meta)
     return num, n2
 
 
 def backward(rho, gram, amask, u, w, scale):
     G, A, L, Q = rho.shape
     d_rho, d_gram = torch.empty_like(rho), torch.empty_like(gram)
-    _backward_kernel[(G * A,)](rho, gram, amask.to(torch.int8), u.contiguous(), w.contiguous(), d_rho, d_gram,
-                               G, A, L, Q, float(scale), **_meta(rho))
+    with _on(rho):
+        _backward_kernel[(G * A,)](rho, gram, amask.to(torch.int8), u.contiguous(), w.contiguous(), d_rho, d_gram,
+                                   G, A, L, Q, float(scale), **_meta(rho))
     return d_rho, d_gram

@@ -238,6 +238,8 @@ def _local_term(img: Side, cap: Side, cfg: ScoringConfig) -> torch.Tensor:
 
 def _high_term(img: Side, cap: Side, cfg: ScoringConfig) -> torch.Tensor:
     kernel = fused.resolve(cfg.kernel, img.local.device, eager_only="scoring.condition" if cfg.condition else None)
+    anchors = {"t2i": cap.mask.shape[1], "i2t": img.mask.shape[1], "both": max(img.mask.shape[1], cap.mask.shape[1])}
+    kernel = fused.fits(kernel, anchors[cfg.direction])
     if kernel != "torch":
         return _high_fused(img, cap, cfg, kernel)
     G, (Ni, M), (Nc, L) = img.bands.shape[0], img.mask.shape, cap.mask.shape

@@ -175,3 +175,70 @@ def test_numba_kernel_names_unsupported_dtypes():
     with pytest.raises(ValueError, match="kernel=numba: float32 or float64 inputs"):
         fused.reconstruct(rho, torch.zeros(1, 1, 2, 2, dtype=torch.bfloat16), torch.ones(1, 2, dtype=torch.bool),
                           torch.ones(1, 3), 1.0, "numba")
+
+
+@pytest.mark.parametrize("L", [17, 40, 70, 100])
+def test_triton_launch_settings_by_length_equal_eager(L):
+    """Every launch row of fused_triton.LAUNCH (LP 32, 64, 128 with their own BLOCK and warps),
+    forward and backward, against eager torch on anchors of L positions (captions for t2i)."""
+    pytest.importorskip("triton")
+    from hosa_lib import fused_triton
+    assert fused_triton.launch(L)["LP"] == max(16, 1 << (L - 1).bit_length())
+
+    def run(k):
+        cfg = ScoringConfig(bands=4, direction="t2i", temperature=2.0, w_local=0, w_global=0, kernel=k)
+        img, cap = random_side(3, 5, 16, seed=L), random_side(2, L, 16, seed=L + 1)
+        dev = device_for(k)
+        lc = cap["local"].to(dev).requires_grad_(True)
+        s = pair_scores(make_side(**{k2: v.to(dev) for k2, v in img.items()}, cfg=cfg),
+                        make_side(cap["glob"].to(dev), lc, cap["mask"].to(dev), cfg), cfg)["high"]
+        return s.detach().cpu(), torch.autograd.grad(s.sum(), lc)[0].cpu()
+
+    for a, b in zip(run("triton"), run("torch")):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_triton_max_length_and_eager_fallback(capsys, monkeypatch):
+    """Anchors longer than the launch table's largest tile run in eager torch with one notice;
+    fused.TRITON_MAX_L is the table's limit, and launch() refuses what the table lacks."""
+    pytest.importorskip("triton")
+    from hosa_lib import fused_triton
+    assert fused.TRITON_MAX_L == fused_triton.MAX_L == max(fused_triton.LAUNCH)
+    with pytest.raises(ValueError, match="exceed MAX_L"):
+        fused_triton.launch(fused_triton.MAX_L + 1)
+    monkeypatch.setattr(fused, "_told", set())
+    assert fused.fits("triton", 128) == "triton" and fused.fits("numba", 500) == "numba"
+    assert fused.fits("triton", 129) == "torch" and fused.fits("triton", 300) == "torch"
+    err = capsys.readouterr().err
+    assert err.count("do not fit one GPU block's shared memory") == 2  # one line per length, not per call
+    cfg = ScoringConfig(bands=2, direction="t2i", w_local=0, w_global=0, kernel="triton")
+    img, cap = random_side(2, 3, 8, seed=0), random_side(2, 130, 8, seed=1)
+    dev = device_for("triton")
+    got = scores(img, cap, cfg, dev)["high"].cpu()
+    ref = pair_scores_reference(img, cap, cfg)["high"]
+    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.slow
+def test_triton_kernels_compile_ahead_of_time_within_h100_and_a100_limits(tmp_path):
+    """benchmarks/triton_aot.py: every launch row compiles for sm_80 and sm_90 with the installed
+    Triton (no GPU) within the target's shared memory per block and 255 registers; up to LP = 64
+    nothing spills. The defaults this replaced (BLOCK 64, 4 warps, 3 stages) needed 233,472 B at
+    LP = 128, over sm_90's 232,448 B."""
+    pytest.importorskip("triton")
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    repo = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # this module set it for itself
+    out = subprocess.run([sys.executable, str(repo / "benchmarks" / "triton_aot.py"), "--dtypes", "float32", "--json",
+                          str(tmp_path / "aot.json")], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = json.loads((tmp_path / "aot.json").read_text())
+    assert {(r["L"], r["target"], r["kernel"]) for r in rows} == {
+        (L, t, k) for L in (16, 32, 64, 128) for t in ("sm_80", "sm_90") for k in ("forward", "backward")}
+    for r in rows:
+        assert r["fits"] and r["shared"] <= r["shared_limit"], r
+        if r["registers"] is not None and r["LP"] <= 64:
+            assert r["stack"] == 0, r
