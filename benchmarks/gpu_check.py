@@ -2,11 +2,13 @@
 
     python benchmarks/gpu_check.py [--out gpu_check.json] [--dry-run]
 
-1. Triton kernels: compiled on CUDA, compared with eager torch (values and gradients, float32) at
-   training and evaluation shapes, and timed (forward + backward).
+1. Triton kernels: compiled on CUDA, compared with eager torch (values and gradients, float32) for
+   captions of 16, 32, 64 and 128 words (each a different launch setting), and timed (fwd + bwd).
 2. Training: a generated TERAN-layout COCO store (2,000 images, 36 x 2048 features, MiniLM text cache
-   encoded on the GPU), then bf16-autocast training steps of params/coco.yaml (HOSA G = 16, embed 1024).
-3. COCO-5K-shaped evaluation: 5,000 images x 25,000 length-bucketed captions of generated embeddings
+   encoded on the GPU), then bf16-autocast training steps of params/coco.yaml (HOSA G = 16, embed
+   1024) timed after a warm-up, and one validation pass on the GPU.
+3. DDP: 2 processes (NCCL) training with the text backbone fine-tuned, when two GPUs exist.
+4. COCO-5K-shaped evaluation: 5,000 images x 25,000 length-bucketed captions of generated embeddings
    (d 1024, 36 regions, 8-20 words), every pair scored with HOSA G = 16 on the GPU, then the metrics.
 Prints timings and peak GPU memory per part, and writes them as JSON. Without a CUDA device it prints one
 line and exits 0. --dry-run runs the same code at toy sizes on the CPU (Triton's interpreter), which is
@@ -45,6 +47,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         res["kernels"] = check_kernels(dev, toy)
         res["train"] = check_training(Path(tmp), dev, toy)
+        res["ddp"] = check_ddp(Path(tmp), dev, toy)
         res["evaluate"] = check_evaluation(dev, toy)
     args.out.write_text(json.dumps(res, indent=1))
     print(f"gpu_check: done, figures in {args.out}")
@@ -78,20 +81,22 @@ def side(n, length, d, dev, seed, lengths=None):
 
 
 def check_kernels(dev, toy) -> list[dict]:
-    """Triton vs eager torch: values and gradients of the high-order term, and their times."""
+    """Triton vs eager torch: values and gradients of the high-order term, and their times, for
+    captions of L = 16, 32, 64, 128 words (the anchor length that picks Triton's launch setting)."""
     import torch
 
     from hosa_lib.config import ScoringConfig
     from hosa_lib.scoring import make_side, pair_scores
-    shapes = [(4, 6, 32, 16, "t2i"), (3, 5, 33, 3, "both")] if toy else \
-        [(128, 128, 1024, 16, "t2i"), (128, 128, 1024, 16, "both"), (128, 128, 1024, 1, "t2i")]
+    shapes = [(4, 6, 32, 16, "t2i"), (3, 40, 33, 3, "both"), (2, 100, 16, 4, "t2i")] if toy else \
+        [(128, 16, 1024, 16, "t2i"), (128, 32, 1024, 16, "t2i"), (96, 64, 1024, 16, "t2i"),
+         (48, 128, 1024, 16, "t2i"), (128, 32, 1024, 16, "both"), (128, 32, 1024, 1, "t2i")]
     out = []
-    for n, n_cap, d, bands, direction in shapes:
-        row = {"batch": n, "d": d, "bands": bands, "direction": direction}
+    for n, L, d, bands, direction in shapes:
+        row = {"batch": n, "words": L, "d": d, "bands": bands, "direction": direction}
         got = {}
         for kernel in ("torch", "triton"):
             cfg = ScoringConfig(bands=bands, direction=direction, kernel=kernel)
-            img, cap = side(n, 36 if not toy else 5, d, dev, 1), side(n_cap, 16 if not toy else 6, d, dev, 2)
+            img, cap = side(n, 36 if not toy else 5, d, dev, 1), side(n, L, d, dev, 2)
             li, lc = img["local"].requires_grad_(True), cap["local"].requires_grad_(True)
             best = float("inf")
             for _ in range(1 if toy else 5):  # first run compiles; keep the best of the rest
@@ -110,43 +115,108 @@ def check_kernels(dev, toy) -> list[dict]:
         row["speedup"] = row["torch_ms"] / row["triton_ms"]
         ok = row["max_abs_diff"] < 1e-3 and row["max_grad_rel_diff"] < 1e-3
         row["ok"] = ok
-        print(f"kernel   B {n:>4} d {d:>5} G {bands:>2} {direction:>4}: eager {row['torch_ms']:8.2f} ms, triton "
-              f"{row['triton_ms']:8.2f} ms (x{row['speedup']:.1f}); max |diff| {row['max_abs_diff']:.2e}, "
+        print(f"kernel   B {n:>4} L {L:>4} d {d:>5} G {bands:>2} {direction:>4}: eager {row['torch_ms']:8.2f} ms, "
+              f"triton {row['triton_ms']:8.2f} ms (x{row['speedup']:.1f}); max |diff| {row['max_abs_diff']:.2e}, "
               f"grads {row['max_grad_rel_diff']:.2e} {'ok' if ok else 'MISMATCH'}")
         out.append(row)
     return out
 
 
-def check_training(tmp: Path, dev, toy) -> dict:
-    """Prepare a generated COCO-layout store (text cache on the device) and run bf16-autocast steps."""
+def coco_config(tmp: Path, dev, toy, n: int):
+    """params/coco.yaml on a generated TERAN-layout store of n images (toy sizes for --dry-run)."""
     from benchmarks.teran_layout import write_coco_layout
     from hosa_lib.config import load
-    from hosa_lib.prepare import prepare
-    from hosa_lib.train import train
-    n, steps = (40, 3) if toy else (2000, 60)
     write_coco_layout(tmp / "layout", n, k=36, dim=64 if toy else 2048)
     over = {"output_root": str(tmp / "out"),
             "data": {"root": str(tmp / "layout"), "store": str(tmp / "coco.h5"), "text_model": "minilm"},
-            "train": {"device": dev.type, "workers": 0 if toy else 4}}
+            "train": {"device": str(dev), "workers": 0 if toy else -1}}
     if toy:
         over["model"] = {"embed": 32, "ff": 64, "image_layers": 1, "text_layers": 1}
         over["train"]["batch_size"] = 8
-    cfg = load(REPO / "params" / "coco.yaml", over)
+    return load(REPO / "params" / "coco.yaml", over)
+
+
+def check_training(tmp: Path, dev, toy) -> dict:
+    """Prepare a generated COCO-layout store (text cache on the device), then bf16-autocast training
+    steps of params/coco.yaml timed after a warm-up, and one validation pass."""
+    import torch
+
+    from hosa_lib.prepare import prepare
+    from hosa_lib.train import setup, train_step, validate
+    n, warm, steps = (40, 1, 3) if toy else (2000, 5, 40)
+    cfg = coco_config(tmp, dev, toy, n)
     t0 = time.perf_counter()
     rep = prepare(cfg.data, progress=False, device=dev.type)
     t_prep = time.perf_counter() - t0
     peak_gib(dev, reset=True)
+    run = setup(cfg, tmp / "run", progress=False)
+    run.sampler.set_epoch(0, 0)
+    loader = torch.utils.data.DataLoader(run.data, batch_sampler=run.sampler, collate_fn=__import__(
+        "hosa_lib.data", fromlist=["collate"]).collate, num_workers=0 if toy else 4, pin_memory=dev.type == "cuda")
+    batches = iter(loader)
+    run.core.train()
+    t_steps = 0.0
+    for i in range(warm + steps):
+        batch = next(batches)
+        sync(dev)
+        t0 = time.perf_counter()
+        out = train_step(run.model, batch, cfg, i, run.device, run.amp)
+        run.opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        run.opt.step()
+        sync(dev)
+        if i >= warm:
+            t_steps += time.perf_counter() - t0
+    loss = float(out["loss"].detach())
     t0 = time.perf_counter()
-    done = train(cfg, tmp / "run", progress=False, stop_after_steps=steps)["steps"]
+    val = validate(run.core, cfg, run.text, run.device)
     sync(dev)
-    t_train = time.perf_counter() - t0
+    t_val = time.perf_counter() - t0
     out = {"images": n, "prepare_s": t_prep, "text_cache_s": rep["seconds"]["text_cache"],
-           "captions_per_s": 5 * n / rep["seconds"]["text_cache"], "steps": done, "train_s": t_train,
-           "steps_per_s": done / t_train, "batch": cfg.train.batch_size, "amp_bf16": cfg.train.amp,
-           "peak_gib": peak_gib(dev)}
+           "captions_per_s": 5 * n / rep["seconds"]["text_cache"], "steps": steps, "warm_up_steps": warm,
+           "steps_per_s": steps / t_steps, "batch": cfg.train.batch_size, "amp_bf16": run.amp, "loss": loss,
+           "validation_s": t_val, "val_rsum_untrained": val["rsum"], "peak_gib": peak_gib(dev)}
+    ok = bool(torch.isfinite(torch.tensor(loss)))
     print(f"train    {n} images: prepare {t_prep:.1f} s (text cache {out['captions_per_s']:.0f} captions/s); "
-          f"{done} steps of batch {cfg.train.batch_size} in {t_train:.1f} s ({out['steps_per_s']:.2f} steps/s, "
-          f"model build and DataLoader start included); peak {out['peak_gib']:.2f} GiB")
+          f"{steps} steps of batch {cfg.train.batch_size} after {warm} warm-up: {out['steps_per_s']:.2f} steps/s "
+          f"(bf16 autocast {run.amp}), loss {loss:.3f} {'ok' if ok else 'NOT FINITE'}; validation "
+          f"({cfg.train.val_images or 'all'} val images) {t_val:.1f} s; peak {out['peak_gib']:.2f} GiB")
+    return out
+
+
+def _ddp_worker(rank, world, raw, run_dir, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    sys.path.insert(0, str(REPO))
+    import torch.distributed as dist
+
+    from hosa_lib.config import from_dict
+    from hosa_lib.train import train
+    try:
+        train(from_dict(raw), Path(run_dir), progress=False, stop_after_steps=20)
+    finally:
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def check_ddp(tmp: Path, dev, toy) -> dict:
+    """2-process DDP training (NCCL, one GPU per rank, the text backbone fine-tuned) when two GPUs exist."""
+    import torch
+    import torch.multiprocessing as mp
+
+    from hosa_lib.config import override, to_dict
+    if dev.type != "cuda" or torch.cuda.device_count() < 2:
+        print("ddp      skipped: fewer than 2 GPUs")
+        return {"skipped": "fewer than 2 GPUs"}
+    cfg = override(coco_config(tmp / "ddp", dev, toy, 400),
+                   {"model": {"text_finetune": True}, "train": {"device": "cuda", "checkpoint_every": 10}})
+    t0 = time.perf_counter()
+    mp.spawn(_ddp_worker, args=(2, to_dict(cfg), str(tmp / "ddp_run"), 29400), nprocs=2, join=True)
+    ck = torch.load(tmp / "ddp_run" / "checkpoints" / "last.pt", weights_only=False, map_location="cpu")
+    out = {"seconds": time.perf_counter() - t0, "step": ck["step"], "ranks_rng": len(ck.get("rng_ranks", []))}
+    print(f"ddp      2 ranks, fine-tuned backbone: checkpoint at step {ck['step']} with {out['ranks_rng']} ranks' "
+          f"RNG states, {out['seconds']:.1f} s")
     return out
 
 

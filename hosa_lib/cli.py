@@ -37,7 +37,8 @@ def parser(name: str):
         ap.add_argument("--checkpoint", required=True, help="checkpoint to evaluate (ours, or TERAN's with --size)")
         ap.add_argument("--protocol", default=None, choices=CHOICES["eval.protocol"], help="protocol (default: eval.protocol)")
         ap.add_argument("--split", default=None, help="store split to evaluate (default: eval.split)")
-        ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+        ap.add_argument("--device", default=None,
+                        help="cpu | cuda | cuda:N (default: the params' train.device, auto = the GPU when there is one)")
         ap.add_argument("--out", default=None, help="folder for metrics.json (default: the checkpoint's folder)")
         teran = ap.add_argument_group("TERAN/HOSA checkpoints (seed-compatible test.py)")
         teran.add_argument("--size", choices=["1k", "5k"], help="COCO 1K (5 folds) or 5K; Flickr30K: 1k")

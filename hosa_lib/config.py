@@ -124,7 +124,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 2.0
     seed: int = 0
-    workers: int = 0               # DataLoader workers
+    workers: int = -1              # DataLoader workers; -1 = auto: 0 on CPU (the cores compute), on CUDA
+                                   # min(4, CPU cores per local rank), persistent, with pinned memory
     threads: int = 0               # torch CPU threads; 0 = torch's default (one per core given to this process).
                                    # On a machine shared with other jobs, 1-2 threads can be several times faster
     device: str = "auto"           # auto | cpu | cuda | cuda:N
@@ -137,6 +138,8 @@ class TrainConfig:
                                    # never falls below the initialisation (an anchored model starts at the baseline)
     log_every: int = 10
     checkpoint_every: int = 0      # also save last.pt every N steps mid-epoch (0 = end of epoch only)
+    dist_timeout_min: int = 120    # DDP: how long a rank waits in a collective; rank 0 validates alone while
+                                   # the others wait, so this must exceed one validation (COCO val included)
 
 
 @dataclass(frozen=True)
@@ -209,7 +212,7 @@ RANGES = {
     "train.epochs": _at_least(0), "train.batch_size": _at_least(1), "train.lr": _POSITIVE,
     "train.lr_warmup_steps": _at_least(0), "train.lr_decay_epochs": _at_least(1), "train.lr_decay": _at_least(0),
     "train.weight_decay": _at_least(0), "train.grad_clip": _at_least(0), "train.seed": _at_least(0),
-    "train.workers": _at_least(0), "train.threads": _at_least(0), "train.val_images": _at_least(0),
+    "train.workers": _at_least(-1), "train.dist_timeout_min": _at_least(1), "train.threads": _at_least(0), "train.val_images": _at_least(0),
     "train.patience": _at_least(0), "train.gate_lr": _POSITIVE, "train.log_every": _at_least(1),
     "train.checkpoint_every": _at_least(0),
     "eval.max_elems": _at_least(1), "eval.shortlist": _at_least(0), "eval.ndcg_k": _at_least(1),

@@ -125,9 +125,12 @@ def positives(image_index: torch.Tensor, caption_image: torch.Tensor) -> torch.T
 
 
 def to_device(batch, device):
+    """Tensors of a (nested) batch onto `device`; pinned CPU tensors are copied without blocking."""
     if isinstance(batch, dict):
         return {k: to_device(v, device) for k, v in batch.items()}
-    return batch.to(device) if isinstance(batch, torch.Tensor) else batch
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=batch.is_pinned()) if batch.device != torch.device(device) else batch
+    return batch
 
 
 class EpochSampler(torch.utils.data.Sampler):

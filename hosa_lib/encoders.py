@@ -92,6 +92,15 @@ class BackboneTop(nn.Module):
         return hidden
 
 
+def freeze_pooler(backbone: nn.Module | None) -> None:
+    """A Hugging Face encoder's pooler (BERT/MiniLM: `pooler.dense`) is not used here (the last hidden
+    states are): no gradient ever reaches it, and DistributedDataParallel, which waits for every
+    trainable parameter's gradient, would fail at step 2. It stays in the state dict, frozen."""
+    pooler = getattr(backbone, "pooler", None)
+    if pooler is not None:
+        pooler.requires_grad_(False)
+
+
 class TextEncoder(nn.Module):
     """Cached backbone states (B, T, H) or token ids -> glob (B, d), local (B, T, d), word mask (B, T)."""
 
@@ -99,6 +108,7 @@ class TextEncoder(nn.Module):
                  top: BackboneTop | None = None):
         super().__init__()
         self.backbone = backbone  # truncated at the extraction layer: its last hidden state is used
+        freeze_pooler(backbone)
         self.top = top  # or: the backbone's top layers on cached lower-layer states (model.text_tune_layers)
         self.proj = nn.Linear(hidden_dim, cfg.embed)
         self.layers = transformer(cfg, cfg.text_layers)

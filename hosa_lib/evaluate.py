@@ -29,6 +29,7 @@ from .config import ConfigError, EvalConfig, RunConfig, ScoringConfig, override,
 from .data import CaptionDataset, ImageDataset, TextInput, collate_captions, collate_images, to_device
 from .factory import load_model
 from .metrics import DIRECTIONS, KS, TWINS, evaluate_scores, twin_accuracies
+from .perf import resolve_device
 from .provenance import fingerprint, static_code
 from .scoring import score_all_pairs
 from .store import Store, load_embeddings, save_embeddings
@@ -79,7 +80,7 @@ def dense(blocks: list[dict]) -> dict:
             "mask": torch.cat([pad(b["mask"]) for b in blocks])}
 
 
-def shortlist_scores(img, cap, scfg: ScoringConfig, k: int, max_elems: int) -> torch.Tensor:
+def shortlist_scores(img, cap, scfg: ScoringConfig, k: int, max_elems: int, device="cpu") -> torch.Tensor:
     """Two-stage: global score for all pairs, full HOSA only for each caption's top-k images
     (and each image's top-k captions); the rest keep the global score shifted below all re-ranked ones.
     `cap` is a dense caption set or length-bucketed blocks."""
@@ -99,7 +100,8 @@ def shortlist_scores(img, cap, scfg: ScoringConfig, k: int, max_elems: int) -> t
         for j, c in enumerate(b["index"].tolist()):  # per caption: score its candidate images (small: k..2k)
             rows = pairs[:, c].nonzero().flatten()
             sub = score_all_pairs({kk: v[rows] for kk, v in img.items()},
-                                  {kk: b[kk][j:j + 1] for kk in ("glob", "local", "mask")}, scfg, max_elems)["total"]
+                                  {kk: b[kk][j:j + 1] for kk in ("glob", "local", "mask")}, scfg, max_elems,
+                                  device=device)["total"]
             out[rows, c] = sub[:, 0]
     return out
 
@@ -143,7 +145,7 @@ def evaluate_embeddings(img, cap, cap_img, scfg: ScoringConfig, ecfg: EvalConfig
     """Score (the protocol's pairs, or two-stage with eval.shortlist) and compute its metrics."""
     t0 = time.perf_counter()
     if ecfg.shortlist > 0:
-        scores = shortlist_scores(img, cap, scfg, ecfg.shortlist, ecfg.max_elems)
+        scores = shortlist_scores(img, cap, scfg, ecfg.shortlist, ecfg.max_elems, device)
     else:
         scores = protocol_scores(img, cap, cap_img, scfg, ecfg, device, progress)
     t_score = time.perf_counter() - t0
@@ -200,14 +202,16 @@ def check_scoring(params: ScoringConfig, trained: ScoringConfig, checkpoint) -> 
 
 
 def evaluate_checkpoint(cfg: RunConfig, checkpoint, split: str | None = None, protocol: str | None = None,
-                        device="cpu", progress=True, cache: bool = True) -> dict:
-    """Load one of our checkpoints, encode (or load cached embeddings), score, compute metrics.
+                        device=None, progress=True, cache: bool = True) -> dict:
+    """Load one of our checkpoints, encode (or load cached embeddings), score, compute metrics, on
+    `device` (default: cfg.train.device, so the GPU when there is one under `auto`).
 
     Returns {"metrics", "scores" (N_img, N_cap), "img", "cap", "cap_img", "model", "text", "cfg"}
     where cfg is the checkpoint's config evaluated on `cfg.data.store` with `cfg.eval`."""
     from .perf import tune_cpu_allocator
 
     tune_cpu_allocator()
+    device = resolve_device(cfg.train.device) if device is None else torch.device(device)
     split = split or cfg.eval.split
     ecfg = override(cfg.eval, {"protocol": protocol}) if protocol else cfg.eval
     checkpoint = Path(checkpoint)
@@ -239,7 +243,7 @@ def evaluate_checkpoint(cfg: RunConfig, checkpoint, split: str | None = None, pr
 
 
 def evaluate_teran(checkpoint, size: str = "1k", config: str | None = None, data_root: str | None = None,
-                   text_model: str | None = None, store: str | None = None, device: str = "cpu",
+                   text_model: str | None = None, store: str | None = None, device: str | None = None,
                    progress: bool = True, protocol: str | None = None, max_words: int = 512,
                    float16: bool = False) -> dict:
     """A TERAN/HOSA-seed checkpoint on TERAN's test split, like the seed's `test.py MODEL --size 1k|5k`:
@@ -251,6 +255,7 @@ def evaluate_teran(checkpoint, size: str = "1k", config: str | None = None, data
     from .teran import config_from_teran
 
     tune_cpu_allocator()
+    device = resolve_device("auto") if device is None else torch.device(device)
     t0 = time.perf_counter()
     ck = load_checkpoint(checkpoint)
     cfg, report = config_from_teran(ck, checkpoint, config, data_root, text_model, store, size, protocol,

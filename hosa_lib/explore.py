@@ -6,6 +6,7 @@ import pandas as pd
 import torch
 
 from .config import override
+from .data import to_device
 from .evaluate import evaluate_checkpoint
 from .scoring import SCORING_TERMS, score_all_pairs
 from .store import Store
@@ -24,6 +25,7 @@ class Explorer:
             self.captions = s.captions(self.caption_rows)
         self.tokenizer, self.backbone = load_backbone(self.cfg.data.text_model)
         self.scoring, self.last_result = self.cfg.scoring, []
+        self.device = next(self.model.parameters()).device  # train.device, as evaluate_checkpoint loaded it
 
     @torch.no_grad()
     def encode_text(self, text: str) -> dict:
@@ -37,7 +39,8 @@ class Explorer:
             hidden = self.backbone(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
                                    output_hidden_states=True).hidden_states[self.cfg.data.text_layer]
             batch["text"] = hidden
-        return {k: v.float() if v.is_floating_point() else v for k, v in self.model.encode_captions(batch).items()}
+        out = self.model.encode_captions(to_device(batch, self.device))
+        return {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in out.items()}
 
     def set_weights(self, **weights: float) -> None:
         """New term weights by their keys (e.g. w_high=0.0); the others are kept."""
@@ -45,7 +48,7 @@ class Explorer:
 
     def text_query(self, text: str, k: int = 5, show: bool = True):
         cap = self.encode_text(text)
-        scores = score_all_pairs(self.img, cap, self.scoring, terms=("total",))["total"][:, 0].numpy()
+        scores = score_all_pairs(self.img, cap, self.scoring, terms=("total",), device=self.device)["total"][:, 0].numpy()
         order = np.argsort(-scores)[:k]
         self.last_result = [int(self.images[j]) for j in order]
         if show:
@@ -55,7 +58,7 @@ class Explorer:
 
     def image_query(self, position: int, k: int = 5) -> pd.DataFrame:
         one = {key: v[position:position + 1] for key, v in self.img.items()}
-        scores = score_all_pairs(one, self.cap, self.scoring, terms=("total",))["total"][0].numpy()
+        scores = score_all_pairs(one, self.cap, self.scoring, terms=("total",), device=self.device)["total"][0].numpy()
         order = np.argsort(-scores)[:k]
         return pd.DataFrame({"caption": [self.captions[c] for c in order], "score": scores[order],
                              "own image": [bool(self.cap_img[c] == position) for c in order],

@@ -29,7 +29,7 @@ from .progress import PROGRESS_LOG, ProgressLog, log_progress  # noqa: F401  (re
 # Keys that never change the trained weights (section -> keys; "*" = the whole section).
 NOT_WEIGHTS = {"name": "*", "output_root": "*", "eval": "*", "ablation": "*",
                "data": ("force", "relevance", "spice"), "scoring": ("kernel",),
-               "train": ("device", "workers", "threads", "log_every", "checkpoint_every")}
+               "train": ("device", "workers", "threads", "log_every", "checkpoint_every", "dist_timeout_min")}
 
 
 def portable_config(cfg: RunConfig) -> dict:
@@ -134,17 +134,28 @@ def checkpoint_intact(path) -> bool:
         return False
 
 
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+def rng_state(device=None) -> dict:
+    """This process's RNG streams: CPU torch, numpy, Python and the CUDA generator of `device` only
+    (a rank's own GPU; not every GPU of the host, whose count may differ when the run resumes)."""
+    device = torch.device(device) if device is not None else None
+    cuda = torch.cuda.get_rng_state(device) if device is not None and device.type == "cuda" else None
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(), "cuda": cuda}
 
 
-def set_rng_state(s: dict) -> None:
+def set_rng_state(s: dict, device=None) -> None:
+    """Restore `rng_state`'s streams; the CUDA one onto `device` (this rank's GPU) when both exist.
+    Checkpoints before per-device states kept a list over the saving host's GPUs: the entry of this
+    device's index is used when there is one."""
     torch.set_rng_state(s["torch"])
     np.random.set_state(s["numpy"])
     random.setstate(s["python"])
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+    device = torch.device(device) if device is not None else None
+    cuda = s.get("cuda")
+    if isinstance(cuda, (list, tuple)):
+        idx = device.index or 0 if device is not None else 0
+        cuda = cuda[idx] if idx < len(cuda) else None
+    if cuda is not None and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def format_seconds(s: float) -> str:

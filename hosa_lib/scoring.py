@@ -15,7 +15,9 @@ Score matrices are (images, captions), as TERAN's.
 """
 from __future__ import annotations
 
+import functools
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -48,13 +50,35 @@ class Side:
                     None if self.gram is None else self.gram[:, start:stop])
 
 
+CHECKS_ENV = "HOSA_CHECKS"  # =1: value checks on GPU tensors too (each one waits for the GPU)
+
+
+def value_checks(x: torch.Tensor) -> bool:
+    """Checks of tensor *values* (non-finite inputs, items without a valid position) and shortcuts that
+    branch on them (an all-valid mask) run for CPU tensors. On a GPU each would stop the host until
+    the GPU catches up (a sync per check, several per training step), so there they run only with
+    HOSA_CHECKS=1; shapes are always checked, and masked_fill replaces the all-valid shortcut."""
+    return x.device.type == "cpu" or os.environ.get(CHECKS_ENV) == "1"
+
+
+def all_valid(mask: torch.Tensor) -> bool:
+    """mask.all(), decided without a GPU sync: on a GPU assume padding (masking is then a no-op)."""
+    return mask.device.type == "cpu" and bool(mask.all())
+
+
 def check_tensor(name: str, x: torch.Tensor, dims: int) -> None:
     """Raise a clear error for a wrong rank or non-finite values in a scoring input."""
     if x.dim() != dims:
         raise ValueError(f"{name}: expected a {dims}-d tensor, got shape {tuple(x.shape)}")
-    if x.is_floating_point() and not torch.isfinite(x).all():
+    if x.is_floating_point() and value_checks(x) and not torch.isfinite(x).all():
         bad = (~torch.isfinite(x)).nonzero()[0].tolist()
         raise ValueError(f"{name}: non-finite value (NaN/Inf) at index {bad} of shape {tuple(x.shape)}")
+
+
+@functools.lru_cache(maxsize=64)
+def band_index_on(d: int, bands: int, device: torch.device) -> torch.Tensor:
+    """band_index on a device, built once per (d, bands, device): no upload per training step."""
+    return band_index(d, bands).to(device)
 
 
 def band_index(d: int, bands: int) -> torch.Tensor:
@@ -85,7 +109,7 @@ def band_features(x: torch.Tensor, bands: int) -> torch.Tensor:
     d = x.shape[-1]
     spec = torch.fft.rfft(x, dim=-1) * parseval_weights(d, x.device, x.dtype).sqrt()  # (..., n, F)
     spec = torch.cat([spec, torch.zeros_like(spec[..., :1])], dim=-1)  # pad bin
-    idx = band_index(d, bands).to(x.device)
+    idx = band_index_on(d, bands, x.device)
     gathered = spec[..., idx]  # (..., n, G, P) complex
     feats = torch.view_as_real(gathered).flatten(-2)  # (..., n, G, 2P)
     return feats.movedim(-2, 0).contiguous()
@@ -103,7 +127,7 @@ def make_side(glob: torch.Tensor, local: torch.Tensor, mask: torch.Tensor, cfg: 
     if glob.shape[0] != local.shape[0] or glob.shape[1] != local.shape[2]:
         raise ValueError(f"{name}: glob {tuple(glob.shape)} and local {tuple(local.shape)} disagree on N or d")
     mask = mask.bool()
-    empty = (~mask.any(dim=1)).nonzero().flatten()
+    empty = (~mask.any(dim=1)).nonzero().flatten() if value_checks(mask) else ()
     if len(empty) and not (cfg.padding == "teran" and cfg.w_high == 0):
         raise ValueError(f"{name}.mask: item(s) {empty[:5].tolist()} have no valid (unpadded) position")
     local = nnf.normalize(local, dim=-1) * mask.unsqueeze(-1)
@@ -124,7 +148,7 @@ def mrsw(align: torch.Tensor, vmask: torch.Tensor, tmask: torch.Tensor, pool: st
          padding: str = "ours") -> torch.Tensor:
     """TERAN local score. align (Nc, L, Ni, M) -> (Nc, Ni): max over regions, sum/mean over words.
     Padded regions: excluded from the max (ours) or alignments of 0 (TERAN's code)."""
-    if not vmask.all():
+    if not all_valid(vmask):
         align = align.masked_fill(~vmask[None, None], float("-inf") if padding == "ours" else 0.0)
     best = align.amax(dim=-1)  # (Nc, L, Ni)
     tm = tmask.to(best.dtype).unsqueeze(-1)
@@ -151,7 +175,7 @@ class _HighOrderT2I(torch.autograd.Function):
         alpha = rho * scale
         if bias is not None:  # scoring.condition: (Nc, L, Ni) logit offsets shared by bands and regions
             alpha.add_(bias[None, :, :, :, None])
-        if not cmask.all():
+        if not all_valid(cmask):
             alpha.masked_fill_(~cmask[None, :, :, None, None], float("-inf"))
         alpha.sub_(alpha.amax(dim=2, keepdim=True)).exp_()
         alpha.div_(alpha.sum(dim=2, keepdim=True))  # softmax over words
@@ -197,7 +221,7 @@ def _reconstruct_i2t(rho, img: Side, cap: Side, scale: float, bias=None) -> torc
     logits = rho * scale
     if bias is not None:
         logits = logits + bias.permute(2, 0, 1)[None, :, None]  # (1, Nc, 1, Ni, M)
-    if not img.mask.all():
+    if not all_valid(img.mask):
         logits = logits.masked_fill(~img.mask[None, None, None], float("-inf"))
     alpha = torch.softmax(logits, dim=4)  # over regions
     num = (alpha * rho).sum(dim=(0, 4))  # (Nc, L, Ni)
@@ -345,6 +369,24 @@ def chunk_sizes(n_img: int, n_cap: int, m: int, l: int, cfg: ScoringConfig, max_
     return ci, cc
 
 
+def side_bytes(n: int, m: int, d: int, cfg: ScoringConfig, need_gram: bool) -> int:
+    """float32 bytes of a prepared side of n items x m positions (make_side: vectors, band features, Gram)."""
+    per = m * d + d + m
+    if cfg.w_high != 0:
+        per += m * (d + 2 * cfg.bands + 2) + (cfg.bands * m * m if need_gram else 0)
+    return 4 * n * per
+
+
+def memory_budget(device: torch.device) -> tuple[int, int]:
+    """(bytes for the image side kept whole, elements per scoring chunk) on `device`: on a GPU from
+    its free memory now (a quarter for the image side; chunk tensors sized so that ~8 of them use
+    another half), on the CPU 1 GiB and 0 (the caller's eval.max_elems stands)."""
+    if device.type != "cuda":
+        return 1 << 30, 0
+    free, _ = torch.cuda.mem_get_info(device)
+    return free // 4, free // 2 // (8 * 4)
+
+
 @torch.no_grad()
 def score_all_pairs(img: dict, cap: dict, cfg: ScoringConfig, max_elems: int = 1 << 22,
                     terms: tuple[str, ...] = ("total",), device: str | torch.device = "cpu",
@@ -355,14 +397,25 @@ def score_all_pairs(img: dict, cap: dict, cfg: ScoringConfig, max_elems: int = 1
     (float16 in CPU memory is fine; chunks move to `device` as float32). `cap` may also be a list
     of such dicts with an 'index' entry (their columns), e.g. captions bucketed by length so that
     short captions are not padded to the longest. Returns (N_img, N_cap) float32 CPU tensors.
+
+    The image side is uploaded and transformed (band features, Gram matrices) once when it fits
+    `memory_budget`, else once per caption chunk; on a GPU chunks grow to its free memory
+    (max_elems is then a lower bound).
     """
     from tqdm import tqdm  # plain tqdm: widget bars render blank in offline HTML
 
+    device = torch.device(device)
     blocks = cap if isinstance(cap, list) else [dict(cap, index=torch.arange(len(cap["mask"])))]
     n_img, m = img["mask"].shape
     n_cap = sum(len(b["index"]) for b in blocks)
     out = {t: torch.empty(n_img, n_cap) for t in terms}
     take = lambda side, k, a, b: side[k][a:b].to(device, torch.float32 if k != "mask" else torch.bool)
+    side_budget, gpu_elems = memory_budget(device)
+    max_elems = max(max_elems, gpu_elems)
+    whole = None  # the image side prepared once
+    if side_bytes(n_img, m, img["local"].shape[-1], cfg, cfg.direction != "t2i") <= side_budget:
+        whole = make_side(*(take(img, k, 0, n_img) for k in ("glob", "local", "mask")), cfg, name="images",
+                          need_gram=cfg.direction != "t2i")
     steps = []
     for blk in blocks:
         ci, cc = chunk_sizes(n_img, len(blk["index"]), m, blk["mask"].shape[1], cfg, max_elems)
@@ -372,8 +425,9 @@ def score_all_pairs(img: dict, cap: dict, cfg: ScoringConfig, max_elems: int = 1
         if i0 == 0:  # new caption chunk: band features and Gram once per chunk
             cap_side = make_side(*(take(blk, k, c0, c0 + cc) for k in ("glob", "local", "mask")),
                                  cfg, name="captions", need_gram=cfg.direction != "i2t")
-        img_side = make_side(*(take(img, k, i0, i0 + ci) for k in ("glob", "local", "mask")),
-                             cfg, name="images", need_gram=cfg.direction != "t2i")
+        img_side = whole.slice(i0, i0 + ci) if whole is not None else make_side(
+            *(take(img, k, i0, i0 + ci) for k in ("glob", "local", "mask")), cfg, name="images",
+            need_gram=cfg.direction != "t2i")
         res = pair_scores(img_side, cap_side, cfg)
         cols = blk["index"][c0:c0 + cc]
         for t in terms:

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from .config import ConfigError, ModelConfig, RunConfig, deep_merge, override
-from .encoders import run_layers, transformer
+from .encoders import freeze_pooler, run_layers, transformer
 from .scoring import teran_only
 
 
@@ -29,6 +29,7 @@ class TeranImageEncoder(nn.Module):
         self.geometry = nn.Sequential(nn.Linear(feat_dim + 5, feat_dim), nn.ReLU(), nn.Linear(feat_dim, feat_dim))
         self.feat_layers = transformer(cfg, cfg.feat_layers, feat_dim)
         self.unused_fc = nn.Linear(feat_dim, cfg.embed)  # TERAN computes a pooled vector here and discards it
+        self.unused_fc.requires_grad_(False)  # never in the graph: DDP would wait for its gradient at step 2
         self.proj = nn.Linear(feat_dim, cfg.embed)
         self.layers = transformer(cfg, cfg.image_layers)
 
@@ -56,6 +57,8 @@ class TeranTextEncoder(nn.Module):
         self.backbone = backbone
         self.word_layers = transformer(cfg, cfg.word_layers, word_dim)
         self.unused_map = nn.Linear(word_dim, cfg.embed)  # TERAN maps a mean-pooled vector and discards it
+        self.unused_map.requires_grad_(False)
+        freeze_pooler(backbone)
         self.proj = nn.Linear(word_dim, cfg.embed)
         self.layers = transformer(cfg, cfg.text_layers)
 

@@ -19,6 +19,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -358,6 +359,7 @@ class Run:
     last_val: dict = field(default_factory=dict)
     stopped: bool = False  # stop_after_steps reached
     log: object = None
+    loader: object = None  # the DataLoader when its workers persist across epochs
 
     @property
     def ck_dir(self) -> Path:
@@ -367,26 +369,30 @@ class Run:
     def distributed(self) -> bool:
         return self.world > 1
 
-    def checkpoint(self, names: tuple[str, ...], batch_in_epoch: int, epoch: int) -> None:
+    def checkpoint(self, names: tuple[str, ...], batch_in_epoch: int, epoch: int,
+                   ranks: list[dict] | None = None) -> None:
+        """Rank 0 saves; `ranks` (gather_rng) adds every rank's RNG state, rank 0's taken now."""
         if self.rank == 0:
             state = {"model": self.core.state_dict(), "optimizer": self.opt.state_dict(),
                      "scheduler": self.sched.state_dict(), "step": self.step, "epoch": epoch,
                      "batch_in_epoch": batch_in_epoch, "best_rsum": self.best, "best_epoch": self.best_epoch,
-                     "rng": rng_state(), "config": to_dict(self.cfg), "code_version": code_version(), "train_code": running_code(),
-                     "store": self.store_identity}
+                     "rng": rng_state(self.device), "config": to_dict(self.cfg), "code_version": code_version(),
+                     "train_code": running_code(), "store": self.store_identity}
+            if ranks is not None:
+                state["rng_ranks"] = [state["rng"], *ranks[1:]]
             for name in names:
                 save_checkpoint(self.ck_dir / name, state)
 
-    def validate_and_save(self, val_epoch: int) -> dict:
+    def validate_and_save(self, val_epoch: int, ranks: list[dict] | None = None) -> dict:
         """Rank 0: validate, log, save last.pt (and best.pt when val rsum improved). val_epoch -1 is
-        the untrained model."""
+        the untrained model; ranks: every rank's RNG state (gather_rng) under DDP."""
         val = validate(self.core, self.cfg, self.text, self.device)
         improved = val["rsum"] > self.best
         if improved:
             self.best, self.best_epoch = val["rsum"], val_epoch
         self.log.write(json.dumps({"step": self.step, "epoch": val_epoch, "split": "val", **val}) + "\n")
         self.log.flush()
-        self.checkpoint(("last.pt", "best.pt") if improved else ("last.pt",), 0, val_epoch + 1)
+        self.checkpoint(("last.pt", "best.pt") if improved else ("last.pt",), 0, val_epoch + 1, ranks)
         self.last_val = val
         return val
 
@@ -396,17 +402,48 @@ class Run:
             print(line)
 
 
+def ddp_backend(device: torch.device) -> str:
+    """NCCL for CUDA tensors, gloo for CPU ones: chosen by the device training runs on, not by whether
+    the host has a GPU (train.device: cpu on a GPU host under torchrun needs gloo)."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def gather_rng(run: "Run") -> list[dict] | None:
+    """Every rank's RNG state, on rank 0 (a collective: every rank calls it at the same step). None
+    without DDP."""
+    if not run.distributed:
+        return None
+    states = [None] * run.world
+    dist.all_gather_object(states, rng_state(run.device))
+    return states
+
+
+def rank_rng(ck: dict, rank: int, world: int) -> tuple[dict, str | None]:
+    """The RNG state rank `rank` resumes with, and a notice when it is not its own: checkpoints saved
+    at a step every rank reached keep each rank's state ("rng_ranks"); one saved on a stop signal, or
+    by a run with another number of ranks, has rank 0's only."""
+    ranks = ck.get("rng_ranks")
+    if ranks is not None and len(ranks) == world:
+        return ranks[rank], None
+    if world == 1 or rank == 0:
+        return ck["rng"], None
+    return ck["rng"], (f"rank {rank} resumes with rank 0's RNG state (the checkpoint holds "
+                       f"{'no per-rank states' if ranks is None else f'{len(ranks)} ranks'}): its dropout and "
+                       "loader streams differ from an uninterrupted run's")
+
+
 def setup(cfg: RunConfig, run_dir: Path, progress: bool) -> Run:
     """Process group, device, run folder files, model (seeded), data, optimizer and schedule."""
     tune_cpu_allocator()
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if distributed and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     device = resolve_device(cfg.train.device)
-    if distributed and device.type == "cuda":
+    if distributed and device.type == "cuda":  # torchrun: one GPU per local rank
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # collectives, kernels and RNG of this rank on its own GPU
+    if distributed and not dist.is_initialized():
+        dist.init_process_group(ddp_backend(device), timeout=timedelta(minutes=cfg.train.dist_timeout_min))
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     amp = cfg.train.amp and device.type == "cuda" and torch.cuda.is_bf16_supported()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -448,13 +485,42 @@ def resume(run: Run, ck: dict | None) -> None:
     run.sched.load_state_dict(ck["scheduler"])
     run.step, run.epoch, run.start_batch, run.best = ck["step"], ck["epoch"], ck["batch_in_epoch"], ck["best_rsum"]
     run.best_epoch = ck.get("best_epoch", run.epoch - 1)
+    rng, notice = rank_rng(ck, run.rank, run.world)
+    if notice:
+        print(notice)
     if run.start_batch == 0:  # saved at an epoch's end: the next epoch starts from this state
-        set_rng_state(ck["rng"])
+        set_rng_state(rng, run.device)
     else:
-        run.resume_rng = ck["rng"]
+        run.resume_rng = rng
     if run.rank == 0:
         print(f"resuming run {run.run_dir.name} at epoch {run.epoch}, batch {run.start_batch}, step {run.step}, "
               f"best rsum {run.best:.2f}")
+
+
+def loader_workers(workers: int, device: torch.device) -> int:
+    """train.workers, or for -1 (auto): none on CPU (its cores compute the step), on CUDA up to 4 per
+    local rank, as many as its share of the host's cores."""
+    if workers >= 0:
+        return workers
+    if device.type != "cuda":
+        return 0
+    return min(4, max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
+def epoch_batches(run: Run):
+    """An iterator over this epoch's batches (the sampler set to the epoch). Each epoch draws one seed
+    from the global RNG, as a fresh DataLoader iterator does, so runs with and without persistent
+    workers (and resumed runs) keep one RNG stream. Worker processes persist across epochs; on CUDA
+    batches come in pinned memory (non-blocking uploads in train_step)."""
+    workers = loader_workers(run.cfg.train.workers, run.device)
+    if workers and run.loader is not None:
+        torch.empty((), dtype=torch.int64).random_()  # the draw a fresh iterator would make
+        return iter(run.loader)
+    loader = torch.utils.data.DataLoader(run.data, batch_sampler=run.sampler, collate_fn=collate, num_workers=workers,
+                                         pin_memory=run.device.type == "cuda", persistent_workers=workers > 0)
+    if workers:
+        run.loader = loader
+    return iter(loader)  # draws the loader's seed from the global RNG
 
 
 def fit_epoch(run: Run, stop: "_StopRequest", stop_after_steps: int | None) -> dict | None:
@@ -463,11 +529,9 @@ def fit_epoch(run: Run, stop: "_StopRequest", stop_after_steps: int | None) -> d
     done); sets run.stopped and returns at once when stop_after_steps is reached."""
     cfg = run.cfg
     run.sampler.set_epoch(run.epoch, run.start_batch)
-    loader = torch.utils.data.DataLoader(run.data, batch_sampler=run.sampler, collate_fn=collate,
-                                         num_workers=cfg.train.workers)
-    batches = iter(loader)  # draws the loader's seed from the global RNG, as at every epoch's start
+    batches = epoch_batches(run)
     if run.resume_rng is not None:  # saved mid-epoch, i.e. after that draw: restored only now, so dropout
-        set_rng_state(run.resume_rng)  # continues with the stream an uninterrupted run has at this step
+        set_rng_state(run.resume_rng, run.device)  # continues with the stream an uninterrupted run has here
         run.resume_rng = None
     spe, every = run.steps_per_epoch, cfg.train.checkpoint_every
     bar = tqdm(batches, desc=f"epoch {run.epoch}", disable=not run.progress or run.rank != 0, mininterval=2,
@@ -489,8 +553,8 @@ def fit_epoch(run: Run, stop: "_StopRequest", stop_after_steps: int | None) -> d
             run.log.write(json.dumps(rec) + "\n")
             run.log.flush()
             bar.set_postfix(loss=f"{rec['loss']:.3f}", pairs_s=f"{rate:.0f}")
-        if every and run.step % every == 0 and b + 1 < spe:
-            run.checkpoint(("last.pt",), b + 1, run.epoch)
+        if every and run.step % every == 0 and b + 1 < spe:  # every rank is here at this step
+            run.checkpoint(("last.pt",), b + 1, run.epoch, gather_rng(run))
         if stop.requested:  # between steps the state is consistent: save it and stop
             run.checkpoint(("last.pt",), b + 1, run.epoch)
             raise KeyboardInterrupt(f"interrupted at step {run.step}: saved {run.ck_dir / 'last.pt'}; the same "
@@ -514,8 +578,9 @@ def _train(cfg: RunConfig, run_dir: Path, progress: bool, stop_after_steps: int 
     stop = _StopRequest()
     try:
         t_start, first_epoch = time.perf_counter(), run.epoch
+        ranks = gather_rng(run) if cfg.train.validate_at_start and run.step == 0 else None
         if cfg.train.validate_at_start and run.step == 0 and run.rank == 0:  # the initialisation competes for best.pt
-            run.validate_and_save(-1)
+            run.validate_and_save(-1, ranks)
             log_progress(run_dir, f"epoch 0/{cfg.train.epochs} (untrained): val rsum {run.best:.1f}")
         if cfg.train.validate_at_start and run.step == 0 and run.distributed:
             dist.barrier()
@@ -530,8 +595,9 @@ def _train(cfg: RunConfig, run_dir: Path, progress: bool, stop_after_steps: int 
             out = fit_epoch(run, stop, stop_after_steps)
             if run.stopped:
                 return {"run_dir": str(run_dir), "steps": run.step, "stopped": True}
+            ranks = gather_rng(run)
             if run.rank == 0:
-                run.validate_and_save(run.epoch - 1)
+                run.validate_and_save(run.epoch - 1, ranks)
                 if stop.requested:  # asked during validation: the epoch is saved, stop here (even after the last)
                     raise KeyboardInterrupt(f"interrupted after epoch {run.epoch}: saved {run.ck_dir / 'last.pt'}; "
                                             "the same command resumes from there")

@@ -183,7 +183,7 @@ def alignment_heatmap(model, cfg, split: str, image: int, caption: int, text, sc
     its per-band high-order coefficients (up to 4 bands) in the direction(s) the scoring uses."""
     import torch
 
-    from .data import CaptionDataset, ImageDataset, collate_captions, collate_images
+    from .data import CaptionDataset, ImageDataset, collate_captions, collate_images, to_device
     from .scoring import attention_maps
     from .text import load_tokenizer
 
@@ -191,8 +191,10 @@ def alignment_heatmap(model, cfg, split: str, image: int, caption: int, text, sc
     ds_img, ds_cap = ImageDataset(cfg.data.store, split), CaptionDataset(cfg.data.store, split, text, with_image=False)
     ib = collate_images([ds_img[int(np.nonzero(ds_img.images == image)[0][0])]])
     cb = collate_captions([ds_cap[int(np.nonzero(ds_cap.captions == caption)[0][0])]])
+    dev = next(model.parameters()).device  # the model may be on the GPU; figures are drawn from CPU arrays
     with torch.no_grad():
-        vi, ci = model.encode_images(ib), model.encode_captions(cb)
+        vi, ci = model.encode_images(to_device(ib, dev)), model.encode_captions(to_device(cb, dev))
+    vi, ci = ({k: v.cpu() for k, v in x.items()} for x in (vi, ci))
     words = ci["mask"][0]
     maps = attention_maps(vi["local"][0][vi["mask"][0]], ci["local"][0][words], scoring)
     with Store(cfg.data.store, check_values=False) as s:

@@ -236,3 +236,26 @@ def test_every_registered_term_has_a_weight_a_reference_and_a_distinct_gate():
     assert [t.gate for t in gated_terms()] == list(range(N_GATES))
     kept = override(ScoringConfig(), teran_only())
     assert [t.name for t in SCORING_TERMS if getattr(kept, t.weight) != 0] == ["local"]
+
+
+@pytest.mark.parametrize("direction", ["t2i", "i2t", "both"])
+def test_chunked_scoring_prepares_the_image_side_once(monkeypatch, direction):
+    """score_all_pairs uploads and transforms the image side once (band features, Gram) when it fits
+    the memory budget, else once per caption chunk; both equal the float64 reference."""
+    from hosa_lib import scoring
+    from hosa_lib.reference import pair_scores_reference
+    cfg = ScoringConfig(bands=4, direction=direction, w_global=0.5, w_local=0.5, w_high=1.0, kernel="torch")
+    img, cap = random_side(9, 5, 16, seed=1), random_side(11, 6, 16, seed=2)
+    calls = []
+    real = scoring.make_side
+    monkeypatch.setattr(scoring, "make_side", lambda *a, **k: calls.append(k.get("name")) or real(*a, **k))
+    ref = pair_scores_reference(img, cap, cfg)["total"].float()
+    small = 4 * 5 * 6 * 3  # a few pairs per chunk: many caption and image chunks
+    once = score_all_pairs(img, cap, cfg, max_elems=small)["total"]
+    assert calls.count("images") == 1 and calls.count("captions") > 2
+    calls.clear()
+    monkeypatch.setattr(scoring, "memory_budget", lambda device: (0, 0))  # the image side does not fit
+    per_chunk = score_all_pairs(img, cap, cfg, max_elems=small)["total"]
+    assert calls.count("images") > calls.count("captions") > 2
+    for got in (once, per_chunk):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)

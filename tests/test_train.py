@@ -17,7 +17,7 @@ def smoke_cfg(store, **train):
     raw = to_dict(load("params/smoke.yaml"))
     raw["data"]["store"] = store
     raw["model"].update(dropout=0.0)
-    raw["train"].update({"epochs": 2, "batch_size": 8, "log_every": 1, **train})
+    raw["train"].update({"epochs": 2, "batch_size": 8, "log_every": 1, "device": "cpu", **train})  # bit-exact: CPU
     return from_dict(raw)
 
 
@@ -110,6 +110,75 @@ def test_ddp_two_processes_equal_single_process(tmp_path, smoke_store):
         torch.testing.assert_close(ddp["grads"][n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
 
 
+def _ddp_train_worker(rank, world, raw, run_dir, port):
+    """One rank of `train` under a 2-process gloo group, as torchrun starts it (env:// rendezvous)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    import torch.distributed as dist
+
+    from hosa_lib.config import from_dict
+    from hosa_lib.train import train
+    torch.set_num_threads(1)
+    try:
+        train(from_dict(raw), Path(run_dir), progress=False, stop_after_steps=3)
+    finally:
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+DDP_VARIANTS = {
+    # the Hugging Face backbone fine-tuned: its pooler never gets a gradient
+    "finetuned_backbone": {"model": {"text_finetune": True}, "data": {"text_layer": 2}},
+    # TERAN's layout: unused_fc / unused_map are computed by TERAN and discarded
+    "teran_arch": {"model": {"arch": "teran", "text_finetune": True, "feat_layers": 1, "image_layers": 1,
+                             "text_layers": 1, "anchor": False},
+                   "data": {"text_layer": 2}},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", list(DDP_VARIANTS))
+def test_ddp_train_runs_past_step_two_and_keeps_each_ranks_rng(tmp_path, smoke_store, variant):
+    """`train` under 2 gloo processes (torchrun's environment) with parameters that receive no
+    gradient in the landed code (DDP without find_unused_parameters stops at step 2 with 'Expected
+    to have finished reduction'); the mid-epoch checkpoint keeps both ranks' RNG states."""
+    import torch.multiprocessing as mp
+
+    from hosa_lib.config import override
+    cfg = override(smoke_cfg(smoke_store.store, epochs=1, checkpoint_every=2, batch_size=4, device="cpu"),
+                   DDP_VARIANTS[variant])
+    port = 29000 + (os.getpid() * 7 + len(variant)) % 900
+    mp.spawn(_ddp_train_worker, args=(2, to_dict(cfg), str(tmp_path / "run"), port), nprocs=2, join=True)
+    ck = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
+    assert ck["step"] == 2 and ck["batch_in_epoch"] == 2  # saved at step 2, then step 3 ran
+    assert len(ck["rng_ranks"]) == 2 and ck["rng"] is not None
+
+
+def test_rng_state_per_device_and_rank_restores_on_any_device_count():
+    """A rank resumes with its own saved RNG state; a checkpoint of another world size, or one saved
+    by a stop signal (rank 0's state only), gives rank 0's state with a notice; old checkpoints'
+    CUDA lists (one entry per GPU of the saving host) load on a host without that GPU."""
+    from hosa_lib.runs import rng_state, set_rng_state
+    from hosa_lib.train import ddp_backend, rank_rng
+    assert ddp_backend(torch.device("cpu")) == "gloo" and ddp_backend(torch.device("cuda", 1)) == "nccl"
+    torch.manual_seed(1)
+    s0 = rng_state("cpu")
+    assert s0["cuda"] is None
+    torch.rand(3)
+    s1 = rng_state("cpu")
+    ck = {"rng": s0, "rng_ranks": [s0, s1]}
+    assert rank_rng(ck, 1, 2) == (s1, None)
+    state, notice = rank_rng(ck, 1, 3)
+    assert state is s0 and "rank 1 resumes with rank 0's RNG state" in notice
+    state, notice = rank_rng({"rng": s0}, 1, 2)
+    assert state is s0 and "no per-rank states" in notice
+    assert rank_rng({"rng": s0}, 0, 1) == (s0, None)
+    old = dict(s1, cuda=[torch.zeros(16, dtype=torch.uint8)] * 2)  # saved on a 2-GPU host
+    set_rng_state(old, "cpu")  # no IndexError, no CUDA call on a CPU-only host
+    assert torch.equal(torch.get_rng_state(), s1["torch"])
+
+
 def test_evaluate_cli_writes_metrics(tmp_path, smoke_store):
     from hosa_lib.train import train
     cfg = smoke_cfg(smoke_store.store, epochs=1)
@@ -123,6 +192,18 @@ def test_evaluate_cli_writes_metrics(tmp_path, smoke_store):
     assert {"rsum", "i2t_r1", "t2i_ndcg_rougeL", "swap_acc"} <= set(m)
     assert "rsum" in proc.stdout
     assert list((Path(res["run_dir"]) / "checkpoints").glob("embeddings_best_test.h5"))
+    # evaluation runs where training does: the params' train.device unless --device says otherwise
+    from hosa_lib import evaluate
+    from hosa_lib.cli import parser
+    assert parser("evaluate").parse_args([str(params), "--checkpoint", str(ck)]).device is None
+    seen = []
+    real = evaluate.resolve_device
+    evaluate.resolve_device = lambda name: seen.append(name) or real(name)
+    try:
+        ev = evaluate.evaluate_checkpoint(cfg, ck, progress=False)
+    finally:
+        evaluate.resolve_device = real
+    assert seen == [cfg.train.device] and next(ev["model"].parameters()).device.type == "cpu"
 
 
 def test_finetune_backbone_trains_with_its_own_lr(tmp_path, smoke_store):
