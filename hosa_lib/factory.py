@@ -71,7 +71,11 @@ def init_anchors(model: HOSA, store_path, text_key: str, kind: str = "ridge") ->
         weight[:m.shape[1]] = torch.from_numpy(np.asarray(m, np.float64)).T
         anchor.map.weight.copy_(weight)
         anchor.map.bias.copy_(-(weight @ torch.from_numpy(np.asarray(mean, np.float64))))
-    return {k: fit[k] for k in ("kind", "val_rsum", "params")}
+    if "cv" in fit:
+        cv = fit["cv"]
+        print(f"hosa: anchored start = {fit['kind']} map ({cv['decision']}; {len(cv['ridge_rsum'])}-fold rsum ridge "
+              f"{np.mean(cv['ridge_rsum']):.1f}, CCA {np.mean(cv['cca_rsum']):.1f})")
+    return {k: fit[k] for k in ("kind", "val_rsum", "params", "cv") if k in fit}
 
 
 def is_teran_checkpoint(ck: dict) -> bool:
