@@ -7,7 +7,7 @@ PARAMS ?= params/demo.yaml
 # JupyterLab refuses to run as root without --allow-root
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-.PHONY: setup demo test bench bench-scale gpu-check triton-aot lab browser-check chromium clean-outputs
+.PHONY: setup demo test bench bench-scale gpu-check triton-aot tensorboard lab browser-check chromium clean-outputs
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,10 @@ gpu-check: setup
 # No GPU needed: compile the Triton kernels for sm_80/sm_90, print shared memory, registers, spills per length
 triton-aot: setup
 	$(PY) benchmarks/triton_aot.py
+
+# Training curves of every run under outputs/ (or RUN=outputs/<run>): losses, lr, term weights, val metrics
+tensorboard: setup
+	$(VENV)/bin/tensorboard --logdir $(or $(RUN),outputs)
 
 lab: setup
 	$(VENV)/bin/jupyter lab --ServerApp.root_dir="$(CURDIR)" --LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate $(ROOT_FLAG)

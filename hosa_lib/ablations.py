@@ -59,24 +59,29 @@ def cached_cell(path: Path, inputs: dict) -> dict | None:
     return {**res, "cached": True, "stale": STALE_NOTE} if keep_stale() else None
 
 
-def run_cell(cfg: RunConfig, progress: bool = False, fresh: bool = False) -> dict:
+def run_cell(cfg: RunConfig, progress: bool = False, fresh: bool = False, echo=None) -> dict:
     """Train (or reuse) and evaluate one configuration; results cached in its run folder together with
     what they were computed from (`cell_inputs`): other code or another store build computes the cell
-    again (its training starts over, `train.recover`); fresh=True always does."""
+    again (its training starts over, `train.recover`); fresh=True always does. steps_per_s is the
+    run's own training speed (all its epochs, resumes included; NaN without a step), also for a cell
+    that reuses a finished run. echo: (folder, prefix) where training's progress lines also go."""
     run_dir = run_dir_for(cfg)
     cached, inputs = run_dir / "ablation_result.json", cell_inputs(cfg)
     hit = None if fresh else cached_cell(cached, inputs)
     if hit is not None:
         return hit
-    t0, load0 = time.perf_counter(), os.getloadavg()[0]
-    res = train(cfg, run_dir, progress=progress, fresh=fresh)
-    t_train = time.perf_counter() - t0
+    load0 = os.getloadavg()[0]
+    res = train(cfg, run_dir, progress=progress, fresh=fresh, echo=echo)
+    t_train = res["train_seconds"]
+    if echo:
+        log_progress(echo[0], f"{echo[1]}evaluating {cfg.eval.split}")
     ev = evaluate_checkpoint(cfg, run_dir / "checkpoints" / "best.pt", progress=False, cache=not fresh)
     m = dict(ev["metrics"])
     if cfg.scoring.gates:  # the weights training gave the local terms (gates folded in)
         m.update({f"{t.weight}_learned": getattr(ev["cfg"].scoring, t.weight) for t in gated_terms()})
     # machine load while the cell trained: timings of cells run under different load do not compare
-    out = {**m, "train_seconds": t_train, "steps": res["steps"], "steps_per_s": res["steps"] / t_train,
+    out = {**m, "train_seconds": t_train, "steps": res["steps"],
+           "steps_per_s": res["steps"] / t_train if res["steps"] and t_train > 0 else float("nan"),
            "load_avg": (load0 + os.getloadavg()[0]) / 2, "run_dir": str(run_dir)}
     tmp = cached.with_name(f".{cached.name}.tmp")
     ck = fingerprint(run_dir / "checkpoints" / "best.pt")
@@ -107,7 +112,8 @@ def run_grid(cfg: RunConfig, grid_path=None, seeds=None, out_csv=None, progress:
         # a cell that trains exactly the run's own weights (e.g. `hosa` with no overrides) is the run itself:
         # its folder is reused, not trained again under another name
         own = weights_key(cell_cfg) == weights_key(cfg)
-        res = run_cell(cfg if own else cell_cfg, fresh=fresh and not own)  # --force retrains the run itself in train
+        echo = (Path(out_csv).parent, f"cell {n}/{len(cells)} {v['name']} seed {seed}: ") if out_csv else None
+        res = run_cell(cfg if own else cell_cfg, fresh=fresh and not own, echo=echo)  # --force retrains the run in train
         for k in ("inputs", "checkpoint", "code"):
             res.pop(k, None)
         cached = res.pop("cached", False)
@@ -152,3 +158,13 @@ def summarize(df: pd.DataFrame, base: dict | None = None) -> pd.DataFrame:
     num = agg.select_dtypes("number").columns
     agg[num] = agg[num].round(2) + 0.0  # + 0.0 turns -0.0 (a learned weight rounded to 0) into 0.0
     return agg
+
+
+def summary_table(df: pd.DataFrame, base: dict | None = None):
+    """`summarize` for a report: "—" where a value does not apply (a variant without learned gates, a
+    0-epoch variant's speed, the baseline's training columns), explained in the caption."""
+    agg = summarize(df, base)
+    several = df.groupby("variant").size().max() > 1
+    caption = ("mean ± sd over seeds" if several else "one seed per variant") + \
+        "; — : does not apply (no learned gate, no training step, or the closed-form baseline)"
+    return agg.style.format(precision=2, na_rep="—").set_caption(caption)

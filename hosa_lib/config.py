@@ -139,6 +139,8 @@ class TrainConfig:
                                    # never falls below the initialisation (an anchored model starts at the baseline)
     log_every: int = 10
     checkpoint_every: int = 0      # also save last.pt every N steps mid-epoch (0 = end of epoch only)
+    tensorboard: bool = True       # TensorBoard event files in <run>/tensorboard: losses, lr and term weights per
+                                   # logged step, val metrics per epoch (`make tensorboard`)
     dist_timeout_min: int = 120    # DDP: how long a rank waits in a collective; rank 0 validates alone while
                                    # the others wait, so this must exceed one validation (COCO val included)
 

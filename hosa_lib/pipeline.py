@@ -221,16 +221,32 @@ def run_stage(name: str, params_path: Path, cfg, run_dir: Path, force: bool, kee
     return {"stage": name, "skipped": False, **record}
 
 
-def describe_run(cfg) -> str:
-    """One line saying what a run is: data, model and scoring, training, evaluation protocol."""
+def describe_run(cfg, run_dir: Path | None = None) -> str:
+    """One line saying what a run is: data (with its split sizes once the store exists), model and
+    scoring, training (as it went, once trained: early stops said), evaluation protocol."""
     from .scoring import SCORING_TERMS  # lazily: torch is not needed to drive the notebooks
     d, m, sc = cfg.data, cfg.model, cfg.scoring
-    data = {"synthetic": f"synthetic scenes ({d.n_images} images)", "images": f"image folder {Path(d.root).name or '(data.root unset)'}",
+    data = {"synthetic": "synthetic scenes", "images": f"images of the folder {Path(d.root).name or '(data.root unset)'}",
             "teran": f"{d.dataset.upper()} in TERAN's layout", "scan": "SCAN precomputed features",
             "store": f"store {Path(d.store).name}"}[d.source]
+    try:
+        from .store import Store
+        with Store(d.store, check_values=False) as st:
+            sizes = [len(st.split_images(x)) for x in ("train", "val", "test")]
+            data = f"{st.n_images:,} {data} (train / val / test {' / '.join(f'{n:,}' for n in sizes)})"
+    except Exception:  # no store yet (the index before prepare has run)
+        data = f"{data} ({d.n_images} images)" if d.source == "synthetic" else data
     terms = "+".join(t.name for t in SCORING_TERMS if getattr(sc, t.weight))
     model = f"{m.arch.upper()} embed {m.embed}, scoring {terms or 'none'}" + (f" (G={sc.bands})" if sc.w_high else "")
-    return (f"{data}; {model}; text {d.text_model} layer {d.text_layer}; {cfg.train.epochs} epochs; "
+    trained = f"{cfg.train.epochs} epochs"
+    res = run_dir / "train_metrics.json" if run_dir else None
+    if res and res.is_file():
+        r = json.loads(res.read_text())
+        if "epochs_run" in r:
+            best = "the untrained start" if r.get("best_epoch", 0) < 0 else f"epoch {r['best_epoch'] + 1}"
+            trained = (f"trained {r['epochs_run']} of {r['epochs']} epochs (stopped early; best on val: {best})"
+                       if r["epochs_run"] < r["epochs"] else f"trained {r['epochs']} epochs (best on val: {best})")
+    return (f"{data}; {model}; text {d.text_model} layer {d.text_layer}; {trained}; "
             f"evaluated on {cfg.eval.split}, ties {cfg.eval.ties}")
 
 
@@ -281,7 +297,7 @@ def write_index(run_dir: Path, cfg, params_path: Path, results: list[dict]) -> P
         shown = params_path.name
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>HOSA run {html.escape(cfg.name)}</title>"
             "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}td,th{padding:0 1em}</style></head><body>"
-            f"<h1>HOSA run {html.escape(cfg.name)}</h1><p>{html.escape(describe_run(cfg))}</p>"
+            f"<h1>HOSA run {html.escape(cfg.name)}</h1><p>{html.escape(describe_run(cfg, run_dir))}</p>"
             f"<p>params: <code>{html.escape(str(shown))}</code>; run folder <code>{html.escape(run_dir.name)}</code> "
             f"(named by the params that change the weights)</p><h2>Reports</h2><ul>{''.join(rows)}</ul>"
             f"<h2>Test metrics</h2>{table or '<p>(no evaluation yet)</p>'}"

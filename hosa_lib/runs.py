@@ -29,7 +29,7 @@ from .progress import PROGRESS_LOG, ProgressLog, log_progress  # noqa: F401  (re
 # Keys that never change the trained weights (section -> keys; "*" = the whole section).
 NOT_WEIGHTS = {"name": "*", "output_root": "*", "eval": "*", "ablation": "*",
                "data": ("force", "relevance", "spice"), "scoring": ("kernel",),
-               "train": ("device", "workers", "threads", "log_every", "checkpoint_every", "dist_timeout_min")}
+               "train": ("device", "workers", "threads", "log_every", "checkpoint_every", "dist_timeout_min", "tensorboard")}
 
 
 def portable_config(cfg: RunConfig) -> dict:

@@ -14,6 +14,7 @@ if __name__ == "__main__":  # answer --help and usage errors before torch loads
     early("train")
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -34,10 +35,11 @@ from .data import CaptionDataset, EpochSampler, collate, positives, to_device, t
 from .evaluate import encode_split, evaluate_embeddings
 from .factory import build_model, resolve_device
 from .model import HOSA
+from .scoring import SCORING_TERMS
 from .perf import tune_cpu_allocator
 from .provenance import KEEP_STALE_ENV, STALE_NOTE, changed_modules, is_current, keep_stale, running_code
 from .store import Store
-from .runs import (CheckpointError, checkpoint_intact, format_seconds, load_checkpoint, log_progress, rng_state, run_dir_for, save_checkpoint,
+from .runs import (CheckpointError, ProgressLog, checkpoint_intact, format_seconds, load_checkpoint, log_progress, rng_state, run_dir_for, save_checkpoint,
                    set_rng_state)
 
 
@@ -257,8 +259,11 @@ def check_resumable(cfg: RunConfig, run_dir: Path) -> None:
 
 
 def train(cfg: RunConfig, run_dir: str | Path | None = None, progress: bool = True,
-          stop_after_steps: int | None = None, fresh: bool = False) -> dict:
-    """Train (or resume) a run. Returns {"run_dir", "best_rsum", "steps", "seconds", "last_val"}.
+          stop_after_steps: int | None = None, fresh: bool = False, echo: tuple[Path, str] | None = None) -> dict:
+    """Train (or resume) a run. Returns {"run_dir", "best_rsum", "steps", "seconds", "train_seconds" (all
+    training of the run, resumes included), "epochs_run", "best_epoch", "last_val"}. Progress: with
+    progress=True bars and lines in the terminal; otherwise lines in <run_dir>/progress.log (within-epoch
+    every 30 s), and also in echo = (folder, prefix)'s progress log (ablation cells: the pipeline's run).
     One process at a time trains into a run folder (a second fails at once, naming the first).
     A run folder whose checkpoints cannot be continued as they are — made from another build of the
     store, by other code (`provenance`; kept with HOSA_KEEP_STALE=1), unreadable, or whose best.pt is
@@ -268,10 +273,10 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, progress: bool = Tr
     run_dir = Path(run_dir) if run_dir else run_dir_for(cfg)
     if int(os.environ.get("RANK", "0")) != 0:  # the same decision from the same files, read only: rank 0 acts
         reason, last = start_over_reason(cfg, run_dir / "checkpoints", fresh, act=False)
-        return _train(cfg, run_dir, progress, stop_after_steps, None if reason else last)
+        return _train(cfg, run_dir, progress, stop_after_steps, None if reason else last, echo)
     with writing_lock(run_dir / "train", subject=f"run folder {run_dir}"):
         check_resumable(cfg, run_dir)
-        return _train(cfg, run_dir, progress, stop_after_steps, recover(cfg, run_dir, fresh))
+        return _train(cfg, run_dir, progress, stop_after_steps, recover(cfg, run_dir, fresh), echo)
 
 
 def start_over_reason(cfg: RunConfig, ck_dir: Path, fresh: bool, act: bool = True) -> tuple[str | None, dict | None]:
@@ -360,6 +365,16 @@ class Run:
     stopped: bool = False  # stop_after_steps reached
     log: object = None
     loader: object = None  # the DataLoader when its workers persist across epochs
+    tb: object = None  # rank 0's TensorBoard SummaryWriter (train.tensorboard)
+    echo: tuple | None = None  # (folder, prefix): progress lines also go to that folder's progress log
+    train_seconds: float = 0.0  # time spent in training epochs, over every resume (checkpointed)
+
+    def scalars(self, prefix: str, values: dict, step: int) -> None:
+        """Numbers of `values` to TensorBoard as prefix/name at `step` (when it is on)."""
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                    self.tb.add_scalar(f"{prefix}/{k}", v, step)
 
     @property
     def ck_dir(self) -> Path:
@@ -377,7 +392,7 @@ class Run:
                      "scheduler": self.sched.state_dict(), "step": self.step, "epoch": epoch,
                      "batch_in_epoch": batch_in_epoch, "best_rsum": self.best, "best_epoch": self.best_epoch,
                      "rng": rng_state(self.device), "config": to_dict(self.cfg), "code_version": code_version(),
-                     "train_code": running_code(), "store": self.store_identity}
+                     "train_code": running_code(), "store": self.store_identity, "train_seconds": self.train_seconds}
             if ranks is not None:
                 state["rng_ranks"] = [state["rng"], *ranks[1:]]
             for name in names:
@@ -392,12 +407,18 @@ class Run:
             self.best, self.best_epoch = val["rsum"], val_epoch
         self.log.write(json.dumps({"step": self.step, "epoch": val_epoch, "split": "val", **val}) + "\n")
         self.log.flush()
+        self.scalars("val", {k: v for k, v in val.items() if k == "rsum" or k.startswith(("i2t_r", "t2i_r"))
+                             or k.endswith("_acc")}, self.step)  # the step the epoch ended at (0: untrained)
+        if self.tb is not None:
+            self.tb.flush()
         self.checkpoint(("last.pt", "best.pt") if improved else ("last.pt",), 0, val_epoch + 1, ranks)
         self.last_val = val
         return val
 
     def say(self, line: str) -> None:
         log_progress(self.run_dir, line)
+        if self.echo:
+            log_progress(self.echo[0], self.echo[1] + line)
         if self.progress:
             print(line)
 
@@ -485,6 +506,7 @@ def resume(run: Run, ck: dict | None) -> None:
     run.sched.load_state_dict(ck["scheduler"])
     run.step, run.epoch, run.start_batch, run.best = ck["step"], ck["epoch"], ck["batch_in_epoch"], ck["best_rsum"]
     run.best_epoch = ck.get("best_epoch", run.epoch - 1)
+    run.train_seconds = ck.get("train_seconds", 0.0)
     rng, notice = rank_rng(ck, run.rank, run.world)
     if notice:
         print(notice)
@@ -492,9 +514,25 @@ def resume(run: Run, ck: dict | None) -> None:
         set_rng_state(rng, run.device)
     else:
         run.resume_rng = rng
-    if run.rank == 0:
-        print(f"resuming run {run.run_dir.name} at epoch {run.epoch}, batch {run.start_batch}, step {run.step}, "
-              f"best rsum {run.best:.2f}")
+
+
+class EchoLog(ProgressLog):
+    """A training bar's state every 30 s as a line of the run's progress log (and of its echo's)."""
+
+    def __init__(self, run: "Run"):
+        super().__init__(run.run_dir, every=30.0)
+        self.run = run
+
+    def flush_line(self) -> None:
+        if self.pending and self.run.echo:
+            log_progress(self.run.echo[0], self.run.echo[1] + self.pending)
+        super().flush_line()
+
+
+def term_weights_now(core: HOSA) -> dict[str, float]:
+    """The weight each scoring term has in the total now (learned gates folded in)."""
+    cfg = core.scoring_config()
+    return {t.name: float(getattr(cfg, t.weight)) for t in SCORING_TERMS}
 
 
 def loader_workers(workers: int, device: torch.device) -> int:
@@ -534,9 +572,11 @@ def fit_epoch(run: Run, stop: "_StopRequest", stop_after_steps: int | None) -> d
         set_rng_state(run.resume_rng, run.device)  # continues with the stream an uninterrupted run has here
         run.resume_rng = None
     spe, every = run.steps_per_epoch, cfg.train.checkpoint_every
-    bar = tqdm(batches, desc=f"epoch {run.epoch}", disable=not run.progress or run.rank != 0, mininterval=2,
-               initial=run.start_batch, total=spe)
+    to = None if run.progress else EchoLog(run)  # not interactive: the bar every 30 s as a progress-log line
+    bar = tqdm(batches, desc=f"epoch {run.epoch + 1}/{cfg.train.epochs}", disable=run.rank != 0, mininterval=2,
+               initial=run.start_batch, total=spe, file=to)
     t0, out = time.perf_counter(), None
+    t_mark = t0  # train_seconds counts time in this loop, up to each checkpoint
     for b, batch in enumerate(bar, start=run.start_batch):
         out = train_step(run.model, batch, cfg, run.step, run.device, run.amp)
         run.opt.zero_grad(set_to_none=True)
@@ -552,7 +592,11 @@ def fit_epoch(run: Run, stop: "_StopRequest", stop_after_steps: int | None) -> d
                    "lr": run.sched.get_last_lr()[0], "pairs_per_s": rate}
             run.log.write(json.dumps(rec) + "\n")
             run.log.flush()
+            run.scalars("train", {k: v for k, v in rec.items() if k not in ("step", "epoch")}, run.step)
+            run.scalars("weights", term_weights_now(run.core), run.step)
             bar.set_postfix(loss=f"{rec['loss']:.3f}", pairs_s=f"{rate:.0f}")
+        now = time.perf_counter()
+        run.train_seconds, t_mark = run.train_seconds + now - t_mark, now
         if every and run.step % every == 0 and b + 1 < spe:  # every rank is here at this step
             run.checkpoint(("last.pt",), b + 1, run.epoch, gather_rng(run))
         if stop.requested:  # between steps the state is consistent: save it and stop
@@ -568,24 +612,37 @@ def fit_epoch(run: Run, stop: "_StopRequest", stop_after_steps: int | None) -> d
 
 
 def _train(cfg: RunConfig, run_dir: Path, progress: bool, stop_after_steps: int | None,
-           last: dict | None = None) -> dict:
+           last: dict | None = None, echo: tuple[Path, str] | None = None) -> dict:
     run = setup(cfg, run_dir, progress)
+    run.echo = echo
     resume(run, last)
+    finished = last is not None and (run.epoch >= cfg.train.epochs or (
+        run.start_batch == 0 and bool(cfg.train.patience) and run.epoch - 1 - run.best_epoch >= cfg.train.patience))
+    if last is not None and run.rank == 0:
+        run.say(f"run {run_dir.name} already trained: {run.epoch} of {cfg.train.epochs} epochs, best val rsum "
+                f"{run.best:.1f} ({'the untrained model' if run.best_epoch < 0 else f'after epoch {run.best_epoch + 1}'})"
+                if finished else f"resuming run {run_dir.name} at epoch {run.epoch + 1}, batch {run.start_batch}, "
+                f"step {run.step}, best val rsum {run.best:.1f}")
     if run.distributed:
         run.model = torch.nn.parallel.DistributedDataParallel(
             _DDPWrapper(run.core), device_ids=[run.device] if run.device.type == "cuda" else None)
     run.log = open_log(run_dir / "metrics.jsonl", run.step) if run.rank == 0 else None
+    if run.rank == 0 and cfg.train.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+        # purge_step: a resumed run drops the events an interrupted run wrote after its checkpoint
+        run.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=run.step if run.step else None)
     stop = _StopRequest()
     try:
         t_start, first_epoch = time.perf_counter(), run.epoch
-        ranks = gather_rng(run) if cfg.train.validate_at_start and run.step == 0 else None
-        if cfg.train.validate_at_start and run.step == 0 and run.rank == 0:  # the initialisation competes for best.pt
+        at_start = cfg.train.validate_at_start and last is None  # a checkpoint at step 0 is that validation's
+        ranks = gather_rng(run) if at_start else None
+        if at_start and run.rank == 0:  # the initialisation competes for best.pt
             run.validate_and_save(-1, ranks)
-            log_progress(run_dir, f"epoch 0/{cfg.train.epochs} (untrained): val rsum {run.best:.1f}")
-        if cfg.train.validate_at_start and run.step == 0 and run.distributed:
+            run.say(f"epoch 0/{cfg.train.epochs} (untrained): val rsum {run.best:.1f}")
+        if at_start and run.distributed:
             dist.barrier()
         run.core.train()
-        while run.epoch < cfg.train.epochs:
+        while run.epoch < cfg.train.epochs and not finished:
             if stale_for(run.epoch, run.best_epoch, cfg.train.patience, run.distributed):
                 if run.rank == 0:
                     run.say(f"early stop after epoch {run.epoch}/{cfg.train.epochs}: no better val rsum for "
@@ -613,8 +670,11 @@ def _train(cfg: RunConfig, run_dir: Path, progress: bool, stop_after_steps: int 
         stop.restore()
         if run.log:
             run.log.close()
+        if run.tb is not None:
+            run.tb.close()
     return {"run_dir": str(run_dir), "best_rsum": run.best, "steps": run.step,
-            "seconds": time.perf_counter() - t_start, "last_val": run.last_val}
+            "seconds": time.perf_counter() - t_start, "train_seconds": run.train_seconds, "epochs_run": run.epoch,
+            "epochs": cfg.train.epochs, "best_epoch": run.best_epoch, "last_val": run.last_val}
 
 
 def main(argv=None) -> int:

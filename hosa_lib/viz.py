@@ -96,7 +96,7 @@ def plot_training(run_dir, smooth: int = 5):
                      label=term)  # dashes: i2t and t2i stay visible where they overlap
     axes[0].set_yscale("log")
     axes[0].set(title="loss terms per step (log scale)", xlabel="step", ylabel="loss")
-    axes[0].legend(loc="upper right", frameon=True)
+    axes[0].legend(loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)  # outside: never over the curves
     if len(val):
         rec = val.melt(id_vars=["epoch"], value_vars=[c for c in val if c.endswith(("_r1", "_r5", "_r10"))],
                        var_name="recall")
@@ -201,7 +201,11 @@ def alignment_heatmap(model, cfg, split: str, image: int, caption: int, text, sc
         caption_text = s.captions([caption])[0]
     tok = load_tokenizer(cfg.data.text_model)
     ids = tok(caption_text, truncation=True, max_length=len(words))["input_ids"]
-    labels = [tok.convert_ids_to_tokens(ids[k]) for k in np.nonzero(words.numpy())[0] if k < len(ids)]
+    pieces = [tok.convert_ids_to_tokens(ids[k]) for k in np.nonzero(words.numpy())[0] if k < len(ids)]
+    labels, groups = merge_word_pieces(pieces)
+    n = len(pieces)  # a caption cut by the tokenizer's limit: the columns it has labels for
+    how = {"cosine": "mean", "t2i": "sum", "i2t": "mean"}  # t2i: a region's weight on a word = on its pieces
+    maps = {k: merge_columns(v[..., :n], groups, how[k]) for k, v in maps.items()}
     G = scoring.bands
     shown = np.unique(np.linspace(0, G - 1, min(G, 4)).astype(int))
     panels = [(d, b) for d in ("t2i", "i2t") if d in maps for b in shown]
@@ -222,6 +226,30 @@ def alignment_heatmap(model, cfg, split: str, image: int, caption: int, text, sc
     fig.suptitle(_wrap(caption_text, 100), fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def merge_word_pieces(pieces: list[str]) -> tuple[list[str], list[list[int]]]:
+    """Word pieces -> words for display: a WordPiece continuation (`##…`) joins the word before it, and
+    so does punctuation that follows a word ("sofa" "," -> "sofa,"). Returns the words and, per word,
+    the positions of its pieces."""
+    import unicodedata
+    words, groups = [], []
+    for i, p in enumerate(pieces):
+        punct = bool(p) and all(unicodedata.category(c).startswith("P") for c in p)
+        if words and (p.startswith("##") or punct):
+            words[-1] += p[2:] if p.startswith("##") else p
+            groups[-1].append(i)
+        else:
+            words.append(p[2:] if p.startswith("##") else p)
+            groups.append([i])
+    return words, groups
+
+
+def merge_columns(x, groups: list[list[int]], how: str):
+    """The last axis of x (a tensor or array) reduced per group of columns: "mean" or "sum"."""
+    import torch
+    parts = [x[..., g].mean(-1) if how == "mean" else x[..., g].sum(-1) for g in groups]
+    return torch.stack(parts, -1) if isinstance(x, torch.Tensor) else np.stack(parts, -1)
 
 
 def query_heatmap(ev: dict, store_path, split: str, query: int):
@@ -284,13 +312,31 @@ def plot_ablations(df: pd.DataFrame, base: dict | None = None):
             ax.axvline(base[col], ls="--", c="firebrick", label=base["variant"])
         if ax.get_legend_handles_labels()[0]:
             ax.legend(loc="best", fontsize=10)
-    rec = recall_at_k_frame(df)
+    rec = same_curves(recall_at_k_frame(df))
     for i, (ax, d) in enumerate(zip(axes[len(panels):n], ("i2t", "t2i"))):
-        sns.lineplot(data=rec[rec.direction == d], x="K", y="value", hue="variant", marker="o", ax=ax,
-                     legend=i == 0)
+        sns.lineplot(data=rec[rec.direction == d], x="K", y="value", hue="variant", style="variant", marker="o",
+                     ax=ax, legend=i == 0)
         ax.set_title(f"{d} recall@K")
         ax.set_ylabel("recall (%)")
         if i == 0:  # one legend for both directions (same colours)
-            ax.legend(title="variant", fontsize=10, title_fontsize=10)
+            ax.legend(title="variant (= : identical curves)", fontsize=10, title_fontsize=10)
+    seeds = df.groupby("variant")["seed"].nunique().max() if "seed" in df else 1
+    fig.suptitle("each point one seed; black: the mean ± sd over " + f"{seeds} seeds" if seeds > 1 else
+                 "one seed per variant: no spread to show (black: the value)", fontsize=11)
     fig.tight_layout()
     return fig
+
+
+def same_curves(rec: pd.DataFrame) -> pd.DataFrame:
+    """Variants whose recall@K values are all identical share one curve, labelled "a = b", so that a
+    legend never lists lines that lie exactly on top of each other."""
+    key = rec.sort_values(["direction", "K", "seed"]).groupby("variant", sort=False)["value"].apply(
+        lambda v: tuple(np.round(v.to_numpy(), 6)))
+    names = {}
+    for variant, k in key.items():
+        names.setdefault(k, []).append(variant)
+    label = {v: " = ".join(group) for group in names.values() for v in group}
+    keep = {group[0] for group in names.values()}
+    out = rec[rec["variant"].isin(keep)].copy()
+    out["variant"] = out["variant"].map(label)
+    return out

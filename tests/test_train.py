@@ -11,6 +11,7 @@ import torch
 import yaml
 
 from hosa_lib.config import from_dict, load, to_dict
+from hosa_lib.scoring import SCORING_TERMS
 
 
 def smoke_cfg(store, **train):
@@ -192,6 +193,17 @@ def test_evaluate_cli_writes_metrics(tmp_path, smoke_store):
     assert {"rsum", "i2t_r1", "t2i_ndcg_rougeL", "swap_acc"} <= set(m)
     assert "rsum" in proc.stdout
     assert list((Path(res["run_dir"]) / "checkpoints").glob("embeddings_best_test.h5"))
+    # TensorBoard event files in the run folder, read back: per-step losses, lr and term weights, val per epoch
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(Path(res["run_dir"]) / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/pairs_per_s", "val/rsum", "val/i2t_r1"} <= tags, tags
+    assert {f"weights/{t.name}" for t in SCORING_TERMS} <= tags
+    log = [json.loads(l) for l in (Path(res["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx(losses)
+    assert acc.Scalars("val/rsum")[-1].value == pytest.approx(res["last_val"]["rsum"])
     # evaluation runs where training does: the params' train.device unless --device says otherwise
     from hosa_lib import evaluate
     from hosa_lib.cli import parser
@@ -204,6 +216,13 @@ def test_evaluate_cli_writes_metrics(tmp_path, smoke_store):
     finally:
         evaluate.resolve_device = real
     assert seen == [cfg.train.device] and next(ev["model"].parameters()).device.type == "cpu"
+
+
+def test_tensorboard_off_writes_no_event_files(tmp_path, smoke_store):
+    from hosa_lib.train import train
+    train(smoke_cfg(smoke_store.store, epochs=1, tensorboard=False), tmp_path / "run", progress=False,
+          stop_after_steps=2)
+    assert (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "run" / "tensorboard").exists()
 
 
 def test_finetune_backbone_trains_with_its_own_lr(tmp_path, smoke_store):
