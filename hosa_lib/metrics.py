@@ -8,9 +8,9 @@ captions or duplicate images encoded in different batches differ by an ulp or tw
 - fair (default): the expected metric when tied items are put in a uniformly random order — the
   correct item neither wins nor loses a tie it cannot be told apart in. R@K is the probability that
   the first correct item lands in the top K; ranks are expected ranks. Deterministic (no sampling).
-- teran: TERAN's evaluation.py: exact float comparisons, items ordered by `argsort(scores)[::-1]`,
-  i.e. exact ties broken in favour of the higher index; i2t NDCG averaged over queries whose NDCG is
-  not 0. For TERAN imports and reproductions (TERAN's padding makes exact-zero scores common).
+- teran: TERAN's evaluation.py: exact float comparisons, items ordered by numpy's default
+  `argsort(scores)[::-1]` per query (exact ties as that sort leaves them: not index order in general);
+  i2t NDCG averaged over queries whose NDCG is not 0. For TERAN imports and reproductions (TERAN's padding makes exact-zero scores common).
 - optimistic: every tie in the correct item's favour (this workbench's rule before `eval.ties`).
 Untied scores give the same numbers under all three.
 """
@@ -66,23 +66,27 @@ def tie_counts(scores: np.ndarray, cap_img: np.ndarray):
 
 
 def teran_ranks(scores: np.ndarray, cap_img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """0-based ranks as TERAN's evaluation.py computes them: position in `argsort(scores)[::-1]`, i.e.
-    exact comparisons with exact ties ordered by descending index; i2t takes the best own caption."""
+    """0-based ranks as TERAN's evaluation.py computes them: each query's items ordered by
+    `numpy.argsort(row)[::-1]` (numpy's default sort, as TERAN calls it), the rank the position of the
+    correct item; i2t takes the best-placed own caption. Exact ties are ordered as that sort leaves
+    them, which depends on numpy's version and CPU (TERAN pins numpy 1.17.4); this calls the installed
+    numpy's argsort on the same rows, float32 as TERAN's matrices are, so it matches TERAN run here."""
     scores = np.asarray(scores)
     _check(scores, cap_img)
     n_img, n_cap = scores.shape
-    own = scores[cap_img, np.arange(n_cap)]
     t2i = np.empty(n_cap, np.int64)
     step = max(1, BLOCK // max(n_img, 1))
-    rows = np.arange(n_img)[:, None]
-    for c in range(0, n_cap, step):
-        blk, ref = scores[:, c:c + step], own[None, c:c + step]
-        t2i[c:c + step] = (blk > ref).sum(0) + ((blk == ref) & (rows > cap_img[None, c:c + step])).sum(0)
+    for c in range(0, n_cap, step):  # a block of caption queries: their rows of scores.T
+        order = np.argsort(np.ascontiguousarray(scores[:, c:c + step].T), axis=1)[:, ::-1]
+        t2i[c:c + step] = np.argmax(order == cap_img[c:c + step, None], axis=1)
     cap_rank = np.empty(n_cap, np.int64)  # each caption's position in its own image's caption ranking
-    cols = np.arange(n_cap)
-    for c in range(n_cap):
-        row, ref = scores[cap_img[c]], own[c]
-        cap_rank[c] = (row > ref).sum() + ((row == ref) & (cols > c)).sum()
+    step = max(1, BLOCK // max(n_cap, 1))
+    for i in range(0, n_img, step):
+        order = np.argsort(scores[i:i + step], axis=1)[:, ::-1]
+        pos = np.empty_like(order)
+        np.put_along_axis(pos, order, np.arange(n_cap)[None].repeat(len(order), 0), axis=1)
+        mine = np.nonzero((cap_img >= i) & (cap_img < i + step))[0]
+        cap_rank[mine] = pos[cap_img[mine] - i, mine]
     i2t = np.full(n_img, np.iinfo(np.int64).max)
     np.minimum.at(i2t, cap_img, cap_rank)
     return i2t, t2i
@@ -142,13 +146,13 @@ def ndcg_at_k(scores: np.ndarray, relevance: np.ndarray, k: int = 25, ties: str 
 
 def _ndcg_rows(scores: np.ndarray, rel: np.ndarray, k: int, teran_order: bool = False) -> np.ndarray:
     """NDCG@k of each row of `scores` (queries) against `rel`, in blocks of rows. Items are ranked by
-    score, exact ties in index order (TERAN's order, descending index, with teran_order)."""
+    score, exact ties in index order (with teran_order: as numpy's default argsort leaves them, TERAN's call)."""
     k = min(k, scores.shape[1])
     disc = 1.0 / np.log2(np.arange(k) + 2)
     out, step = np.empty(scores.shape[0]), max(1, BLOCK // max(scores.shape[1], 1))
     for r in range(0, scores.shape[0], step):
         s, g = np.asarray(scores[r:r + step], np.float64), np.asarray(rel[r:r + step], np.float64)
-        top = (np.argsort(s, axis=1, kind="stable")[:, ::-1] if teran_order
+        top = (np.argsort(np.asarray(scores[r:r + step]), axis=1)[:, ::-1] if teran_order  # TERAN's call
                else np.argsort(-s, axis=1, kind="stable"))[:, :k]
         dcg = ((2.0 ** np.take_along_axis(g, top, 1) - 1) * disc).sum(1)
         ideal = ((2.0 ** np.sort(g, axis=1)[:, ::-1][:, :k] - 1) * disc).sum(1)

@@ -395,8 +395,9 @@ class Run:
                      "train_code": running_code(), "store": self.store_identity, "train_seconds": self.train_seconds}
             if ranks is not None:
                 state["rng_ranks"] = [state["rng"], *ranks[1:]]
-            for name in names:
-                save_checkpoint(self.ck_dir / name, state)
+            for name in names:  # best.pt is for evaluation: weights once, no optimizer moments (2x the weights)
+                save_checkpoint(self.ck_dir / name, state if name != "best.pt" else
+                                {k: v for k, v in state.items() if k not in RESUME_ONLY})
 
     def validate_and_save(self, val_epoch: int, ranks: list[dict] | None = None) -> dict:
         """Rank 0: validate, log, save last.pt (and best.pt when val rsum improved). val_epoch -1 is
@@ -421,6 +422,9 @@ class Run:
             log_progress(self.echo[0], self.echo[1] + line)
         if self.progress:
             print(line)
+
+
+RESUME_ONLY = ("optimizer", "scheduler")  # what last.pt needs to continue and best.pt leaves out
 
 
 def ddp_backend(device: torch.device) -> str:

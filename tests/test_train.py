@@ -193,6 +193,11 @@ def test_evaluate_cli_writes_metrics(tmp_path, smoke_store):
     assert {"rsum", "i2t_r1", "t2i_ndcg_rougeL", "swap_acc"} <= set(m)
     assert "rsum" in proc.stdout
     assert list((Path(res["run_dir"]) / "checkpoints").glob("embeddings_best_test.h5"))
+    # best.pt holds the weights for evaluation once, without last.pt's optimizer state
+    ck_dir = Path(res["run_dir"]) / "checkpoints"
+    best_ck = torch.load(ck_dir / "best.pt", weights_only=False)
+    assert "optimizer" not in best_ck and "model" in best_ck
+    assert (ck_dir / "best.pt").stat().st_size < 0.5 * (ck_dir / "last.pt").stat().st_size
     # TensorBoard event files in the run folder, read back: per-step losses, lr and term weights, val per epoch
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     acc = EventAccumulator(str(Path(res["run_dir"]) / "tensorboard"))
