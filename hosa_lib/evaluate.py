@@ -28,7 +28,8 @@ from tqdm import tqdm  # plain tqdm: widget bars render blank in offline HTML
 from .config import ConfigError, EvalConfig, RunConfig, ScoringConfig, override, to_dict
 from .data import CaptionDataset, ImageDataset, TextInput, collate_captions, collate_images, to_device
 from .factory import load_model
-from .metrics import DIRECTIONS, KS, TWINS, evaluate_scores, twin_accuracies
+from . import metrics
+from .metrics import DIRECTIONS, TWINS, evaluate_scores, twin_accuracies
 from .perf import resolve_device
 from .provenance import fingerprint, static_code
 from .scoring import score_all_pairs
@@ -275,15 +276,17 @@ def evaluate_teran(checkpoint, size: str = "1k", config: str | None = None, data
 
 
 def format_table(m: dict) -> str:
-    """R@1/5/10, medr, meanr and NDCG per direction, then rsum (and swap accuracy when present)."""
+    """R@K (metrics.REPORTED_KS), medr, meanr and NDCG per direction, then rsum (R@1+5+10 both ways)
+    and swap accuracy when present."""
     ndcg = sorted({k.split("_ndcg_")[1] for k in m if "_ndcg_" in k})
     names = {"rougeL": "ROUGE-L", "spice": "SPICE"}
-    head = f"{'':14s}" + "".join(f"{f'R@{k}':>8s}" for k in KS) + f"{'medr':>7s}{'meanr':>8s}" + \
+    ks = metrics.REPORTED_KS
+    head = f"{'':14s}" + "".join(f"{f'R@{k}':>8s}" for k in ks) + f"{'medr':>7s}{'meanr':>8s}" + \
         "".join(f"{'NDCG-' + names.get(n, n):>14s}" for n in ndcg)
     rows = [head]
     labels = {"i2t": "Image to text", "t2i": "Text to image"}  # TERAN's evaluation prints these
     for d in DIRECTIONS:
-        rows.append(f"{labels[d]:14s}" + "".join(f"{m[f'{d}_r{k}']:8.1f}" for k in KS) + f"{m[f'{d}_medr']:7.0f}"
+        rows.append(f"{labels[d]:14s}" + "".join(f"{m[f'{d}_r{k}']:8.1f}" for k in ks) + f"{m[f'{d}_medr']:7.0f}"
                     f"{m[f'{d}_meanr']:8.1f}" + "".join(f"{m[f'{d}_ndcg_{n}']:14.4f}" for n in ndcg))
     rows.append(f"rsum: {m['rsum']:.2f}" + "".join(f"   {k.replace('_', ' ')}: {m[k]:.1f}%"
                                                     for k in TWINS.values() if k in m))

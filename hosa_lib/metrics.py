@@ -18,7 +18,21 @@ from __future__ import annotations
 
 import numpy as np
 
-KS = (1, 5, 10)
+RSUM_KS = (1, 5, 10)  # rsum = R@1 + R@5 + R@10 in both directions (TERAN's definition); model selection,
+                      # early stopping and every comparison use it. Not a place to add a recall.
+REPORTED_KS = (1, 5, 10)  # the recalls reports show (evaluation table, training plot, summaries, index):
+                          # add 20 here and R@20 appears everywhere while rsum stays the same
+
+
+def recall_ks() -> tuple[int, ...]:
+    """Every K a metric dict carries a recall for (the reported ones and rsum's)."""
+    return tuple(sorted(set(RSUM_KS) | set(REPORTED_KS)))
+
+
+def reported_recalls() -> tuple[str, ...]:
+    """The reported recall keys, i2t then t2i ("i2t_r1", ...), read when called (so a K added to
+    REPORTED_KS counts everywhere)."""
+    return tuple(f"{d}_r{k}" for d in DIRECTIONS for k in REPORTED_KS)
 TIES = ("fair", "teran", "optimistic")
 TIE_ULPS = 4  # scores closer than this many float32 ulps (of the largest |score|) are ties
 BLOCK = 1 << 22  # score entries compared per step (32 MiB as float64): a COCO 5K matrix is never copied whole
@@ -113,22 +127,22 @@ def _fair_recall(above: np.ndarray, tied: np.ndarray, own: np.ndarray, k: int) -
 def recall_metrics(scores: np.ndarray, cap_img: np.ndarray, ties: str = "fair") -> dict[str, float]:
     if ties not in TIES:
         raise ValueError(f"eval.ties={ties!r}: expected one of {', '.join(TIES)}")
-    out = {}
+    out, ks = {}, recall_ks()
     if ties == "teran":
-        per_dir = [(r, [(r < k).astype(float) for k in KS]) for r in teran_ranks(scores, cap_img)]
+        per_dir = [(r, [(r < k).astype(float) for k in ks]) for r in teran_ranks(scores, cap_img)]
     else:
         per_dir = []
         for above, tied, own in tie_counts(scores, cap_img):
             if ties == "optimistic":
-                per_dir.append((above, [(above < k).astype(float) for k in KS]))
+                per_dir.append((above, [(above < k).astype(float) for k in ks]))
             else:  # expected rank: wrong tied items ahead of the first correct one average tied / (own + 1)
-                per_dir.append((above + tied / (own + 1), [_fair_recall(above, tied, own, k) for k in KS]))
+                per_dir.append((above + tied / (own + 1), [_fair_recall(above, tied, own, k) for k in ks]))
     for name, (r, hits) in zip(("i2t", "t2i"), per_dir):
-        for k, h in zip(KS, hits):
+        for k, h in zip(ks, hits):
             out[f"{name}_r{k}"] = 100.0 * float(h.mean())
         out[f"{name}_medr"] = float(np.floor(np.median(r)) + 1)
         out[f"{name}_meanr"] = float(r.mean() + 1)
-    out["rsum"] = sum(out[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in KS)
+    out["rsum"] = sum(out[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in RSUM_KS)
     return out
 
 
@@ -202,7 +216,6 @@ TWINS = {"swap_pairs": "swap_acc", "relation_pairs": "relation_acc"}  # store ex
 # The one list of what reports show; evaluate, the ridge baseline, viz, ablations and the run index
 # read it. A new metric in every report = its key in the metric dict + one entry here.
 DIRECTIONS = {"i2t": "image → text", "t2i": "text → image"}
-RECALL = tuple(f"{d}_r{k}" for d in DIRECTIONS for k in KS)
 LABELS = {"rsum": "test rsum", "swap_acc": "attribute-swap accuracy (%)", "relation_acc": "relation-swap accuracy (%)",
           "steps_per_s": "training steps per second"}
 CHANCE = {"swap_acc": 50.0, "relation_acc": 50.0}  # what guessing scores
@@ -214,7 +227,7 @@ def report_keys(m: dict) -> list[str]:
     """The keys of a metric dict a summary table shows, in order: recall@K both ways, rsum, NDCG
     (each relevance, both ways), twin accuracies; timings and per-protocol extras left out."""
     ndcg = [k for k in m if k.startswith(tuple(f"{d}_ndcg_" for d in DIRECTIONS))]
-    return [k for k in (*RECALL, "rsum", *ndcg, *TWINS.values()) if k in m]
+    return [k for k in (*reported_recalls(), "rsum", *ndcg, *TWINS.values()) if k in m]
 
 
 def twin_accuracies(scores: np.ndarray, cap_img: np.ndarray, twins: dict | None) -> dict[str, float]:

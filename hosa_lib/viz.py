@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from .metrics import CHANCE, DIRECTIONS, LABELS, PANELS, RECALL, TWINS
+from .metrics import CHANCE, DIRECTIONS, LABELS, PANELS, TWINS, reported_recalls
 from .store import Store
 
 
@@ -98,8 +98,7 @@ def plot_training(run_dir, smooth: int = 5):
     axes[0].set(title="loss terms per step (log scale)", xlabel="step", ylabel="loss")
     axes[0].legend(loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)  # outside: never over the curves
     if len(val):
-        rec = val.melt(id_vars=["epoch"], value_vars=[c for c in val if c.endswith(("_r1", "_r5", "_r10"))],
-                       var_name="recall")
+        rec = val.melt(id_vars=["epoch"], value_vars=[c for c in reported_recalls() if c in val], var_name="recall")
         rec["epoch"] = rec["epoch"] + 1  # as the terminal counts: 0 = the untrained model, then epochs 1..N
         rec["direction"] = rec["recall"].str.split("_").str[0]
         rec["K"] = "R@" + rec["recall"].str.split("_r").str[-1]
@@ -280,7 +279,7 @@ def show_images(store_path, indices, labels, title: str = ""):
 
 def recall_at_k_frame(df: pd.DataFrame) -> pd.DataFrame:
     """Tidy recall@K rows (variant, seed, direction, K, value) from an ablation table."""
-    cols = [c for c in RECALL if c in df]
+    cols = [c for c in reported_recalls() if c in df]
     rec = df.melt(id_vars=["variant", "seed"], value_vars=cols, var_name="metric")
     rec["direction"] = rec.metric.str[:3]
     rec["K"] = rec.metric.str[5:].astype(int)

@@ -274,7 +274,8 @@ def test_teran_ndcg_orders_like_teran_and_averages_i2t_over_nonzero_queries():
 
 
 def test_report_keys_are_one_ordered_list_without_timings():
-    from hosa_lib.metrics import RECALL, report_keys
+    from hosa_lib.metrics import report_keys, reported_recalls
+    RECALL = reported_recalls()
     m = {"score_seconds": 1.0, "relation_acc": 50.0, "t2i_ndcg_rougeL": 0.5, "rsum": 300.0, "i2t_medr": 2.0,
          **{k: 10.0 for k in reversed(RECALL)}, "i2t_ndcg_rougeL": 0.4, "swap_acc": 60.0}
     assert report_keys(m) == [*RECALL, "rsum", "t2i_ndcg_rougeL", "i2t_ndcg_rougeL", "swap_acc", "relation_acc"]
@@ -296,3 +297,29 @@ def test_teran_rule_equals_teran_loop_on_tie_heavy_matrices(shape, levels):
     m = recall_metrics(scores, cap_img, ties="teran")
     rsum = sum(100 * (r < k).mean() for r in (i2t, t2i) for k in (1, 5, 10))
     assert m["rsum"] == rsum  # to the last digit
+
+
+def test_a_reported_recall_shows_in_table_summary_and_plot_while_rsum_stays(monkeypatch, tmp_path):
+    """README "Extending", a metric: R@20 added to metrics.REPORTED_KS appears in the evaluation table,
+    the summary columns and the training plot; rsum (TERAN's R@1+5+10 sum, what selects models) and
+    every other number stay as they were."""
+    import json
+
+    import matplotlib
+    matplotlib.use("Agg")
+    from hosa_lib import metrics, viz
+    from hosa_lib.evaluate import format_table
+    rng = np.random.default_rng(0)
+    scores, cap_img = rng.random((30, 150)).astype(np.float32), np.arange(150) % 30
+    before = evaluate_scores(scores, cap_img, "all")
+    monkeypatch.setattr(metrics, "REPORTED_KS", (1, 5, 10, 20))
+    after = evaluate_scores(scores, cap_img, "all")
+    assert after["rsum"] == before["rsum"] and {k: after[k] for k in before} == before
+    assert after["i2t_r20"] >= after["i2t_r10"] and "t2i_r20" in after
+    assert "R@20" in format_table(after).splitlines()[0]
+    assert metrics.report_keys(after)[:8] == ["i2t_r1", "i2t_r5", "i2t_r10", "i2t_r20", "t2i_r1", "t2i_r5", "t2i_r10", "t2i_r20"]
+    rows = [{"step": s, "epoch": 0, "loss": 1.0, "i2t": 0.5, "t2i": 0.5} for s in range(1, 5)]
+    rows.append({"step": 4, "epoch": 0, "split": "val", **{k: after[k] for k in metrics.reported_recalls()}})
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    fig = viz.plot_training(tmp_path)
+    assert "R@20" in [t.get_text() for t in fig.axes[1].get_legend().get_texts()]
