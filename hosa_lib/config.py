@@ -119,8 +119,11 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 64
     lr: float = 2e-4
-    lr_warmup_steps: int = 100     # linear warm-up of the learning rate
+    lr_warmup_steps: int = 100     # linear warm-up of the learning rate: factor min(1, (step + 1) / N)
+    lr_warmup_style: str = "ours"  # ours | teran: pytorch-warmup 0.0.4 as TERAN's train.py drives it, which
+                                   # consumes a step when built: factor min(1, (step + 2) / N)
     lr_decay_epochs: tuple[int, ...] = (8,)  # step decay x lr_decay at these epochs
+    lr_decay_every: int = 0        # > 0: also decay x lr_decay every this many epochs (StepLR; TERAN's step-size)
     lr_decay: float = 0.1
     weight_decay: float = 0.0
     grad_clip: float = 2.0
@@ -179,6 +182,7 @@ CHOICES = {
     "data.source": ("synthetic", "teran", "scan", "images", "store"),
     "model.arch": ("hosa", "teran"),
     "model.anchor_init": ("ridge", "cca", "auto"),
+    "train.lr_warmup_style": ("ours", "teran"),
     "model.box_embed": ("concat", "mlp"),
     "data.dataset": ("coco", "f30k"),
     "data.on_bad_image": ("fail", "skip"),
@@ -213,7 +217,7 @@ RANGES = {
     "model.text_lr_scale": _at_least(0), "model.text_tune_layers": _at_least(0), "model.feat_layers": _at_least(0), "model.word_layers": _at_least(0),
     "loss.margin": _at_least(0), "loss.warmup_steps": _at_least(0), "loss.temperature": _POSITIVE,
     "train.epochs": _at_least(0), "train.batch_size": _at_least(1), "train.lr": _POSITIVE,
-    "train.lr_warmup_steps": _at_least(0), "train.lr_decay_epochs": _at_least(1), "train.lr_decay": _at_least(0),
+    "train.lr_warmup_steps": _at_least(0), "train.lr_decay_every": _at_least(0), "train.lr_decay_epochs": _at_least(1), "train.lr_decay": _at_least(0),
     "train.weight_decay": _at_least(0), "train.grad_clip": _at_least(0), "train.seed": _at_least(0),
     "train.workers": _at_least(-1), "train.dist_timeout_min": _at_least(1), "train.threads": _at_least(0), "train.val_images": _at_least(0),
     "train.patience": _at_least(0), "train.gate_lr": _POSITIVE, "train.log_every": _at_least(1),

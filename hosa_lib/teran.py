@@ -162,6 +162,11 @@ def _alignment(v, key):
     return {"scoring": {"local_pool": pools[v], **teran_only()}}  # TERAN's own terms only
 
 
+def _step_size(v, key):
+    """training.step-size: TERAN's StepLR, stepped once per epoch, decays x gamma every step-size epochs."""
+    return {"train": {"lr_decay_every": int(v), "lr_decay_epochs": []}}
+
+
 def _warmup(v, key, cfg):
     """training.warmup as TERAN's train.py uses it: 'linear' = LinearWarmup of the learning rate over
     training.warmup-period steps; null = none. (Hardest negatives start at step 1 either way.)"""
@@ -173,7 +178,7 @@ def _warmup(v, key, cfg):
     if not isinstance(period, int) or period < 1:
         raise ConfigError(f"TERAN config key 'training.warmup-period' = {period!r}: 'warmup: linear' needs a positive "
                           "number of steps")
-    return {"train": {"lr_warmup_steps": period}}
+    return {"train": {"lr_warmup_steps": period, "lr_warmup_style": "teran"}}
 
 
 def _warmup_period(v, key, cfg):  # read by _warmup; only reported here
@@ -236,7 +241,7 @@ CONFIG_MAP = {
     "training.bs": _to("train.batch_size"),
     "training.scheduler": _const("steplr"),
     "training.gamma": _to("train.lr_decay"),
-    "training.step-size": _to("train.lr_decay_epochs", lambda v: [v]),
+    "training.step-size": _step_size,
     "training.warmup": _warmup,
     "training.warmup-period": _warmup_period,
 }

@@ -44,12 +44,17 @@ from .runs import (CheckpointError, ProgressLog, checkpoint_intact, format_secon
 
 
 def lr_lambda(cfg: RunConfig, steps_per_epoch: int):
+    """The learning-rate factor of each step: linear warm-up (TERAN's style one step ahead), then
+    x lr_decay at each epoch of lr_decay_epochs and, with lr_decay_every = N, at every N-th epoch
+    (StepLR, which TERAN steps once per epoch)."""
     tc = cfg.train
+    ahead = 2 if tc.lr_warmup_style == "teran" else 1
 
     def f(step: int) -> float:
-        warm = min(1.0, (step + 1) / tc.lr_warmup_steps) if tc.lr_warmup_steps else 1.0
+        warm = min(1.0, (step + ahead) / tc.lr_warmup_steps) if tc.lr_warmup_steps else 1.0
         epoch = step // max(1, steps_per_epoch)
-        return warm * tc.lr_decay ** sum(epoch >= e for e in tc.lr_decay_epochs)
+        decays = sum(epoch >= e for e in tc.lr_decay_epochs) + (epoch // tc.lr_decay_every if tc.lr_decay_every else 0)
+        return warm * tc.lr_decay ** decays
     return f
 
 

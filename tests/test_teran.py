@@ -95,7 +95,8 @@ def test_config_import_maps_every_published_key():
     assert (m.arch, m.embed, m.feat_layers, m.image_layers, m.text_layers, m.shared_layers) == ("teran", 1024, 4, 2, 2, 0)
     assert (m.heads, m.ff, m.dropout, m.word_layers, m.text_lr_scale) == (4, 2048, 0.1, 0, 1.0)
     assert (cfg.data.text_model, cfg.data.text_layer, cfg.data.dataset, cfg.data.restval) == ("bert-base-uncased", 6, "coco", True)
-    assert (cfg.loss.margin, cfg.loss.max_violation, cfg.train.batch_size, cfg.train.lr_decay_epochs) == (0.2, True, 40, (20,))
+    assert (cfg.loss.margin, cfg.loss.max_violation, cfg.train.batch_size, cfg.train.lr_decay_epochs) == (0.2, True, 40, ())
+    assert cfg.train.lr_decay_every == 20  # StepLR: every 20 epochs, not once
     assert (cfg.scoring.local_pool, cfg.scoring.w_high, cfg.scoring.w_global) == ("sum", 0.0, 0.0)
     shared = deep_merge(teran, {"model": {"shared-transformer": True}})
     m2 = build(RunConfig, import_config(shared)[0], "import").model
@@ -290,7 +291,7 @@ def test_training_keys_map_as_teran_train_uses_them():
     assert (cfg.train.lr_warmup_steps, cfg.loss.warmup_steps, cfg.loss.max_violation) == (0, 0, True)
     assert dict(report)["training.warmup-period"] == "unused: training.warmup is null (no warm-up)"
     linear = build(RunConfig, import_config(deep_merge(teran, {"training": {"warmup": "linear"}}))[0], "import")
-    assert (linear.train.lr_warmup_steps, linear.loss.warmup_steps) == (1000, 0)
+    assert (linear.train.lr_warmup_steps, linear.loss.warmup_steps, linear.train.lr_warmup_style) == (1000, 0, "teran")
     with pytest.raises(ConfigError, match=r"'training.warmup' = 'cosine'"):
         import_config(deep_merge(teran, {"training": {"warmup": "cosine"}}))
     with pytest.raises(ConfigError, match=r"'image-model.dropout' = 0.2 differs from model.dropout = 0.1"):
@@ -356,3 +357,25 @@ def test_size_5k_on_a_smaller_split_is_refused_before_encoding(tmp_path, teran_d
     with pytest.raises(ConfigError, match=r"hosa_test.h5: split 'test': coco_5k needs 5000 test images, the split "
                                           r"has 3"):
         ev.evaluate_teran(ck, "5k", data_root=str(root), progress=False)
+
+
+def test_learning_rate_schedule_is_terans():
+    """TERAN's train.py: StepLR(step_size, gamma) stepped once per epoch, and pytorch-warmup 0.0.4's
+    LinearWarmup, which takes one step when it is built (so step i trains at min(1, (i + 2) / period)).
+    Written from those semantics with torch's own StepLR; equal factor for factor."""
+    from hosa_lib.train import lr_lambda
+    teran = yaml.safe_load(TERAN_COCO)
+    teran = deep_merge(teran, {"training": {"warmup": "linear", "warmup-period": 50, "step-size": 3, "gamma": 0.5}})
+    cfg = build(RunConfig, import_config(teran)[0], "import")
+    spe, epochs = 40, 8
+    f = lr_lambda(cfg, spe)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    step_lr = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+    i = 0
+    for epoch in range(epochs):
+        for _ in range(spe):
+            warm = min(1.0, (i + 2) / 50)  # LinearWarmup built (step 0 consumed), then one dampen per step
+            assert f(i) == pytest.approx(step_lr.get_last_lr()[0] * warm), (epoch, i)
+            i += 1
+        step_lr.step()
+    assert f(7 * spe) == pytest.approx(0.5 ** 2)  # decayed at epochs 3 and 6, not only once

@@ -25,7 +25,7 @@ from . import canonical_split, repeated
 KARPATHY = {"coco": "dataset_coco.json", "f30k": "dataset_flickr30k.json"}
 
 
-CAPTIONS_PER_IMAGE = 5  # TERAN / VSE++ read sentids[:5]: some COCO images have 6 or 7 sentences
+CAPTIONS_PER_IMAGE = 5  # an image's sentences[:5] are kept (5 per image, as TERAN's relevance files): some COCO images have 6 or 7
 
 
 def _karpathy(ann: Path, dataset: str) -> list[dict]:
