@@ -119,8 +119,8 @@ def choose_cca(x_tr, y_tr, ci_tr, x_va, y_va, ci_va, max_dims: int) -> dict:
 
 
 # anchor_init auto: CCA replaces the baseline's ridge map only when it wins a K-fold cross-validation on
-# the train and val images together by more than CV_MARGIN (relative rsum) and by more than twice the
-# standard error of the per-fold differences, and does not lose to the ridge map on val. CCA tries 72
+# the train and val images together by more than CV_MARGIN (relative mean rsum) and in most folds, and
+# does not lose to the ridge map on val. CCA tries 72
 # settings against the ridge's 5, so on a few validation images it wins by chance: on a 400-icon folder
 # (40 val images) it started 25 rsum below the ridge baseline on test.
 CV_FOLDS = 5
@@ -175,7 +175,7 @@ def closed_form_start(store_path, text_key: str, kind: str, max_dims: int) -> di
     map (lambda chosen on val) — text side the identity when H <= max_dims, else the top principal
     directions of the train caption vectors, image side W times the same; "cca": `choose_cca`;
     "auto": the ridge map unless CCA wins the cross-validation (`cross_validate_starts`) by the margin
-    above and is not worse on val. Returns {"kind", "image", "text", "mean_x", "mean_y", "val_rsum",
+    above in most folds and is not worse on val (cached beside the store). Returns {"kind", "image", "text", "mean_x", "mean_y", "val_rsum",
     "params"} (auto adds "cv": the per-fold rsums and the decision)."""
     if kind not in ("ridge", "cca", "auto"):
         raise ValueError(f"closed-form start: kind {kind!r}, expected ridge, cca or auto")
@@ -187,18 +187,62 @@ def closed_form_start(store_path, text_key: str, kind: str, max_dims: int) -> di
     ridge = _ridge_start(tr, va, max_dims)
     if kind == "ridge":
         return ridge
+    cached = _cached_start(store_path, text_key, max_dims)
+    if cached is not None:
+        return cached
     cv = cross_validate_starts(tr, va, max_dims)
     diff = np.asarray(cv["cca"]) - np.asarray(cv["ridge"])
-    se = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else np.inf
-    wins = diff.mean() > CV_MARGIN * np.mean(cv["ridge"]) and diff.mean() > 2 * se
+    wins = diff.mean() > CV_MARGIN * np.mean(cv["ridge"]) and (diff > 0).sum() > len(diff) / 2
     cca = {"kind": "cca", **choose_cca(*tr, *va, max_dims)} if wins else None
     chosen = cca if cca is not None and cca["val_rsum"] >= ridge["val_rsum"] else ridge
     why = ("CCA wins the cross-validation and val" if chosen is cca else
            "CCA wins the cross-validation but not val" if wins else
-           f"CCA does not win the cross-validation by {CV_MARGIN:.0%} and 2 standard errors")
+           f"CCA does not win the cross-validation by {CV_MARGIN:.0%} in most folds")
     chosen["cv"] = {"ridge_rsum": cv["ridge"], "cca_rsum": cv["cca"], "mean_gain": float(diff.mean()),
-                    "se": float(se), "decision": why}
+                    "folds_won": int((diff > 0).sum()), "decision": why}
+    _cache_start(store_path, text_key, max_dims, chosen)
     return chosen
+
+
+def _start_cache(store_path, text_key: str, max_dims: int):
+    """Where `auto`'s choice is kept beside the store (its sidecar folder), for this store build and this
+    module's code: the cross-validation takes a minute, and every ablation cell builds a model."""
+    import hashlib
+    from pathlib import Path
+    with Store(store_path, check_values=False) as s:
+        uid = s.uid
+    code = hashlib.sha1(Path(__file__).read_bytes()).hexdigest()[:12]
+    tag = hashlib.sha1(f"{uid}|{text_key}|{max_dims}|{code}".encode()).hexdigest()[:16]
+    return Path(f"{store_path}.d") / f"start-auto-{tag}.npz"
+
+
+def _cached_start(store_path, text_key: str, max_dims: int) -> dict | None:
+    import json
+    path = _start_cache(store_path, text_key, max_dims)
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as z:
+            out = {k: z[k] for k in ("image", "text", "mean_x", "mean_y")}
+            meta = json.loads(str(z["meta"]))
+    except (OSError, ValueError, KeyError):  # a cut or foreign file: compute again
+        return None
+    return {**out, **meta}
+
+
+def _cache_start(store_path, text_key: str, max_dims: int, fit: dict) -> None:
+    import json
+    import os
+    path = _start_cache(store_path, text_key, max_dims)
+    meta = {k: fit[k] for k in ("kind", "val_rsum", "params", "cv")}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, **{k: fit[k] for k in ("image", "text", "mean_x", "mean_y")},
+                 meta=np.array(json.dumps(meta, default=float)))
+        os.replace(tmp, path)
+    except OSError:  # a read-only store folder: no cache, same result
+        pass
 
 
 def ridge_baseline(store_path, text_key: str, split: str = "test", lambdas=LAMBDAS, ndcg_k: int = 25,

@@ -102,7 +102,7 @@ class ModelConfig:
                                    # plus a gated residual from the transformer's global token (gate starts at 0)
     anchor_init: str = "ridge"     # the anchored maps' closed-form start: ridge (the baseline's map) | cca (regularised
                                    # CCA, hyperparameters chosen on val) | auto (the ridge map unless CCA wins a 5-fold
-                                   # cross-validation on train + val by 2 % and 2 standard errors and is not worse on val)
+                                   # cross-validation on train + val by 2 % in most folds and is not worse on val)
 
 
 @dataclass(frozen=True)

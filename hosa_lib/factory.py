@@ -74,7 +74,7 @@ def init_anchors(model: HOSA, store_path, text_key: str, kind: str = "ridge") ->
     if "cv" in fit:
         cv = fit["cv"]
         print(f"hosa: anchored start = {fit['kind']} map ({cv['decision']}; {len(cv['ridge_rsum'])}-fold rsum ridge "
-              f"{np.mean(cv['ridge_rsum']):.1f}, CCA {np.mean(cv['cca_rsum']):.1f})")
+              f"{np.mean(cv['ridge_rsum']):.1f}, CCA {np.mean(cv['cca_rsum']):.1f}, CCA better in {cv['folds_won']})")
     return {k: fit[k] for k in ("kind", "val_rsum", "params", "cv") if k in fit}
 
 

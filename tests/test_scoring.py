@@ -28,11 +28,15 @@ def fast(img, cap, cfg):
     (d, *case) for d in (16, 17) for case in ((1, "t2i", "sum"), (4, "t2i", "sum"), (3, "i2t", "mean"), (9, "both", "sum"))
 ] + [(33, 16, "both", "mean"), (32, 16, "t2i", "sum")])
 def test_fast_equals_explicit_reference(d, bands, direction, pool):
-    cfg = ScoringConfig(bands=bands, direction=direction, local_pool=pool, temperature=3.0,
-                        w_local=1.0, w_high=2.0, w_global=0.5)
+    """Every registered term (SCORING_TERMS, not a hand-kept list), each with a non-zero weight, so a
+    term added later is compared with its reference too."""
+    from hosa_lib.scoring import SCORING_TERMS
+    weights = {t.weight: 0.5 + i for i, t in enumerate(SCORING_TERMS)}
+    cfg = ScoringConfig(bands=bands, direction=direction, local_pool=pool, temperature=3.0, **weights)
     img, cap = random_side(3, 5, d, seed=d + bands), random_side(4, 6, d, seed=2 * d + bands)
     got, ref = fast(img, cap, cfg), pair_scores_reference(img, cap, cfg)
-    for k in ("global", "local", "high", "total"):
+    for k in (*(t.name for t in SCORING_TERMS), "total"):
+        assert k in got and k in ref, k
         torch.testing.assert_close(got[k], ref[k], rtol=1e-9, atol=1e-9, msg=k)
 
 
