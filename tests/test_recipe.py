@@ -308,3 +308,23 @@ def test_zero_epochs_keep_the_closed_form_start_as_best_and_need_validate_at_sta
         torch.testing.assert_close(best[k], v, msg=k)
     with pytest.raises(ConfigError, match="train.epochs = 0"):
         train(override(cfg, {"train": {"validate_at_start": False}}), tmp_path / "plain", progress=False)
+
+
+def test_term_gates_load_by_name_when_gated_terms_change(smoke_store):
+    """Gates are saved with their term names: a checkpoint from before a gated term existed (here one
+    that knows only 'high', plus a term since removed) loads, the new term's gate off (0) and the others
+    by name; a checkpoint from before names were saved loads in the order gates had then."""
+    from hosa_lib.factory import build_model
+    from hosa_lib.scoring import gated_terms
+    cfg = override(anchored_cfg(smoke_store.store), {"scoring": {"gates": True}})
+    model, _ = build_model(cfg, seed=0)
+    sd = model.state_dict()
+    assert sd["_extra_state"] == {"term_gates": [t.name for t in gated_terms()]}
+    order = [t.name for t in gated_terms()]
+    old = dict(sd, term_gates=torch.tensor([0.7, 0.3]), _extra_state={"term_gates": ["high", "gone"]})
+    model.load_state_dict(old, strict=True)
+    assert model.term_gates.tolist() == pytest.approx([0.7 if n == "high" else 0.0 for n in order])
+    legacy = {k: v for k, v in sd.items() if k != "_extra_state"}
+    legacy["term_gates"] = torch.tensor([0.25, 0.5])  # before names: [local, high]
+    model.load_state_dict(legacy, strict=True)
+    assert model.term_gates.tolist() == [{"local": 0.25, "high": 0.5}[n] for n in order]
