@@ -242,3 +242,55 @@ def test_triton_kernels_compile_ahead_of_time_within_h100_and_a100_limits(tmp_pa
         assert r["fits"] and r["shared"] <= r["shared_limit"], r
         if r["registers"] is not None and r["LP"] <= 64:
             assert r["stack"] == 0, r
+
+
+def _contract(rho, gram, amask, scale):
+    """hosa_lib.fused's contract, written out per band and anchor (float64 torch, differentiable)."""
+    G, A, L, Q = rho.shape
+    num, n2 = rho.new_zeros(A, Q), rho.new_zeros(A, Q)
+    rows = []
+    for a in range(A):
+        v = amask[a]
+        nu, nn_ = rho.new_zeros(Q), rho.new_zeros(Q)
+        for g in range(G):
+            alpha = torch.softmax(scale * rho[g, a][v], dim=0)  # (Lv, Q)
+            nu = nu + (alpha * rho[g, a][v]).sum(0)
+            nn_ = nn_ + (alpha * (gram[g, a][v][:, v] @ alpha)).sum(0)
+        rows.append((nu, nn_))
+    return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+
+
+def _contract_inputs(seed, G=3, A=4, L=7, Q=10):
+    g = torch.Generator().manual_seed(seed)
+    rho = torch.randn(G, A, L, Q, generator=g, dtype=torch.float64)
+    u = torch.randn(G, A, L, 5, generator=g, dtype=torch.float64)
+    gram = u @ u.transpose(-1, -2)
+    amask = torch.rand(A, L, generator=g) < 0.7
+    amask[:, 0] = True
+    return rho, gram, amask
+
+
+@pytest.mark.parametrize("module", ["fused_numba", pytest.param("fused_triton", marks=KERNELS[2].marks)])
+def test_kernel_module_forward_and_backward_equal_the_contract(module):
+    """The kernel modules themselves (not through scoring): num and n2 of the contract, and the
+    gradients of any linear function of them, against the contract written out in torch."""
+    import importlib
+    rho, gram, amask = _contract_inputs(3)
+    scale = 2.5
+    r, gm = rho.clone().requires_grad_(True), gram.clone().requires_grad_(True)
+    ref_num, ref_n2 = _contract(r, gm, amask, scale)
+    u = torch.randn(ref_num.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    w = torch.randn(ref_num.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    d_rho, d_gram = torch.autograd.grad((u * ref_num + w * ref_n2).sum(), (r, gm))
+    if module == "fused_numba":
+        impl = fused._NumbaImpl
+    else:
+        impl = importlib.import_module("hosa_lib.fused_triton")
+    num, n2 = impl.forward(rho, gram, amask, scale)
+    torch.testing.assert_close(num, ref_num.detach(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(n2, ref_n2.detach(), rtol=1e-10, atol=1e-10)
+    got_rho, got_gram = impl.backward(rho, gram, amask, u, w, scale)
+    torch.testing.assert_close(got_rho, d_rho, rtol=1e-9, atol=1e-10)
+    # d_gram: only the valid block of each anchor is defined by the contract
+    valid = (amask[:, :, None] & amask[:, None, :])[None].expand_as(d_gram)
+    torch.testing.assert_close(got_gram[valid], d_gram[valid], rtol=1e-9, atol=1e-10)
