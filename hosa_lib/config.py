@@ -136,6 +136,9 @@ class TrainConfig:
     amp: bool = True               # bf16 autocast on CUDA where supported (never on CPU)
     val_images: int = 0            # 0 = whole val split
     patience: int = 0              # stop after this many epochs without a better val rsum (0 = run all epochs)
+    min_delta_images: float = 0.0  # "better" = val rsum above the best by more than this many val images' worth
+                                   # (each image query is 100 / n_val of an i2t recall): on a val split of a few
+                                   # dozen images one query's rank decides "better"; 0 = any gain
     gate_lr: float = 1e-3          # Adam learning rate of the term gates (scoring.gates): at the model's lr a
                                    # scalar gate would move ~0.03 in an epoch of 600 steps
     validate_at_start: bool = False  # also validate the untrained model (logged as epoch -1); best.pt then
@@ -217,7 +220,7 @@ RANGES = {
     "model.text_lr_scale": _at_least(0), "model.text_tune_layers": _at_least(0), "model.feat_layers": _at_least(0), "model.word_layers": _at_least(0),
     "loss.margin": _at_least(0), "loss.warmup_steps": _at_least(0), "loss.temperature": _POSITIVE,
     "train.epochs": _at_least(0), "train.batch_size": _at_least(1), "train.lr": _POSITIVE,
-    "train.lr_warmup_steps": _at_least(0), "train.lr_decay_every": _at_least(0), "train.lr_decay_epochs": _at_least(1), "train.lr_decay": _at_least(0),
+    "train.lr_warmup_steps": _at_least(0), "train.lr_decay_every": _at_least(0), "train.min_delta_images": _at_least(0), "train.lr_decay_epochs": _at_least(1), "train.lr_decay": _at_least(0),
     "train.weight_decay": _at_least(0), "train.grad_clip": _at_least(0), "train.seed": _at_least(0),
     "train.workers": _at_least(-1), "train.dist_timeout_min": _at_least(1), "train.threads": _at_least(0), "train.val_images": _at_least(0),
     "train.patience": _at_least(0), "train.gate_lr": _POSITIVE, "train.log_every": _at_least(1),

@@ -139,7 +139,7 @@ def validate(core: HOSA, cfg: RunConfig, text, device) -> dict:
     ecfg = override(cfg.eval, {"protocol": "all", "shortlist": 0})
     m, _ = evaluate_embeddings(img, cap, cap_img, core.scoring_config(), ecfg, device=device)
     core.train()
-    return m
+    return {**m, "n_images": len(img["glob"])}
 
 
 def stale_for(epoch: int, best_epoch: int, patience: int, distributed: bool) -> bool:
@@ -408,7 +408,8 @@ class Run:
         """Rank 0: validate, log, save last.pt (and best.pt when val rsum improved). val_epoch -1 is
         the untrained model; ranks: every rank's RNG state (gather_rng) under DDP."""
         val = validate(self.core, self.cfg, self.text, self.device)
-        improved = val["rsum"] > self.best
+        margin = self.cfg.train.min_delta_images * 100.0 / max(1, val["n_images"]) if self.best >= 0 else 0.0
+        improved = val["rsum"] > self.best + margin
         if improved:
             self.best, self.best_epoch = val["rsum"], val_epoch
         self.log.write(json.dumps({"step": self.step, "epoch": val_epoch, "split": "val", **val}) + "\n")
@@ -483,6 +484,9 @@ def setup(cfg: RunConfig, run_dir: Path, progress: bool) -> Run:
         (run_dir / "params.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         (run_dir / "code_version.txt").write_text(code_version() + "\n")
 
+    if rank == 0 and cfg.model.anchor and cfg.model.anchor_init == "auto":  # silent for up to a minute otherwise
+        log_progress(run_dir, "choosing the closed-form start: ridge map or CCA by 5-fold cross-validation "
+                     "(computed once per store, then cached)")
     core, text = build_model(cfg, device, seed=cfg.train.seed)
     with Store(cfg.data.store, check_values=False) as st:  # recorded in checkpoints (evaluation compares)
         store_identity = st.identity()

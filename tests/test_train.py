@@ -305,3 +305,17 @@ def test_stop_asked_in_an_epochs_last_step_resumes_to_the_same_weights(tmp_path,
     a, b = (torch.load(p / "checkpoints" / "last.pt", weights_only=False)["model"] for p in (tmp_path / "full", tmp_path / "cut"))
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_min_delta_images_keeps_the_start_unless_val_gains_beyond_it(tmp_path, smoke_store):
+    """train.min_delta_images: an epoch replaces the best only when its val rsum is higher by more than
+    that many val images' worth of recall (100 / n_val each); far above any possible gain, the untrained
+    start stays best.pt, and every epoch is logged with the val size the margin used."""
+    from hosa_lib.train import train
+    cfg = smoke_cfg(smoke_store.store, epochs=2, validate_at_start=True, min_delta_images=1e6, lr=1e-3)
+    res = train(cfg, tmp_path / "run", progress=False)
+    assert res["best_epoch"] == -1 and res["epochs_run"] == 2
+    log = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    vals = [r for r in log if r.get("split") == "val"]
+    assert len(vals) == 3 and all(r["n_images"] > 0 for r in vals)
+    assert res["best_rsum"] == vals[0]["rsum"]  # the untrained model's
