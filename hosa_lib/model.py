@@ -16,6 +16,13 @@ from .scoring import SCORING_TERMS, gated_terms, gated_weights, make_side, pair_
 
 # The gate order of checkpoints saved before gates were named (term_gates[0] = local, [1] = high).
 LEGACY_GATES = ("local", "high")
+GATE_NAMES = "term_gate_names"  # state-dict entry beside term_gates: the term of each gate, in order
+
+
+def _save_gate_names(module, state_dict, prefix, local_metadata) -> None:
+    """Gated models save which term each entry of term_gates belongs to, so their checkpoints load by
+    term name when a gated term is added (or the gates are reordered) later."""
+    state_dict[prefix + GATE_NAMES] = [t.name for t in gated_terms()]
 
 
 class HOSA(nn.Module):
@@ -38,27 +45,19 @@ class HOSA(nn.Module):
         if scfg.gates:  # one per gated term (scoring.SCORING_TERMS): untrained, the global term alone scores
             check_gates(scfg)
             self.term_gates = nn.Parameter(torch.zeros(len(gated_terms())))
-
-    def get_extra_state(self) -> dict:
-        """Saved with the weights: which term each entry of term_gates belongs to, so checkpoints load by
-        term name when a gated term is added (or the gate order changes) later."""
-        return {"term_gates": [t.name for t in gated_terms()]} if self.scfg.gates else {}
-
-    def set_extra_state(self, state) -> None:
-        pass  # read by _load_from_state_dict, which maps the gates by name
+            self.register_state_dict_post_hook(_save_gate_names)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         old = prefix + "log_scale"  # checkpoints from before make_loss held InfoNCE's temperature here
         if old in state_dict:
             state_dict[prefix + "loss.log_scale"] = state_dict.pop(old)
-        extra, key = prefix + "_extra_state", prefix + "term_gates"
-        saved = state_dict.get(extra) or {}
+        key = prefix + "term_gates"
+        names = state_dict.pop(prefix + GATE_NAMES, None)
         if key in state_dict and self.scfg.gates:  # by name; checkpoints before names: LEGACY_GATES' order
-            names = saved.get("term_gates", LEGACY_GATES[:len(state_dict[key])])
+            names = names or LEGACY_GATES[:len(state_dict[key])]
             values = dict(zip(names, state_dict[key].tolist()))
             state_dict[key] = torch.tensor([values.get(t.name, 0.0) for t in gated_terms()],
                                            dtype=state_dict[key].dtype)  # a term added since starts off (0)
-        state_dict[extra] = self.get_extra_state()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def param_groups(self, tc) -> list[dict]:

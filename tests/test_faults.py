@@ -557,7 +557,7 @@ def test_a_cell_with_the_runs_own_weights_reuses_the_run_folder(monkeypatch):
     from hosa_lib.runs import run_dir_for
     cfg = load(REPO / "params" / "images.yaml")
     seen = []
-    monkeypatch.setattr(ab, "run_cell", lambda c, progress=False, fresh=False: seen.append(run_dir_for(c)) or {"rsum": 1.0})
+    monkeypatch.setattr(ab, "run_cell", lambda c, progress=False, fresh=False, echo=None: seen.append(run_dir_for(c)) or {"rsum": 1.0})
     ab.run_grid(cfg, progress=False)
     assert seen[0] == run_dir_for(cfg) and len(set(seen)) == 3
     assert all(p.name.startswith("images-abl-") for p in seen[1:])
@@ -624,5 +624,6 @@ def test_ctrl_c_in_an_ablation_cell_then_rerun_equals_an_uninterrupted_grid(smok
     pd.testing.assert_frame_equal(rows[0], rows[1], check_exact=True)
     a, b = (torch.load(cell(r) / "checkpoints" / "best.pt", weights_only=False) for r in (full_root, root))
     assert a["step"] == b["step"] and a["model"].keys() == b["model"].keys()
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k in a["model"]:  # tensors bit for bit; the model's extra state (gate names) equal
+        x, y = a["model"][k], b["model"][k]
+        assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y, k

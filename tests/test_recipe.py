@@ -319,12 +319,12 @@ def test_term_gates_load_by_name_when_gated_terms_change(smoke_store):
     cfg = override(anchored_cfg(smoke_store.store), {"scoring": {"gates": True}})
     model, _ = build_model(cfg, seed=0)
     sd = model.state_dict()
-    assert sd["_extra_state"] == {"term_gates": [t.name for t in gated_terms()]}
+    assert sd["term_gate_names"] == [t.name for t in gated_terms()]
     order = [t.name for t in gated_terms()]
-    old = dict(sd, term_gates=torch.tensor([0.7, 0.3]), _extra_state={"term_gates": ["high", "gone"]})
+    old = dict(sd, term_gates=torch.tensor([0.7, 0.3]), term_gate_names=["high", "gone"])
     model.load_state_dict(old, strict=True)
     assert model.term_gates.tolist() == pytest.approx([0.7 if n == "high" else 0.0 for n in order])
-    legacy = {k: v for k, v in sd.items() if k != "_extra_state"}
+    legacy = {k: v for k, v in sd.items() if k != "term_gate_names"}
     legacy["term_gates"] = torch.tensor([0.25, 0.5])  # before names: [local, high]
     model.load_state_dict(legacy, strict=True)
     assert model.term_gates.tolist() == [{"local": 0.25, "high": 0.5}[n] for n in order]
