@@ -7,7 +7,7 @@ PARAMS ?= params/demo.yaml
 # JupyterLab refuses to run as root without --allow-root
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-.PHONY: setup setup-dev demo test bench bench-scale gpu-check triton-aot tensorboard lab browser-check chromium clean-outputs
+.PHONY: setup setup-dev demo test test-fast bench bench-scale gpu-check triton-aot tensorboard lab browser-check chromium clean-outputs
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ demo: setup
 
 test: setup-dev chromium
 	$(PY) -m pytest -q
+
+# Everything not marked slow (slow: notebook and pipeline runs, kill/resume, DDP, browser, AOT compile)
+test-fast: setup-dev
+	$(PY) -m pytest -q -m "not slow"
 
 # The browser check (tests/test_browser.py) needs Debian's Chromium; as root it is installed here,
 # otherwise that one test is skipped with its reason.

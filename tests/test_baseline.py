@@ -79,6 +79,7 @@ def test_cca_start_retrieves_where_a_dominant_unrelated_text_direction_defeats_t
     ({"ridge": [300.0] * 5, "cca": [303.0] * 5}, 600.0, "ridge"),  # every fold, but +1 %
     ({"ridge": [300.0] * 5, "cca": [330.0] * 5}, 0.0, "ridge"),  # wins the folds, loses on val
 ])
+@pytest.mark.slow
 def test_auto_start_is_the_ridge_map_unless_cca_wins_the_cross_validation(smoke_store, monkeypatch, cv, val_cca, expect):
     """anchor_init auto does not decide on val alone (CCA's 72 settings win a few val images by chance):
     the ridge baseline's map unless CCA wins a 5-fold cross-validation by 2 % in most folds and is not
@@ -99,6 +100,7 @@ def test_auto_start_is_the_ridge_map_unless_cca_wins_the_cross_validation(smoke_
         assert fit["val_rsum"] == ridge["val_rsum"]
 
 
+@pytest.mark.slow
 def test_auto_start_is_cached_beside_the_store(smoke_store, tmp_path):
     """The cross-validated choice is computed once per store build (every ablation cell builds a model)."""
     import shutil

@@ -60,6 +60,7 @@ def jupyterlab(smoke_project, tmp_path):
     server.wait(20)
 
 
+@pytest.mark.slow
 def test_explorer_in_headless_chromium(jupyterlab, tmp_path):
     from playwright.sync_api import sync_playwright
     root, url = jupyterlab

@@ -27,6 +27,7 @@ def test_help_answers_before_torch_is_imported(tmp_path, name):
 
 
 @pytest.mark.parametrize("name", ["prepare", "train", "pipeline"])
+@pytest.mark.slow
 def test_config_errors_are_one_line_exit_2(tmp_path, name):
     missing = cli(tmp_path, name, tmp_path / "nope.yaml")
     assert missing.returncode == 2 and missing.stderr.strip() == f"error: params file not found: {tmp_path / 'nope.yaml'}"

@@ -131,6 +131,7 @@ def test_second_writer_is_refused_naming_the_holder(tmp_path):
         pass
 
 
+@pytest.mark.slow
 def test_store_appears_whole_with_its_caches(tmp_path, monkeypatch):
     """prepare builds under a temporary name: while the text cache is computed, the final path holds
     nothing (first build) — never a store without its text cache or relevance."""
@@ -380,6 +381,7 @@ def test_ctrl_c_saves_a_checkpoint_says_how_to_resume_and_logs_each_step_once(tm
     assert steps == sorted(set(steps)) and saved in steps  # each step logged once, across the interruption
 
 
+@pytest.mark.slow
 def test_sigterm_during_the_last_validation_stops_instead_of_being_swallowed(tmp_path, smoke_store, monkeypatch):
     """A stop asked while the final epoch validates used to be forgotten (training returned normally and
     an ablation grid went on to evaluate and to its next cell); now the epoch's checkpoint is saved and
@@ -451,6 +453,7 @@ def test_csv_row_with_missing_cells_names_its_line(tmp_path):
 
 
 @pytest.mark.parametrize("command", ["prepare", "train"])
+@pytest.mark.slow
 def test_unwritable_output_folder_is_one_line_from_the_cli(tmp_path, command):
     """Root writes anywhere, so the folder is made unwritable by putting it under a regular file
     (ENOTDIR, an OSError like a read-only mount's EROFS): one line naming the path, exit 2."""
@@ -494,6 +497,7 @@ def test_own_params_file_gets_its_own_store_and_run_name(tmp_path):
     assert load(REPO / "params" / "demo.yaml").data.store.endswith("outputs/data/synthetic_demo.h5")  # named: kept
 
 
+@pytest.mark.slow
 def test_checkpoint_is_not_evaluated_on_its_store_rebuilt_from_other_data(tmp_path, smoke_store):
     import h5py
 

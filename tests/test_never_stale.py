@@ -150,6 +150,7 @@ def test_a_captions_edit_reruns_prepare_train_and_evaluate(tmp_path):
     assert "when the store held other data" in (run_dir / "progress.log").read_text()
 
 
+@pytest.mark.slow
 def test_embeddings_cache_knows_its_store(tmp_path, smoke_store):
     """A checkpoint evaluated on a second store of the same sizes gives that store's metrics (the cache
     beside the checkpoint is keyed by store build, checkpoint file and code), equal to an uncached run."""
@@ -190,6 +191,7 @@ def early_stop_params(tmp_path, smoke_store) -> Path:
 
 
 @pytest.mark.parametrize("damage", ["delete best", "truncate best", "truncate last", "delete last"])
+@pytest.mark.slow
 def test_a_run_folder_recovers_with_the_same_command(tmp_path, smoke_store, damage):
     """An early-stopped run (lr so small that val never improves: the untrained start is kept) whose
     best.pt or last.pt is deleted or cut: the same train command trains again and ends with a readable
@@ -215,6 +217,7 @@ def test_a_run_folder_recovers_with_the_same_command(tmp_path, smoke_store, dama
     assert "from the start" in again.stdout or "restored" in again.stdout
 
 
+@pytest.mark.slow
 def test_force_trains_a_finished_run_anew(tmp_path, smoke_store):
     params = early_stop_params(tmp_path, smoke_store)
     assert cli("hosa_lib.train", params, cwd=tmp_path).returncode == 0
@@ -255,6 +258,7 @@ def test_a_json_listing_one_image_twice_under_two_spellings_names_it(tmp_path):
         read_captions(p)
 
 
+@pytest.mark.slow
 def test_a_cp1252_csv_is_one_line_naming_the_file_and_the_encoding(tmp_path):
     img, caps = folder(tmp_path, [("filename", "caption"), ("x.png", "a café in Zürich – at night")], "cp1252")
     params = tmp_path / "p.yaml"
@@ -286,6 +290,7 @@ def test_an_image_over_pils_pixel_limit_is_a_bad_image(tmp_path, on_bad, monkeyp
             assert s.n_images == 1
 
 
+@pytest.mark.slow
 def test_a_repeated_params_key_names_the_key_and_both_lines(tmp_path):
     p = tmp_path / "p.yaml"
     p.write_text(f"base: {REPO / 'params' / 'smoke.yaml'}\ntrain:\n  epochs: 3\n  lr: 0.001\n  epochs: 5\n")

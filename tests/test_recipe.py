@@ -41,6 +41,7 @@ def anchored_cfg(store, **model):
     return from_dict(raw)
 
 
+@pytest.mark.slow
 def test_anchored_model_starts_at_the_ridge_baseline(smoke_store):
     """With embed = the text width (P = identity) the untrained model's global cosine scores are the
     baseline's: training starts where the least-squares fit is."""
@@ -97,6 +98,7 @@ def test_anchor_and_infonce_train_step_shapes_and_gradients(smoke_store):
     assert not any("log_scale" in k for k in hinge.state_dict())
 
 
+@pytest.mark.slow
 def test_validate_at_start_keeps_the_initialisation_when_training_makes_val_worse(tmp_path, smoke_store):
     """train.validate_at_start: the untrained (anchored = baseline) model is validated and logged as
     epoch -1 and competes for best.pt; a learning rate that wrecks the model leaves best.pt at the
@@ -125,6 +127,7 @@ def test_validate_at_start_keeps_the_initialisation_when_training_makes_val_wors
     assert plain["best_rsum"] == pytest.approx(vals[1]["rsum"])
 
 
+@pytest.mark.slow
 def test_patience_stops_early_and_a_rerun_does_not_train_on(tmp_path, smoke_store):
     """train.patience: after `patience` epochs without a better val rsum training stops (here the
     wrecked model never beats its untrained start); running the same command again resumes from
@@ -156,11 +159,12 @@ def test_image_folder_recipe_starts_at_the_anchored_baseline_with_a_finetuned_ba
     from hosa_lib.factory import build_model
     from hosa_lib.train import train_step
     raw = to_dict(load("params/images.yaml"))
+    assert not raw["model"]["text_finetune"]  # the recipe's text is frozen; fine-tuning is its option
     raw["data"].update(store=smoke_store.store)
-    raw["model"].update(embed=64, ff=128, dropout=0.0)
+    raw["model"].update(embed=64, ff=128, dropout=0.0, text_finetune=True)
     cfg = from_dict(raw)
     assert cfg.model.anchor and cfg.model.text_finetune and cfg.loss.kind == "infonce"
-    assert cfg.train.validate_at_start and cfg.train.patience > 0
+    assert cfg.train.validate_at_start and cfg.train.patience > 0 and cfg.train.min_delta_images > 0
     ft, ft_text = build_model(cfg, seed=0)
     cached, cached_text = build_model(override(cfg, {"model": {"text_finetune": False}}), seed=0)
     assert ft_text.tokenizer and not cached_text.tokenizer
@@ -186,6 +190,7 @@ def test_image_folder_recipe_starts_at_the_anchored_baseline_with_a_finetuned_ba
         assert params[name].grad.abs().sum() > 0, name
 
 
+@pytest.mark.slow
 def test_term_gates_start_at_the_global_score_and_evaluation_scores_what_training_scores(smoke_store):
     """scoring.gates: untrained, the total is w_global * s_g exactly; with any gate values the
     differentiable training score equals the chunked evaluation score under model.scoring_config()
@@ -214,6 +219,7 @@ def test_term_gates_start_at_the_global_score_and_evaluation_scores_what_trainin
         build_model(override(cfg, {"scoring": {"w_global": 0.0}}), seed=0)
 
 
+@pytest.mark.slow
 def test_term_gates_train_at_their_own_rate_and_the_checkpoint_evaluates_with_them(tmp_path, smoke_store):
     from hosa_lib.evaluate import evaluate_checkpoint
     from hosa_lib.runs import load_checkpoint
@@ -243,6 +249,7 @@ def test_ablation_summary_reports_the_learned_gate_weights():
     assert out.loc["plain", "rsum std"] == pytest.approx(4.24, abs=0.01)
 
 
+@pytest.mark.slow
 def test_explorer_scores_a_gated_fine_tuned_checkpoint_with_its_learned_weights(tmp_path, smoke_store):
     """The explorer on a checkpoint of the image-folder recipe (gates, backbone inside the model):
     its weights are the learned ones, its widget sliders keep them (a negative weight too), and a
@@ -269,6 +276,7 @@ def test_explorer_scores_a_gated_fine_tuned_checkpoint_with_its_learned_weights(
 
 
 @pytest.mark.parametrize("kind", ["cca", "auto"])
+@pytest.mark.slow
 def test_anchored_model_starts_at_its_closed_form_fit(smoke_store, kind):
     """anchor_init cca/auto: the untrained model's global cosine scores are the chosen fit's
     (zero-padded to the embedding width), and auto's choice has the higher val rsum."""

@@ -205,6 +205,7 @@ def test_gpu_check_skips_cleanly_without_cuda():
     assert proc.stdout.strip().startswith("gpu_check: skipped, no CUDA device") and not proc.stderr.strip()
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_its_code_at_toy_sizes_on_the_cpu(tmp_path):
     """--dry-run: every part of the GPU script (Triton through its interpreter, prepare, bf16 steps,
     bucketed evaluation) runs here, so the script is known to work before a GPU is lent."""

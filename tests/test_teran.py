@@ -213,6 +213,7 @@ def teran_layout_with_hard_cases(root, teran_data):
     return long
 
 
+@pytest.mark.slow
 def test_seed_compatible_command_on_teran_layout(tmp_path, bert_dir, teran_data):
     """python -m hosa_lib.evaluate --checkpoint MODEL.pth --size 1k on a generated TERAN data/ folder with
     long captions, padded images and a one-token caption; float32 end to end; TERAN's scoring rules."""

@@ -33,6 +33,7 @@ def run_train(params, run_dir):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow
 def test_resume_after_kill_matches_uninterrupted(tmp_path, smoke_store):
     """Killed mid-epoch and resumed, training ends with the uninterrupted run's weights, with dropout on
     (the RNG stream after a mid-epoch resume must be the one the uninterrupted run had there)."""
@@ -90,6 +91,7 @@ def _ddp_worker(rank, world, store, port, result_path):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_equal_single_process(tmp_path, smoke_store):
     import torch.multiprocessing as mp
 
@@ -180,6 +182,7 @@ def test_rng_state_per_device_and_rank_restores_on_any_device_count():
     assert torch.equal(torch.get_rng_state(), s1["torch"])
 
 
+@pytest.mark.slow
 def test_evaluate_cli_writes_metrics(tmp_path, smoke_store):
     from hosa_lib.train import train
     cfg = smoke_cfg(smoke_store.store, epochs=1)
@@ -250,6 +253,7 @@ def test_finetune_backbone_trains_with_its_own_lr(tmp_path, smoke_store):
     assert res["steps"] == 2 and ck["step"] == 2
 
 
+@pytest.mark.slow
 def test_one_trainer_per_run_folder_and_no_resume_with_other_params(tmp_path, smoke_store):
     """A second `train` into a folder being trained fails at once naming the first; resuming a folder
     with params that change the weights (embed 32 -> 16) names what differs instead of a size-mismatch
