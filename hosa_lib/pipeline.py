@@ -226,7 +226,7 @@ def describe_run(cfg, run_dir: Path | None = None) -> str:
     scoring, training (as it went, once trained: early stops said), evaluation protocol."""
     from .scoring import SCORING_TERMS  # lazily: torch is not needed to drive the notebooks
     d, m, sc = cfg.data, cfg.model, cfg.scoring
-    data = {"synthetic": "synthetic scenes", "images": f"images of the folder {Path(d.root).name or '(data.root unset)'}",
+    data = {"synthetic": "synthetic scenes", "images": f"images of the folder {'/'.join(Path(d.root).parts[-2:]) or '(data.root unset)'}",
             "teran": f"{d.dataset.upper()} in TERAN's layout", "scan": "SCAN precomputed features",
             "store": f"store {Path(d.store).name}"}[d.source]
     try:

@@ -114,3 +114,12 @@ def test_reused_finished_run_is_not_resumed_and_keeps_its_speed(tmp_path, smoke_
     echoed = (report / "progress.log").read_text()
     assert "cell 1/1 other seed 0: epoch 1/1: loss" in echoed
     assert "cell 1/1 other seed 0: epoch 1/1:" in echoed.replace("epoch 1/1: loss", "")  # the bar's own line
+
+
+def test_index_names_an_image_folder_by_its_last_two_path_parts(tmp_path):
+    """A folder laid out as the README says (data/mine/images) is named "mine/images", not "images"."""
+    from hosa_lib.config import RunConfig, override
+    from hosa_lib.pipeline import describe_run
+    cfg = override(RunConfig(), {"data": {"source": "images", "root": "data/mine/images",
+                                          "captions": "data/mine/captions.csv", "store": str(tmp_path / "none.h5")}})
+    assert "images of the folder mine/images" in describe_run(cfg)
