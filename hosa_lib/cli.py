@@ -42,7 +42,8 @@ def parser(name: str):
         ap.add_argument("--out", default=None, help="folder for metrics.json (default: the checkpoint's folder)")
         teran = ap.add_argument_group("TERAN/HOSA checkpoints (seed-compatible test.py)")
         teran.add_argument("--size", choices=["1k", "5k"], help="COCO 1K (5 folds) or 5K; Flickr30K: 1k")
-        teran.add_argument("--config", help="TERAN YAML config (default: the checkpoint's own)")
+        teran.add_argument("--config", help="TERAN YAML config whose data paths and batch size replace the "
+                           "checkpoint's (as TERAN's test.py; the whole file if the checkpoint has no config)")
         teran.add_argument("--data-root", help="TERAN data/ folder (default: the config's dataset.data)")
         teran.add_argument("--text-model", help="local dir or HF name of the BERT tokenizer/config (default: the config's)")
         teran.add_argument("--store", help="evaluate on an existing HDF5 store instead of converting data/")

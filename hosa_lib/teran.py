@@ -291,16 +291,38 @@ def _flat(d: dict, prefix: str = "") -> str:
 PROTOCOLS = {("coco", "1k"): "coco_1k", ("coco", "5k"): "coco_5k", ("f30k", "1k"): "f30k_1k", ("f30k", "5k"): "f30k_1k"}
 
 
+# What TERAN's test.py takes from --config: the checkpoint's own config stays, these keys (its data
+# paths and the batch size) come from the given file.
+TERAN_OVERRIDDEN = (("dataset", "images-path"), ("dataset", "data"),
+                    ("image-model", "pre-extracted-features-root"), ("training", "bs"))
+
+
+def with_teran_paths(loaded: dict, given: dict, where) -> dict:
+    """The checkpoint's config with TERAN_OVERRIDDEN replaced from `given`, as TERAN's test.py does."""
+    out = {section: dict(values) if isinstance(values, dict) else values for section, values in loaded.items()}
+    for section, key in TERAN_OVERRIDDEN:
+        if key not in (given.get(section) or {}):
+            raise ConfigError(f"{where}: TERAN's test.py takes '{section}.{key}' from --config; it is missing")
+        out.setdefault(section, {})[key] = given[section][key]
+    return out
+
+
 def config_from_teran(ck: dict, checkpoint, config: str | None, data_root: str | None, text_model: str | None,
                       store: str | None, size: str, protocol: str | None = None, max_words: int = 512,
                       float16: bool = False) -> tuple[RunConfig, list]:
-    """Our RunConfig for evaluating a TERAN checkpoint as TERAN does: its config (or --config) imported
-    key by key, the test split of its data/ layout as the store (`<root>/<dataset>/hosa_test.h5`, float32
+    """Our RunConfig for evaluating a TERAN checkpoint as TERAN does: its config imported key by key
+    (with --config: the checkpoint's config with only TERAN_OVERRIDDEN taken from the file, as TERAN's
+    test.py; the file whole when the checkpoint holds no config), the test split of its data/ layout as the store (`<root>/<dataset>/hosa_test.h5`, float32
     features; `hosa_test_fp16.h5` with float16), captions up to `max_words` word pieces (TERAN never
     truncates; BERT's limit is 512) and TERAN's padding rule in MrSw."""
     import yaml
 
-    teran_cfg = yaml.safe_load(Path(config).read_text()) if config else ck.get("config")
+    teran_cfg = ck.get("config")
+    if config:
+        given = yaml.safe_load(Path(config).read_text())
+        if not isinstance(given, dict):
+            raise ConfigError(f"{config}: expected a TERAN YAML config (a mapping of sections)")
+        teran_cfg = with_teran_paths(teran_cfg, given, config) if isinstance(teran_cfg, dict) else given
     if not isinstance(teran_cfg, dict):
         raise ConfigError(f"{checkpoint}: holds no 'config'; pass --config CONFIG.yaml")
     overrides, report = import_config(teran_cfg)

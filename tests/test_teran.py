@@ -380,3 +380,26 @@ def test_learning_rate_schedule_is_terans():
             i += 1
         step_lr.step()
     assert f(7 * spe) == pytest.approx(0.5 ** 2)  # decayed at epochs 3 and 6, not only once
+
+
+def test_config_option_replaces_only_what_terans_test_py_replaces(tmp_path):
+    """--config as TERAN's test.py: the checkpoint's own config stays (its model, e.g. embed size), and
+    only the data paths (images-path, data, pre-extracted-features-root) and training.bs come from the
+    file; a checkpoint without a config takes the file whole."""
+    from hosa_lib.teran import config_from_teran
+    saved = yaml.safe_load(TERAN_COCO)
+    given = deep_merge(saved, {"model": {"embed-size": 512}, "dataset": {"data": str(tmp_path / "elsewhere")},
+                               "image-model": {"pre-extracted-features-root": str(tmp_path / "feats")},
+                               "training": {"bs": 16}})
+    path = tmp_path / "other.yaml"
+    path.write_text(yaml.safe_dump(given))
+    cfg, _ = config_from_teran({"config": saved}, "MODEL.pth", str(path), None, None, None, "1k", "all")
+    assert cfg.model.embed == 1024  # the checkpoint's, not the file's 512
+    assert cfg.data.root == str(tmp_path / "elsewhere") and cfg.data.features_dir == str(tmp_path / "feats")
+    assert cfg.train.batch_size == 16
+    whole, _ = config_from_teran({}, "MODEL.pth", str(path), None, None, None, "1k", "all")
+    assert whole.model.embed == 512
+    partial = tmp_path / "partial.yaml"
+    partial.write_text(yaml.safe_dump({"dataset": {"data": "x"}}))
+    with pytest.raises(ConfigError, match="takes 'dataset.images-path' from --config"):
+        config_from_teran({"config": saved}, "MODEL.pth", str(partial), None, None, None, "1k", "all")
