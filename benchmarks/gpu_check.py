@@ -142,7 +142,7 @@ def check_training(tmp: Path, dev, toy) -> dict:
     import torch
 
     from hosa_lib.prepare import prepare
-    from hosa_lib.train import setup, train_step, validate
+    from hosa_lib.train import epoch_batches, setup, train_step, validate
     n, warm, steps = (40, 1, 3) if toy else (2000, 5, 40)
     cfg = coco_config(tmp, dev, toy, n)
     t0 = time.perf_counter()
@@ -151,9 +151,7 @@ def check_training(tmp: Path, dev, toy) -> dict:
     peak_gib(dev, reset=True)
     run = setup(cfg, tmp / "run", progress=False)
     run.sampler.set_epoch(0, 0)
-    loader = torch.utils.data.DataLoader(run.data, batch_sampler=run.sampler, collate_fn=__import__(
-        "hosa_lib.data", fromlist=["collate"]).collate, num_workers=0 if toy else 4, pin_memory=dev.type == "cuda")
-    batches = iter(loader)
+    batches = epoch_batches(run)  # training's own loader: persistent workers and pinned memory on CUDA
     run.core.train()
     t_steps = 0.0
     for i in range(warm + steps):

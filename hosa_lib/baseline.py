@@ -180,6 +180,9 @@ def closed_form_start(store_path, text_key: str, kind: str, max_dims: int) -> di
     if kind not in ("ridge", "cca", "auto"):
         raise ValueError(f"closed-form start: kind {kind!r}, expected ridge, cca or auto")
     with Store(store_path, check_values=False) as s:
+        cache = _start_cache(store_path, s.uid, text_key, max_dims)
+        if kind == "auto" and (cached := _cached_start(cache)) is not None:
+            return cached
         tr = split_vectors(s, "train", text_key)
         va = split_vectors(s, "val", text_key)
     if kind == "cca":
@@ -187,9 +190,6 @@ def closed_form_start(store_path, text_key: str, kind: str, max_dims: int) -> di
     ridge = _ridge_start(tr, va, max_dims)
     if kind == "ridge":
         return ridge
-    cached = _cached_start(store_path, text_key, max_dims)
-    if cached is not None:
-        return cached
     cv = cross_validate_starts(tr, va, max_dims)
     diff = np.asarray(cv["cca"]) - np.asarray(cv["ridge"])
     wins = diff.mean() > CV_MARGIN * np.mean(cv["ridge"]) and (diff > 0).sum() > len(diff) / 2
@@ -200,25 +200,22 @@ def closed_form_start(store_path, text_key: str, kind: str, max_dims: int) -> di
            f"CCA does not win the cross-validation by {CV_MARGIN:.0%} in most folds")
     chosen["cv"] = {"ridge_rsum": cv["ridge"], "cca_rsum": cv["cca"], "mean_gain": float(diff.mean()),
                     "folds_won": int((diff > 0).sum()), "decision": why}
-    _cache_start(store_path, text_key, max_dims, chosen)
+    _cache_start(cache, chosen)
     return chosen
 
 
-def _start_cache(store_path, text_key: str, max_dims: int):
-    """Where `auto`'s choice is kept beside the store (its sidecar folder), for this store build and this
-    module's code: the cross-validation takes a minute, and every ablation cell builds a model."""
+def _start_cache(store_path, uid: str, text_key: str, max_dims: int):
+    """Where `auto`'s choice is kept beside the store (its sidecar folder), for this store build (uid)
+    and this module's code: the cross-validation takes a minute, and every ablation cell builds a model."""
     import hashlib
     from pathlib import Path
-    with Store(store_path, check_values=False) as s:
-        uid = s.uid
     code = hashlib.sha1(Path(__file__).read_bytes()).hexdigest()[:12]
     tag = hashlib.sha1(f"{uid}|{text_key}|{max_dims}|{code}".encode()).hexdigest()[:16]
     return Path(f"{store_path}.d") / f"start-auto-{tag}.npz"
 
 
-def _cached_start(store_path, text_key: str, max_dims: int) -> dict | None:
+def _cached_start(path) -> dict | None:
     import json
-    path = _start_cache(store_path, text_key, max_dims)
     if not path.is_file():
         return None
     try:
@@ -230,10 +227,9 @@ def _cached_start(store_path, text_key: str, max_dims: int) -> dict | None:
     return {**out, **meta}
 
 
-def _cache_start(store_path, text_key: str, max_dims: int, fit: dict) -> None:
+def _cache_start(path, fit: dict) -> None:
     import json
     import os
-    path = _start_cache(store_path, text_key, max_dims)
     meta = {k: fit[k] for k in ("kind", "val_rsum", "params", "cv")}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

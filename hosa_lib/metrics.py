@@ -33,6 +33,8 @@ def reported_recalls() -> tuple[str, ...]:
     """The reported recall keys, i2t then t2i ("i2t_r1", ...), read when called (so a K added to
     REPORTED_KS counts everywhere)."""
     return tuple(f"{d}_r{k}" for d in DIRECTIONS for k in REPORTED_KS)
+
+
 TIES = ("fair", "teran", "optimistic")
 TIE_ULPS = 4  # scores closer than this many float32 ulps (of the largest |score|) are ties
 BLOCK = 1 << 22  # score entries compared per step (32 MiB as float64): a COCO 5K matrix is never copied whole

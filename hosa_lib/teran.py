@@ -114,7 +114,7 @@ def map_state_dict(teran: dict, model: nn.Module, shared: bool) -> dict:
                 break
         else:
             unmapped.append(key)
-    missing = [k for k in ours if k not in out and not k.endswith("term_gate_names")]  # (the model's own bookkeeping)
+    missing = [k for k in ours if k not in out]
     wrong = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(ours[k].shape)}"
              for k, v in out.items() if k in ours and v.shape != ours[k].shape]
     extra = [k for k in out if k not in ours]

@@ -320,7 +320,7 @@ def plot_ablations(df: pd.DataFrame, base: dict | None = None):
         if i == 0:  # one legend for both directions (same colours)
             ax.legend(title="variant (= : identical curves)", fontsize=10, title_fontsize=10)
     seeds = df.groupby("variant")["seed"].nunique().max() if "seed" in df else 1
-    fig.suptitle("each point one seed; black: the mean ± sd over " + f"{seeds} seeds" if seeds > 1 else
+    fig.suptitle(f"each point one seed; black: the mean ± sd over {seeds} seeds" if seeds > 1 else
                  "one seed per variant: no spread to show (black: the value)", fontsize=11)
     fig.tight_layout()
     return fig

@@ -6,12 +6,12 @@
 # Usage: scripts/openclipart-prep.sh [DIR] [SIZE]   (default DIR=data/openclipart, SIZE=224)
 # Needs: apt-get (as root), python3. Takes ~5-10 min on 2 cores.
 set -eu
+. "$(dirname "$0")/debian-unpack.sh"
 DIR=${1:-data/openclipart}; SIZE=${2:-224}
 [[ -f $DIR/captions.csv ]] && { echo "$DIR ready ($(($(wc -l < "$DIR/captions.csv") - 1)) pairs)"; exit 0; }
 mkdir -p "$DIR/deb" "$DIR/images"
 command -v rsvg-convert >/dev/null || { apt-get install -y -qq librsvg2-bin >/dev/null 2>&1 || { apt-get update -qq >/dev/null; apt-get install -y -qq librsvg2-bin >/dev/null; }; }
-( cd "$DIR/deb"; ls openclipart-svg_*.deb >/dev/null 2>&1 || { apt-get download openclipart-svg >/dev/null 2>&1 || { apt-get update -qq >/dev/null; apt-get download openclipart-svg >/dev/null; }; }
-  [[ -d x ]] || dpkg -x openclipart-svg_*.deb x )
+unpack_deb openclipart-svg "$DIR"
 python3 - "$DIR" "$SIZE" <<'PY'
 import csv, glob, hashlib, html, os, re, subprocess, sys
 from concurrent.futures import ThreadPoolExecutor

@@ -6,12 +6,11 @@
 # DIR/captions.csv (filename,caption) WITHOUT a split column. Usage: scripts/tango-prep.sh [DIR]
 # (default DIR=data/tango). Needs apt-get download, dpkg, python3.
 set -eu
+. "$(dirname "$0")/debian-unpack.sh"
 DIR=${1:-data/tango}
 [[ -f $DIR/captions.csv ]] && { echo "$DIR ready ($(($(wc -l < "$DIR/captions.csv") - 1)) pairs)"; exit 0; }
 mkdir -p "$DIR/deb" "$DIR/images"
-( cd "$DIR/deb"; ls tango-icon-theme_*.deb >/dev/null 2>&1 || { apt-get download tango-icon-theme >/dev/null 2>&1 || \
-    { apt-get update -qq >/dev/null; apt-get download tango-icon-theme >/dev/null; }; }
-  [[ -d x ]] || dpkg -x tango-icon-theme_*.deb x )
+unpack_deb tango-icon-theme "$DIR"
 python3 - "$DIR" <<'PY'
 import csv, glob, hashlib, os, shutil, sys
 out = sys.argv[1]

@@ -5,12 +5,11 @@
 # WITHOUT a split column, as a user's own folder usually is (the store then splits by a hash of the names).
 # Usage: scripts/tuxpaint-prep.sh [DIR]   (default DIR=data/tuxpaint). Needs apt-get download, python3.
 set -eu
+. "$(dirname "$0")/debian-unpack.sh"
 DIR=${1:-data/tuxpaint}
 [[ -f $DIR/captions.csv ]] && { echo "$DIR ready ($(($(wc -l < "$DIR/captions.csv") - 1)) pairs)"; exit 0; }
 mkdir -p "$DIR/deb" "$DIR/images"
-( cd "$DIR/deb"; ls tuxpaint-stamps-default_*.deb >/dev/null 2>&1 || { apt-get download tuxpaint-stamps-default >/dev/null 2>&1 || \
-    { apt-get update -qq >/dev/null; apt-get download tuxpaint-stamps-default >/dev/null; }; }
-  [[ -d x ]] || dpkg -x tuxpaint-stamps-default_*.deb x )
+unpack_deb tuxpaint-stamps-default "$DIR"
 python3 - "$DIR" <<'PY'
 import csv, glob, os, shutil, sys
 out = sys.argv[1]
