@@ -1,7 +1,8 @@
 """Ablation grid: declared variants x seeds, each trained and evaluated through the library.
 
-A grid file (params/ablations/*.yaml) lists `variants: [{name, overrides}]` and optionally
-`seeds`. Every cell is an ordinary run folder keyed by its params hash, so re-running trains and
+A grid file (params/ablations/*.yaml) lists `variants: [{name, overrides, only}]` and optionally
+`seeds` and `common` (overrides of every variant). `only: [global]` keeps the named scoring terms and
+switches every other registered term off, so a term added later is off in that variant too. Every cell is an ordinary run folder keyed by its params hash, so re-running trains and
 evaluates only the cells that are missing; a cell with the run's own weights key is the run's own
 folder (not trained twice); results are collected into one tidy CSV.
 """
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .config import ConfigError, RunConfig, deep_merge, override, read_yaml
+from .config import TERMS, ConfigError, RunConfig, deep_merge, override, read_yaml
 from .evaluate import evaluate_checkpoint
 from .metrics import HEADLINE
 from .provenance import STALE_NOTE, fingerprint, is_current, keep_stale, running_code
@@ -25,16 +26,41 @@ from .train import train
 
 
 def read_grid(path) -> tuple[list[dict], list[int] | None]:
+    """A grid file's variants (each {name, overrides}, `common` merged into every variant's overrides,
+    `only` turned into weights) and its seeds (None: the run's own ablation.seeds)."""
     raw = read_yaml(Path(path)) or {}
     unknown = set(raw) - {"variants", "seeds", "common"}
     if unknown:
         raise ConfigError(f"{path}: unknown key '{sorted(unknown)[0]}' (expected variants, seeds, common)")
-    variants = [{**v, "overrides": deep_merge(raw.get("common") or {}, v.get("overrides") or {})}
-                for v in raw.get("variants") or []]
-    for v in variants:
-        if set(v) - {"name", "overrides"} or "name" not in v:
-            raise ConfigError(f"{path}: each variant needs 'name' and optional 'overrides', got {v}")
+    common = dict(raw.get("common") or {})
+    common_only = common.pop("only", None)
+    variants = []
+    for v in raw.get("variants") or []:
+        if not isinstance(v, dict) or set(v) - {"name", "overrides", "only"} or "name" not in v:
+            raise ConfigError(f"{path}: each variant needs 'name' and optional 'overrides' and 'only', got {v}")
+        over = deep_merge(common, v.get("overrides") or {})
+        only = v.get("only", common_only)
+        if only is not None:
+            over = deep_merge(over, {"scoring": only_weights(only, over.get("scoring") or {},
+                                                             f"{path}: variant {v['name']}")})
+        variants.append({"name": v["name"], "overrides": over})
     return variants, raw.get("seeds")
+
+
+def only_weights(only, scoring: dict, where: str) -> dict:
+    """`only: [global]` -> {w_high: 0.0, w_local: 0.0}: every registered term not named is switched off
+    (terms added later included); the named terms keep their weights. Names are checked against the
+    term registry (config.TERMS)."""
+    names = TERMS.names()
+    if not isinstance(only, list) or not only or not all(isinstance(n, str) for n in only):
+        raise ConfigError(f"{where}: 'only' = {only!r}: expected a non-empty list of scoring terms from {names}")
+    if bad := [n for n in only if n not in names]:
+        raise ConfigError(f"{where}: 'only' names '{bad[0]}': expected scoring terms from {names}")
+    off = {TERMS[n].weight: 0.0 for n in names if n not in only}
+    if clash := [w for w in off if scoring.get(w, 0.0) != 0.0]:
+        raise ConfigError(f"{where}: 'only' = {only} switches off {clash[0]}, which its overrides set to "
+                          f"{scoring[clash[0]]}")
+    return off
 
 
 def cell_inputs(cfg: RunConfig) -> dict:

@@ -7,6 +7,7 @@ unknown key raises `ConfigError` naming the key, the file and what was expected.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 import types
 import typing
@@ -18,6 +19,50 @@ import yaml
 
 class ConfigError(ValueError):
     """A params file or override has an unknown key or a value of the wrong type."""
+
+
+class Registry(dict):
+    """The one list of a params key's choices: name -> implementation, filled by the module that
+    implements them (its `home`) with `@REGISTRY.register(name)`. Config validates the key through it
+    and the home builds from it, so a choice exists exactly when its implementation does.
+
+    Config sits below every home in the import graph (docs/architecture.md), so it cannot import
+    them; `names()` and `impl()` import the home by its name first (as entry points load a plugin), so
+    a params file is checked against every implementation whatever the caller has imported."""
+
+    def __init__(self, key: str, home: str, what: str):
+        super().__init__()
+        self.key, self.home, self.what = key, home, what
+
+    def register(self, name: str):
+        """Decorator: `@LOSSES.register("hinge") class TripletLoss: ...` (returns the object unchanged)."""
+        def add(obj):
+            if name in self and self[name] is not obj:
+                raise ValueError(f"{self.key}: '{name}' is registered twice ({self[name]!r} and {obj!r})")
+            self[name] = obj
+            return obj
+        return add
+
+    def names(self) -> tuple[str, ...]:
+        importlib.import_module(self.home)  # fills the registry (a no-op once imported)
+        return tuple(self)
+
+    def impl(self, name: str):
+        """The implementation of `name`; a ConfigError naming the key and the choices otherwise."""
+        if name not in self.names():
+            raise ConfigError(f"key '{self.key}' = {name!r}: expected one of {self.names()}")
+        return self[name]
+
+
+# The registries (filled by their homes; README "Extending" says how to add to each):
+LOSSES = Registry("loss.kind", "hosa_lib.loss", "training loss: a module called as loss(scores, positives, step)")
+KERNELS = Registry("scoring.kernel", "hosa_lib.fused", "high-order kernel: a loader of its implementation "
+                   "(None: resolved per device, or eager torch)")
+TIES = Registry("eval.ties", "hosa_lib.metrics", "tie rule: (scores, cap_img, ks) -> per direction (ranks, hits per K)")
+ARCHS = Registry("model.arch", "hosa_lib.model", "architecture: (mcfg, feat_dim, text_dim, backbone, top) -> "
+                 "(image encoder, text encoder)")
+TERMS = Registry("scoring term", "hosa_lib.scoring", "pair-score term: a scoring.Term (weight key, gate, compute)")
+REGISTRIES = {r.key: r for r in (LOSSES, KERNELS, TIES, ARCHS)}  # params keys validated through a registry
 
 
 @dataclass(frozen=True)
@@ -181,9 +226,9 @@ class RunConfig:
     ablation: AblationConfig = field(default_factory=AblationConfig)
 
 
+# Keys with a fixed set of values that no module implements by name (those are REGISTRIES).
 CHOICES = {
     "data.source": ("synthetic", "teran", "scan", "images", "store"),
-    "model.arch": ("hosa", "teran"),
     "model.anchor_init": ("ridge", "cca", "auto"),
     "train.lr_warmup_style": ("ours", "teran"),
     "model.box_embed": ("concat", "mlp"),
@@ -194,10 +239,7 @@ CHOICES = {
     "scoring.local_pool": ("sum", "mean"),
     "scoring.direction": ("t2i", "i2t", "both"),
     "scoring.padding": ("ours", "teran"),
-    "scoring.kernel": ("auto", "torch", "numba", "triton"),
-    "loss.kind": ("hinge", "infonce"),
     "eval.protocol": ("all", "coco_1k", "coco_5k", "f30k_1k"),
-    "eval.ties": ("fair", "teran", "optimistic"),
 }
 
 
@@ -287,6 +329,8 @@ def build(cls, raw: dict, where: str, prefix: str = ""):
             _check_range(kwargs[name], key, where)
             if key in CHOICES and kwargs[name] not in CHOICES[key]:
                 raise ConfigError(f"{where}: key '{key}' = {value!r}: expected one of {CHOICES[key]}")
+            if key in REGISTRIES and kwargs[name] not in REGISTRIES[key].names():
+                raise ConfigError(f"{where}: key '{key}' = {value!r}: expected one of {REGISTRIES[key].names()}")
     out = cls(**kwargs)
     if cls is RunConfig:
         check_run(out, where)
@@ -294,10 +338,19 @@ def build(cls, raw: dict, where: str, prefix: str = ""):
 
 
 def check_gates(scoring: "ScoringConfig") -> None:
-    if scoring.gates and (scoring.w_global == 0 or (scoring.w_local == 0 and scoring.w_high == 0)):
-        raise ConfigError("scoring.gates: needs the global term and a local term (w_global and w_local or "
-                          f"w_high non-zero), got w_global={scoring.w_global}, w_local={scoring.w_local}, "
-                          f"w_high={scoring.w_high}; set scoring.gates: false for this variant")
+    """Learned gates need an ungated term to start from (the anchor: global) and a gated one to open;
+    which terms are which is the term registry's (`gate` of each scoring.Term)."""
+    if not scoring.gates:
+        return
+    terms = [TERMS.impl(n) for n in TERMS.names()]
+    weights = {t.weight: getattr(scoring, t.weight) for t in terms}
+    anchors = [t.weight for t in terms if t.gate is None]
+    gated = [t.weight for t in terms if t.gate is not None]
+    if not any(weights[w] for w in anchors) or not any(weights[w] for w in gated):
+        got = ", ".join(f"{w}={v}" for w, v in weights.items())
+        raise ConfigError(f"scoring.gates: needs an ungated term ({' or '.join(anchors)}) and a gated term "
+                          f"({' or '.join(gated)}) with non-zero weights, got {got}; set scoring.gates: false for "
+                          "this variant")
 
 
 def check_run(cfg: "RunConfig", where: str) -> None:

@@ -19,7 +19,8 @@ import sys
 
 import torch
 
-KERNELS = ("auto", "torch", "numba", "triton")
+from .config import KERNELS
+
 TRITON_MAX_L = 128  # = max(fused_triton.LAUNCH) (tested): longer anchors exceed one GPU block's shared memory
 _told: set[str] = set()
 
@@ -58,8 +59,7 @@ def resolve(kernel: str, device: torch.device, eager_only: str | None = None) ->
     kernel of the device and falls back to eager torch with a one-line notice (once per process).
     eager_only names a scoring option the fused kernels do not implement (e.g. scoring.condition):
     then `auto` means torch (with the notice) and a fused kernel asked for by name is an error."""
-    if kernel not in KERNELS:
-        raise ValueError(f"scoring.kernel={kernel!r}: expected one of {', '.join(KERNELS)}")
+    KERNELS.impl(kernel)  # a ConfigError naming the choices for an unknown name
     if kernel == "torch":
         return "torch"
     if eager_only and kernel != "auto":
@@ -124,11 +124,21 @@ def _threads() -> None:
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
 
 
-def _impl(name: str):
-    if name == "numba":
-        return _NumbaImpl
-    from . import fused_triton
+def _triton():
+    from . import fused_triton  # imports triton: loaded only when used
     return fused_triton
+
+
+# scoring.kernel's choices: the fused kernels' loaders (forward/backward of `_Reconstruct`); auto and
+# torch have no fused implementation (auto is resolved per device, torch is the eager path in scoring)
+KERNELS.register("auto")(None)
+KERNELS.register("torch")(None)
+KERNELS.register("numba")(lambda: _NumbaImpl)
+KERNELS.register("triton")(_triton)
+
+
+def _impl(name: str):
+    return KERNELS.impl(name)()
 
 
 class _Reconstruct(torch.autograd.Function):

@@ -11,7 +11,7 @@ import os
 import torch
 import torch.nn as nn
 
-from .config import LossConfig
+from .config import LOSSES, LossConfig
 
 
 def _checked(x: torch.Tensor) -> bool:
@@ -68,6 +68,7 @@ def infonce_loss(scores: torch.Tensor, positives: torch.Tensor, log_scale: torch
     return {"loss": i2t + t2i, "i2t": i2t.detach(), "t2i": t2i.detach(), "scale": scale.detach()}
 
 
+@LOSSES.register("hinge")
 class TripletLoss(nn.Module):
     """VSE++ hinge triplet (`triplet_loss`); hardest negatives after `loss.warmup_steps`. No parameters."""
 
@@ -79,6 +80,7 @@ class TripletLoss(nn.Module):
         return triplet_loss(scores, positives, self.cfg, step)
 
 
+@LOSSES.register("infonce")
 class InfoNCELoss(nn.Module):
     """Symmetric InfoNCE (`infonce_loss`) with its learnable inverse temperature, stored as its log and
     started at 1 / `loss.temperature`."""
@@ -91,9 +93,6 @@ class InfoNCELoss(nn.Module):
         return infonce_loss(scores, positives, self.log_scale)
 
 
-LOSSES = {"hinge": TripletLoss, "infonce": InfoNCELoss}
-
-
 def make_loss(cfg: LossConfig) -> nn.Module:
     """The loss `cfg.kind` names: called as loss(scores, positives, step) -> {"loss", "i2t", "t2i", ...}."""
-    return LOSSES[cfg.kind](cfg)
+    return LOSSES.impl(cfg.kind)(cfg)

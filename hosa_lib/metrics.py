@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .config import TIES
+
 RSUM_KS = (1, 5, 10)  # rsum = R@1 + R@5 + R@10 in both directions (TERAN's definition); model selection,
                       # early stopping and every comparison use it. Not a place to add a recall.
 REPORTED_KS = (1, 5, 10)  # the recalls reports show (evaluation table, training plot, summaries, index):
@@ -35,7 +37,6 @@ def reported_recalls() -> tuple[str, ...]:
     return tuple(f"{d}_r{k}" for d in DIRECTIONS for k in REPORTED_KS)
 
 
-TIES = ("fair", "teran", "optimistic")
 TIE_ULPS = 4  # scores closer than this many float32 ulps (of the largest |score|) are ties
 BLOCK = 1 << 22  # score entries compared per step (32 MiB as float64): a COCO 5K matrix is never copied whole
 
@@ -126,19 +127,29 @@ def _fair_recall(above: np.ndarray, tied: np.ndarray, own: np.ndarray, k: int) -
     return np.where(j <= 0, 0.0, 1.0 - p_all_wrong)
 
 
+@TIES.register("fair")
+def _fair_hits(scores: np.ndarray, cap_img: np.ndarray, ks) -> list:
+    """Per direction (expected rank, [P(hit in the top K) for K in ks]): wrong tied items ahead of the
+    first correct one average tied / (own + 1)."""
+    return [(above + tied / (own + 1), [_fair_recall(above, tied, own, k) for k in ks])
+            for above, tied, own in tie_counts(scores, cap_img)]
+
+
+@TIES.register("optimistic")
+def _optimistic_hits(scores: np.ndarray, cap_img: np.ndarray, ks) -> list:
+    return [(above, [(above < k).astype(float) for k in ks]) for above, _, _ in tie_counts(scores, cap_img)]
+
+
+@TIES.register("teran")
+def _teran_hits(scores: np.ndarray, cap_img: np.ndarray, ks) -> list:
+    return [(r, [(r < k).astype(float) for k in ks]) for r in teran_ranks(scores, cap_img)]
+
+
 def recall_metrics(scores: np.ndarray, cap_img: np.ndarray, ties: str = "fair") -> dict[str, float]:
-    if ties not in TIES:
-        raise ValueError(f"eval.ties={ties!r}: expected one of {', '.join(TIES)}")
+    """R@K for every K of `recall_ks()`, median and mean rank in both directions, and rsum, under the
+    tie rule `ties` (a name in config.TIES)."""
     out, ks = {}, recall_ks()
-    if ties == "teran":
-        per_dir = [(r, [(r < k).astype(float) for k in ks]) for r in teran_ranks(scores, cap_img)]
-    else:
-        per_dir = []
-        for above, tied, own in tie_counts(scores, cap_img):
-            if ties == "optimistic":
-                per_dir.append((above, [(above < k).astype(float) for k in ks]))
-            else:  # expected rank: wrong tied items ahead of the first correct one average tied / (own + 1)
-                per_dir.append((above + tied / (own + 1), [_fair_recall(above, tied, own, k) for k in ks]))
+    per_dir = TIES.impl(ties)(scores, cap_img, ks)
     for name, (r, hits) in zip(("i2t", "t2i"), per_dir):
         for k, h in zip(ks, hits):
             out[f"{name}_r{k}"] = 100.0 * float(h.mean())
@@ -152,6 +163,7 @@ def ndcg_at_k(scores: np.ndarray, relevance: np.ndarray, k: int = 25, ties: str 
     """relevance (captions, images). i2t: image queries rank captions; t2i: caption queries rank images.
     Also 'i2t_nonzero': the i2t mean over queries with NDCG > 0 (TERAN's i2t average, its i2t value
     under ties='teran', where items are ordered as TERAN orders them)."""
+    TIES.impl(ties)  # a ConfigError naming the choices for an unknown rule
     if relevance.shape != scores.T.shape:
         raise ValueError(f"relevance shape {relevance.shape}, expected (captions, images) = {scores.T.shape}")
     i2t = _ndcg_rows(scores, relevance.T, k, ties == "teran")

@@ -9,7 +9,7 @@ from dataclasses import replace
 import torch
 import torch.nn as nn
 
-from .config import ModelConfig, ScoringConfig, check_gates
+from .config import ARCHS, ModelConfig, ScoringConfig, check_gates
 from .encoders import ImageEncoder, TextEncoder, transformer
 from .scoring import SCORING_TERMS, gated_terms, gated_weights, make_side, pair_scores
 
@@ -25,6 +25,21 @@ def _save_gate_names(module, state_dict, prefix, local_metadata) -> None:
     state_dict[prefix + GATE_NAMES] = [t.name for t in gated_terms()]
 
 
+@ARCHS.register("hosa")
+def _hosa_encoders(mcfg: ModelConfig, feat_dim: int, text_dim: int, backbone, top):
+    """This workbench's encoders (hosa_lib.encoders)."""
+    return ImageEncoder(mcfg, feat_dim), TextEncoder(mcfg, text_dim, backbone if mcfg.text_finetune else None, top)
+
+
+@ARCHS.register("teran")
+def _teran_encoders(mcfg: ModelConfig, feat_dim: int, text_dim: int, backbone, top):
+    """TERAN's exact module layout (checkpoint import); its text backbone runs inside the model."""
+    from .teran import TeranImageEncoder, TeranTextEncoder
+    if backbone is None:
+        raise ValueError("model.arch 'teran' runs its text backbone inside the model (text_finetune: true)")
+    return TeranImageEncoder(mcfg, feat_dim), TeranTextEncoder(mcfg, text_dim, backbone)
+
+
 class HOSA(nn.Module):
     def __init__(self, mcfg: ModelConfig, scfg: ScoringConfig, feat_dim: int, text_dim: int,
                  backbone: nn.Module | None = None, loss: nn.Module | None = None, top: nn.Module | None = None):
@@ -33,14 +48,7 @@ class HOSA(nn.Module):
         # the training loss (`loss.make_loss`): its parameters (InfoNCE's temperature) are trained and
         # saved with the weights; registered first, where they always were (parameter order is kept)
         self.loss = loss
-        if mcfg.arch == "teran":  # TERAN's exact module layout (checkpoint import)
-            from .teran import TeranImageEncoder, TeranTextEncoder
-            if backbone is None:
-                raise ValueError("model.arch 'teran' runs its text backbone inside the model (text_finetune: true)")
-            self.image, self.text = TeranImageEncoder(mcfg, feat_dim), TeranTextEncoder(mcfg, text_dim, backbone)
-        else:
-            self.image = ImageEncoder(mcfg, feat_dim)
-            self.text = TextEncoder(mcfg, text_dim, backbone if mcfg.text_finetune else None, top)
+        self.image, self.text = ARCHS.impl(mcfg.arch)(mcfg, feat_dim, text_dim, backbone, top)
         self.shared = transformer(mcfg, mcfg.shared_layers)
         if scfg.gates:  # one per gated term (scoring.SCORING_TERMS): untrained, the global term alone scores
             check_gates(scfg)

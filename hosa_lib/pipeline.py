@@ -224,7 +224,7 @@ def run_stage(name: str, params_path: Path, cfg, run_dir: Path, force: bool, kee
 def describe_run(cfg, run_dir: Path | None = None) -> str:
     """One line saying what a run is: data (with its split sizes once the store exists), model and
     scoring, training (as it went, once trained: early stops said), evaluation protocol."""
-    from .scoring import SCORING_TERMS  # lazily: torch is not needed to drive the notebooks
+    from .scoring import active_terms, uses_bands  # lazily: torch is not needed to drive the notebooks
     d, m, sc = cfg.data, cfg.model, cfg.scoring
     data = {"synthetic": "synthetic scenes", "images": f"images of the folder {'/'.join(Path(d.root).parts[-2:]) or '(data.root unset)'}",
             "teran": f"{d.dataset.upper()} in TERAN's layout", "scan": "SCAN precomputed features",
@@ -236,8 +236,8 @@ def describe_run(cfg, run_dir: Path | None = None) -> str:
             data = f"{st.n_images:,} {data} (train / val / test {' / '.join(f'{n:,}' for n in sizes)})"
     except Exception:  # no store yet (the index before prepare has run)
         data = f"{data} ({d.n_images} images)" if d.source == "synthetic" else data
-    terms = "+".join(t.name for t in SCORING_TERMS if getattr(sc, t.weight))
-    model = f"{m.arch.upper()} embed {m.embed}, scoring {terms or 'none'}" + (f" (G={sc.bands})" if sc.w_high else "")
+    terms = "+".join(t.name for t in active_terms(sc))
+    model = f"{m.arch.upper()} embed {m.embed}, scoring {terms or 'none'}" + (f" (G={sc.bands})" if uses_bands(sc) else "")
     trained = f"{cfg.train.epochs} epochs"
     res = run_dir / "train_metrics.json" if run_dir else None
     if res and res.is_file():

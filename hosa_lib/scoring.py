@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as nnf
 
 from . import fused
-from .config import ScoringConfig
+from .config import TERMS, ScoringConfig
 
 
 @dataclass
@@ -128,11 +128,11 @@ def make_side(glob: torch.Tensor, local: torch.Tensor, mask: torch.Tensor, cfg: 
         raise ValueError(f"{name}: glob {tuple(glob.shape)} and local {tuple(local.shape)} disagree on N or d")
     mask = mask.bool()
     empty = (~mask.any(dim=1)).nonzero().flatten() if value_checks(mask) else ()
-    if len(empty) and not (cfg.padding == "teran" and cfg.w_high == 0):
+    if len(empty) and not (cfg.padding == "teran" and all(t.teran_empty for t in active_terms(cfg))):
         raise ValueError(f"{name}.mask: item(s) {empty[:5].tolist()} have no valid (unpadded) position")
     local = nnf.normalize(local, dim=-1) * mask.unsqueeze(-1)
     side = Side(nnf.normalize(glob, dim=-1), local, mask)
-    if cfg.w_high != 0:
+    if uses_bands(cfg):
         side.bands = band_features(local, cfg.bands)  # (G, N, n, 2P)
         if need_gram:
             side.gram = side.bands @ side.bands.transpose(-1, -2)  # (G, N, n, n)
@@ -289,20 +289,37 @@ class Term:
     name: str                 # key in score dicts
     weight: str               # its weight field in ScoringConfig (0 = not computed)
     label: str                # what it is, for sliders and reports
-    gate: int | None          # index of its learned gate under scoring.gates; None = never gated
+    gate: int | None          # index of its learned gate under scoring.gates; None = never gated (under gates
+                              # an ungated term is the anchor the gated ones are added to: check_gates)
     teran: bool               # part of TERAN's own score
     compute: Callable[[Side, Side, ScoringConfig], torch.Tensor]  # all pairs of two sides: (Ni, Nc)
+    bands: bool = False       # needs both sides' band features (and Gram matrices): make_side, side_bytes
+    per_pair: Callable[[ScoringConfig], int] = lambda cfg: 1  # elements of its largest chunk tensor per
+                              # (region, word) pair: chunk_sizes keeps (pairs x the largest active one) bounded
+    teran_empty: bool = True  # scores an item without valid positions under TERAN's padding rule (as 0)
 
 
 # The order is the order `total` adds the terms in (floating-point addition is not associative, so a
 # reordering would change totals, and trained weights, in the last bit).
 SCORING_TERMS = (
     Term("global", "w_global", "global: image vector · caption vector", None, False, _global_term),
-    Term("high", "w_high", "high-order: t-product reconstruction of the regions", 1, False, _high_term),
+    Term("high", "w_high", "high-order: t-product reconstruction of the regions", 1, False, _high_term,
+         bands=True, per_pair=lambda cfg: cfg.bands, teran_empty=False),
     Term("local", "w_local", "local: TERAN's region-word MrSw", 0, True, _local_term),
 )
-TERMS = tuple(t.name for t in SCORING_TERMS)
+for _t in SCORING_TERMS:  # config.TERMS: what config (check_gates) and ablation grids (`only:`) check names against
+    TERMS.register(_t.name)(_t)
 N_GATES = 1 + max(t.gate for t in SCORING_TERMS if t.gate is not None)
+
+
+def active_terms(cfg: ScoringConfig) -> list[Term]:
+    """The terms `cfg` computes (non-zero weight), in SCORING_TERMS order."""
+    return [t for t in SCORING_TERMS if getattr(cfg, t.weight) != 0]
+
+
+def uses_bands(cfg: ScoringConfig) -> bool:
+    """Whether some term `cfg` computes needs the band features."""
+    return any(t.bands for t in active_terms(cfg))
 
 
 def term_weights(cfg: ScoringConfig) -> dict[str, float]:
@@ -362,7 +379,7 @@ def attention_maps(v: torch.Tensor, t: torch.Tensor, cfg: ScoringConfig) -> dict
 
 def chunk_sizes(n_img: int, n_cap: int, m: int, l: int, cfg: ScoringConfig, max_elems: int) -> tuple[int, int]:
     """Image and caption chunk sizes so that one (G, Cc, L, Ci, M) tensor stays under max_elems."""
-    per_pair = m * l * (cfg.bands if cfg.w_high != 0 else 1)
+    per_pair = m * l * max([1] + [t.per_pair(cfg) for t in active_terms(cfg)])
     pairs = max(1, max_elems // per_pair)
     cc = max(1, min(n_cap, int(math.sqrt(pairs) * 2)))
     ci = max(1, min(n_img, pairs // cc))
@@ -372,7 +389,7 @@ def chunk_sizes(n_img: int, n_cap: int, m: int, l: int, cfg: ScoringConfig, max_
 def side_bytes(n: int, m: int, d: int, cfg: ScoringConfig, need_gram: bool) -> int:
     """float32 bytes of a prepared side of n items x m positions (make_side: vectors, band features, Gram)."""
     per = m * d + d + m
-    if cfg.w_high != 0:
+    if uses_bands(cfg):
         per += m * (d + 2 * cfg.bands + 2) + (cfg.bands * m * m if need_gram else 0)
     return 4 * n * per
 

@@ -526,7 +526,7 @@ def test_a_grid_cell_that_does_not_fit_is_refused_before_any_cell_trains(monkeyp
     monkeypatch.setattr(ab, "run_cell", lambda *a, **k: pytest.fail("a cell trained before the grid was checked"))
     cfg = load(REPO / "params" / "images.yaml")
     assert cfg.ablation.grid.endswith("params/ablations/images.yaml")  # its own grid, which fits
-    with pytest.raises(ConfigError, match=r"demo.yaml: variant teran_local: scoring.gates: needs the global term"):
+    with pytest.raises(ConfigError, match=r"demo.yaml: variant teran_local: scoring.gates: needs an ungated term"):
         ab.run_grid(cfg, REPO / "params" / "ablations" / "demo.yaml", progress=False)
 
 

@@ -190,7 +190,7 @@ def test_term_gates_start_at_the_global_score_and_evaluation_scores_what_trainin
     train_total = model.score(img, cap)["total"].detach()
     eval_total = score_all_pairs(img, cap, folded, max_elems=1 << 12)["total"]
     torch.testing.assert_close(eval_total, train_total, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ConfigError, match="scoring.gates: needs the global term"):
+    with pytest.raises(ConfigError, match=r"scoring.gates: needs an ungated term \(w_global\)"):
         build_model(override(cfg, {"scoring": {"w_global": 0.0}}), seed=0)
 
 
