@@ -116,7 +116,8 @@ class ScoringConfig:
                                    # region-word alignments count as 0 and a caption without words scores 0
     condition: bool = False        # local-global H: the softmax of H also sees lambda * cos(position, other side's
                                    # global vector) (t2i: each word's cosine with the image's global vector)
-    kernel: str = "auto"           # high-order term: auto (numba on CPU, triton on CUDA) | torch (eager) | numba | triton
+    kernel: str = "auto"           # high-order term: auto (flash on CPU, triton on CUDA) | torch (eager) | flash (CPU,
+                                   # band shares per tile, never whole) | numba (CPU, after the band-share GEMM) | triton
     gates: bool = False            # learnable gates g on the local terms, starting at 0: the score is
                                    # w_global s_g + g_l w_local s_l + g_h w_high s_h, so an anchored model starts at
                                    # its global score (the baseline) and training sets how much the local terms count

@@ -43,14 +43,15 @@ def fits(kernel: str, anchor_len: int) -> str:
 
 def _unavailable(name: str, device: torch.device) -> str | None:
     """Why kernel `name` cannot run on `device`, or None when it can."""
-    if name == "numba" and device.type != "cpu":
-        return f"numba runs on CPU tensors, these are on {device}; use triton or torch"
+    if name in ("numba", "flash") and device.type != "cpu":
+        return f"{name} runs on CPU tensors, these are on {device}; use triton or torch"
     if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return f"triton needs CUDA tensors (these are on {device}) or TRITON_INTERPRET=1 for its CPU interpreter"
-    try:
-        importlib.import_module(name)
-    except ImportError:
-        return f"{name} is not installed (pip install {name})"
+    for package in {"flash": ("numba", "scipy")}.get(name, (name,)):  # flash: numba's np.dot calls SciPy's BLAS
+        try:
+            importlib.import_module(package)
+        except ImportError:
+            return f"{package} is not installed (pip install {package})"
     return None
 
 
@@ -65,7 +66,7 @@ def resolve(kernel: str, device: torch.device, eager_only: str | None = None) ->
     if eager_only and kernel != "auto":
         raise ValueError(f"scoring.kernel={kernel}: {eager_only} runs in the eager kernel only; use auto or torch")
     if kernel == "auto":
-        want = {"cpu": "numba", "cuda": "triton"}.get(device.type)
+        want = {"cpu": "flash", "cuda": "triton"}.get(device.type)
         if eager_only:
             why = f"{eager_only} runs in the eager kernel only"
         else:
@@ -135,6 +136,7 @@ KERNELS.register("auto")(None)
 KERNELS.register("torch")(None)
 KERNELS.register("numba")(lambda: _NumbaImpl)
 KERNELS.register("triton")(_triton)
+KERNELS.register("flash")(None)  # CPU, from the band features: reconstruct_flash (not through _Reconstruct)
 
 
 def _impl(name: str):
@@ -169,3 +171,113 @@ def reconstruct(rho: torch.Tensor, gram: torch.Tensor, amask: torch.Tensor, weig
                 scale: float, name: str) -> torch.Tensor:
     """out (A, B) of the module docstring with a fused kernel (`numba` or `triton`)."""
     return _Reconstruct.apply(rho, gram, amask.bool().contiguous(), weight, float(scale), name)
+
+
+# ------------------------------------------------------------------------------- flash (CPU, numba)
+FLASH_QB = 128  # query positions per tile (rounded down to whole query items): an (L, 128) float32 tile
+                # of rho is 6 KiB at L = 12
+
+
+def _flash_layout(abands, qbands, gram, amask, n_item: int):
+    """Anchors' valid positions first (the kernels then work on row prefixes), the query side padded
+    to whole tiles of QB positions (whole items of n_item positions), transposed and not."""
+    G, A, L, P2 = abands.shape
+    Q = qbands.shape[1]
+    order, nvalid = _valid_index(amask)
+    idx = order.long()
+    ab = abands.gather(2, idx[None, :, :, None].expand(G, A, L, P2)).contiguous()
+    gr = gram.gather(2, idx[None, :, :, None].expand(G, A, L, L))
+    gr = gr.gather(3, idx[None, :, None, :].expand(G, A, L, L)).contiguous()
+    QB = n_item * max(1, FLASH_QB // n_item)
+    T = -(-Q // QB)
+    qb = qbands.new_zeros(G, T * QB, P2)
+    qb[:, :Q] = qbands
+    qb = qb.view(G, T, QB, P2)
+    return ab, gr, qb, qb.transpose(2, 3).contiguous(), idx, nvalid
+
+
+def _unorder(x: torch.Tensor, idx: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """Undo the valid-first order of `_flash_layout` along `dims` of x (G, A, L, ...)."""
+    G, A, L = x.shape[:3]
+    for dim in dims:
+        shape = [1] * x.dim()
+        shape[1], shape[dim] = A, L
+        x = torch.zeros_like(x).scatter_(dim, idx.view(shape).expand_as(x), x)
+    return x
+
+
+def _flash_forward(abands, qbands, gram, amask, weight, scale, qvalid=None):
+    """(out (A, B), the saved layout, cos and norm (A, Q), and with qvalid (B, n): the local score's
+    per-word maxima (A, L, B), valid words first)."""
+    from . import fused_flash as k
+    if abands.dtype not in (torch.float32, torch.float64) or {qbands.dtype, gram.dtype} != {abands.dtype}:
+        raise ValueError(f"scoring.kernel=flash: float32 or float64 inputs of one dtype, got {abands.dtype}, "
+                         f"{qbands.dtype} and {gram.dtype}; use kernel torch for other dtypes")
+    _threads()
+    (A, L, Q), (B, n) = (abands.shape[1], abands.shape[2], qbands.shape[1]), weight.shape
+    layout = _flash_layout(abands, qbands, gram, amask, n)
+    ab, gr, qb, qbt, idx, nvalid = layout
+    T, QB = qb.shape[1], qb.shape[2]
+    num, n2 = ab.new_empty(A, T * QB), ab.new_empty(A, T * QB)
+    valid = torch.zeros(T * QB, dtype=torch.int8)
+    local = ab.new_empty(0, L, 0)
+    if qvalid is not None:
+        valid[:Q] = qvalid.flatten()
+        local = ab.new_empty(A, L, B)
+    k.forward(ab.numpy(), qbt.numpy(), gr.numpy(), nvalid.numpy(), _scalar(scale, ab), num.numpy(), n2.numpy(),
+              ab.dtype == torch.float32, valid.numpy(), n, local.numpy())
+    norm = n2[:, :Q].clamp_min(1e-12).sqrt()
+    cos = num[:, :Q] / norm
+    return (cos.view(A, B, n) * weight).sum(-1), layout, cos, norm, local
+
+
+class _Flash(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, abands, qbands, gram, amask, weight, scale):
+        out, layout, cos, norm, _ = _flash_forward(abands, qbands, gram, amask, weight, scale)
+        if any(ctx.needs_input_grad[:3]):
+            ctx.save_for_backward(*layout, cos, norm, weight)
+            ctx.scale, ctx.Q = scale, qbands.shape[1]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        import numba
+
+        from . import fused_flash as k
+        ab, gr, qb, qbt, idx, nvalid, cos, norm, weight = ctx.saved_tensors
+        G, A, L, P2 = ab.shape
+        T, QB, Q = qb.shape[1], qb.shape[2], ctx.Q
+        g = (grad[..., None] * weight).flatten(1)  # dL/dcos per (a, q)
+        u, w = ab.new_zeros(A, T * QB), ab.new_zeros(A, T * QB)
+        u[:, :Q] = g / norm  # dL/dnum
+        w[:, :Q] = -g * cos / (2 * norm * norm)  # dL/dn2
+        _threads()
+        chunks = max(1, min(A, numba.get_num_threads()))
+        d_ab, d_gram = torch.empty_like(ab), torch.empty_like(gr)
+        d_qb = ab.new_empty(chunks, G, T, QB, P2)
+        k.backward(ab.numpy(), qbt.numpy(), qb.numpy(), gr.numpy(), nvalid.numpy(), _scalar(ctx.scale, ab),
+                   u.numpy(), w.numpy(), d_ab.numpy(), d_qb.numpy(), d_gram.numpy(), ab.dtype == torch.float32)
+        d_qbands = d_qb.sum(0).view(G, T * QB, P2)[:, :Q]
+        return _unorder(d_ab, idx, (2,)), d_qbands, _unorder(d_gram, idx, (2, 3)), None, None, None
+
+
+def reconstruct_flash(abands: torch.Tensor, qbands: torch.Tensor, gram: torch.Tensor, amask: torch.Tensor,
+                      weight: torch.Tensor, scale: float) -> torch.Tensor:
+    """out (A, B) of the module docstring from the band features instead of rho: abands (G, A, L, P2)
+    of the anchors, qbands (G, Q, P2) of the query positions, rho = abands @ qbands^T computed one
+    tile at a time inside the kernel (`fused_flash`), never whole. Differentiable in abands, qbands
+    and gram (the backward recomputes each tile)."""
+    return _Flash.apply(abands, qbands, gram, amask.bool().contiguous(), weight, float(scale))
+
+
+@torch.no_grad()
+def flash_with_local(abands, qbands, gram, amask, weight, scale, qvalid, pool: str):
+    """`reconstruct_flash` for caption anchors (t2i), plus TERAN's local score from the same tiles (the
+    band shares of a pair add up to its region-word cosines): (high (A, B), local (A, B)). qvalid (B, n):
+    the positions the max runs over (the query mask; all True for TERAN's padding rule); pool: sum or
+    mean over the caption's valid words. Not differentiable (scoring only)."""
+    out, layout, _, _, best = _flash_forward(abands, qbands, gram, amask.bool().contiguous(), weight, float(scale),
+                                             qvalid)
+    local = best.sum(1)
+    return out, local / layout[5].clamp_min(1).to(local.dtype)[:, None] if pool == "mean" else local

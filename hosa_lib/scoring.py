@@ -231,14 +231,31 @@ def _reconstruct_i2t(rho, img: Side, cap: Side, scale: float, bias=None) -> torc
     return ((num / norm) * tm).sum(1) / tm.sum(1)
 
 
-def _high_fused(img: Side, cap: Side, cfg: ScoringConfig, kernel: str) -> torch.Tensor:
+def _high_fused(img: Side, cap: Side, cfg: ScoringConfig, kernel: str,
+                fold_local: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
     """The high-order term through a fused kernel (hosa_lib.fused): the band-share GEMM laid out
-    per anchor (caption for t2i, image for i2t), everything after it in one kernel. (Ni, Nc)."""
+    per anchor (caption for t2i, image for i2t), everything after it in one kernel; with `flash`, the
+    GEMM inside the kernel one tile at a time. (Ni, Nc). fold_local (flash, t2i or both): also TERAN's
+    local score from the same band shares -> {"high", "local"}."""
     G, (Ni, M), (Nc, L) = img.bands.shape[0], img.mask.shape, cap.mask.shape
     scale = cfg.temperature * G
     mean_over = lambda m: m.to(img.bands.dtype) / m.sum(-1, keepdim=True)
     ib, cb = img.bands.reshape(G, Ni * M, -1), cap.bands.reshape(G, Nc * L, -1)
     parts = []
+    if kernel == "flash":  # the band shares are computed tile by tile inside the kernel, never whole
+        local = None
+        if cfg.direction in ("t2i", "both"):
+            if fold_local:  # TERAN's local score from the same tiles (scoring without gradients)
+                qvalid = torch.ones_like(img.mask) if cfg.padding == "teran" else img.mask
+                high, local = fused.flash_with_local(cap.bands, ib, cap.gram, cap.mask, mean_over(img.mask), scale,
+                                                     qvalid, cfg.local_pool)
+                parts.append(high.T)
+            else:
+                parts.append(fused.reconstruct_flash(cap.bands, ib, cap.gram, cap.mask, mean_over(img.mask), scale).T)
+        if cfg.direction in ("i2t", "both"):
+            parts.append(fused.reconstruct_flash(img.bands, cb, img.gram, img.mask, mean_over(cap.mask), scale))
+        high = sum(parts) / len(parts)
+        return high if local is None else {"high": high, "local": local.T}
     if cfg.direction in ("t2i", "both"):
         rho = torch.matmul(cb, ib.transpose(1, 2)).view(G, Nc, L, Ni * M)
         parts.append(fused.reconstruct(rho, cap.gram, cap.mask, mean_over(img.mask), scale, kernel).T)
@@ -265,7 +282,9 @@ def _high_term(img: Side, cap: Side, cfg: ScoringConfig) -> torch.Tensor:
     anchors = {"t2i": cap.mask.shape[1], "i2t": img.mask.shape[1], "both": max(img.mask.shape[1], cap.mask.shape[1])}
     kernel = fused.fits(kernel, anchors[cfg.direction])
     if kernel != "torch":
-        return _high_fused(img, cap, cfg, kernel)
+        needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (img.bands, cap.bands))
+        fold = kernel == "flash" and cfg.w_local != 0 and cfg.direction != "i2t" and not needs_grad
+        return _high_fused(img, cap, cfg, kernel, fold)
     G, (Ni, M), (Nc, L) = img.bands.shape[0], img.mask.shape, cap.mask.shape
     rho = torch.matmul(cap.bands.reshape(G, Nc * L, -1),
                        img.bands.reshape(G, Ni * M, -1).transpose(1, 2)).view(G, Nc, L, Ni, M)
@@ -292,11 +311,20 @@ class Term:
     gate: int | None          # index of its learned gate under scoring.gates; None = never gated (under gates
                               # an ungated term is the anchor the gated ones are added to: check_gates)
     teran: bool               # part of TERAN's own score
-    compute: Callable[[Side, Side, ScoringConfig], torch.Tensor]  # all pairs of two sides: (Ni, Nc)
+    compute: Callable[[Side, Side, ScoringConfig], torch.Tensor]  # all pairs of two sides: (Ni, Nc), or a
+                              # dict of it and terms later in SCORING_TERMS computed on the way (not computed again)
     bands: bool = False       # needs both sides' band features (and Gram matrices): make_side, side_bytes
-    per_pair: Callable[[ScoringConfig], int] = lambda cfg: 1  # elements of its largest chunk tensor per
-                              # (region, word) pair: chunk_sizes keeps (pairs x the largest active one) bounded
+    per_pair: Callable[[ScoringConfig, torch.device], int] = lambda cfg, device: 1  # elements of its largest
+                              # chunk tensor per (region, word) pair on `device`: chunk_sizes keeps (pairs x the
+                              # largest active one) bounded
     teran_empty: bool = True  # scores an item without valid positions under TERAN's padding rule (as 0)
+
+
+def _tiles_band_shares(cfg: ScoringConfig, device) -> bool:
+    """Whether the high-order term runs in the flash kernel on `device`, which never holds the band shares
+    of a whole chunk (G per region-word pair) but one tile of them."""
+    eager_only = "scoring.condition" if cfg.condition else None
+    return fused.resolve(cfg.kernel, torch.device(device), eager_only) == "flash"
 
 
 # The order is the order `total` adds the terms in (floating-point addition is not associative, so a
@@ -304,7 +332,8 @@ class Term:
 SCORING_TERMS = (
     Term("global", "w_global", "global: image vector · caption vector", None, False, _global_term),
     Term("high", "w_high", "high-order: t-product reconstruction of the regions", 1, False, _high_term,
-         bands=True, per_pair=lambda cfg: cfg.bands, teran_empty=False),
+         bands=True, per_pair=lambda cfg, device: 1 if _tiles_band_shares(cfg, device) else cfg.bands,
+         teran_empty=False),
     Term("local", "w_local", "local: TERAN's region-word MrSw", 0, True, _local_term),
 )
 for _t in SCORING_TERMS:  # config.TERMS: what config (check_gates) and ablation grids (`only:`) check names against
@@ -355,7 +384,11 @@ def pair_scores(img: Side, cap: Side, cfg: ScoringConfig,
     """
     _check_pair(img, cap)
     own = term_weights(cfg)
-    out = {t.name: t.compute(img, cap, cfg) for t in SCORING_TERMS if own[t.name] != 0}
+    out = {}
+    for t in SCORING_TERMS:
+        if own[t.name] != 0 and t.name not in out:
+            got = t.compute(img, cap, cfg)  # a dict: the term and others from the same work (flash: local)
+            out.update(got if isinstance(got, dict) else {t.name: got})
     weights = weights or own
     out["total"] = sum(weights[k] * v for k, v in out.items())
     return out
@@ -377,9 +410,11 @@ def attention_maps(v: torch.Tensor, t: torch.Tensor, cfg: ScoringConfig) -> dict
     return out
 
 
-def chunk_sizes(n_img: int, n_cap: int, m: int, l: int, cfg: ScoringConfig, max_elems: int) -> tuple[int, int]:
-    """Image and caption chunk sizes so that one (G, Cc, L, Ci, M) tensor stays under max_elems."""
-    per_pair = m * l * max([1] + [t.per_pair(cfg) for t in active_terms(cfg)])
+def chunk_sizes(n_img: int, n_cap: int, m: int, l: int, cfg: ScoringConfig, max_elems: int,
+                device="cpu") -> tuple[int, int]:
+    """Image and caption chunk sizes so that the largest chunk tensor (e.g. the band shares, (G, Cc, L, Ci, M),
+    of the fused kernels after the GEMM) stays under max_elems."""
+    per_pair = m * l * max([1] + [t.per_pair(cfg, device) for t in active_terms(cfg)])
     pairs = max(1, max_elems // per_pair)
     cc = max(1, min(n_cap, int(math.sqrt(pairs) * 2)))
     ci = max(1, min(n_img, pairs // cc))
@@ -435,7 +470,7 @@ def score_all_pairs(img: dict, cap: dict, cfg: ScoringConfig, max_elems: int = 1
                           need_gram=cfg.direction != "t2i")
     steps = []
     for blk in blocks:
-        ci, cc = chunk_sizes(n_img, len(blk["index"]), m, blk["mask"].shape[1], cfg, max_elems)
+        ci, cc = chunk_sizes(n_img, len(blk["index"]), m, blk["mask"].shape[1], cfg, max_elems, device)
         steps += [(blk, c0, cc, i0, ci) for c0 in range(0, len(blk["index"]), cc) for i0 in range(0, n_img, ci)]
     cap_side = None
     for blk, c0, cc, i0, ci in tqdm(steps, desc="scoring", disable=not progress, mininterval=2):

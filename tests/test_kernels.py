@@ -1,5 +1,6 @@
-"""Fused high-order kernels (hosa_lib.fused): numba on CPU, Triton (through its CPU interpreter when
-no GPU is present) and the eager definition, each against the float64 explicit reference."""
+"""Fused high-order kernels (hosa_lib.fused): numba (after the band-share GEMM) and flash (band shares per
+tile, never whole) on CPU, Triton (through its CPU interpreter when no GPU is present) and the eager
+definition, each against the float64 explicit reference."""
 import os
 
 import pytest
@@ -9,12 +10,12 @@ if not torch.cuda.is_available():  # must precede the kernels' import: @triton.j
     os.environ["TRITON_INTERPRET"] = "1"
 
 from hosa_lib import fused  # noqa: E402
-from hosa_lib.config import ScoringConfig  # noqa: E402
+from hosa_lib.config import ScoringConfig, override  # noqa: E402
 from hosa_lib.reference import pair_scores_reference  # noqa: E402
 from hosa_lib.scoring import make_side, pair_scores, score_all_pairs  # noqa: E402
 from test_scoring import random_side  # noqa: E402
 
-KERNELS = ["torch", "numba", pytest.param("triton", marks=pytest.mark.skipif(
+KERNELS = ["torch", "numba", "flash", pytest.param("triton", marks=pytest.mark.skipif(
     fused._unavailable("triton", torch.device("cuda" if torch.cuda.is_available() else "cpu")) is not None,
     reason="triton not installed"))]
 
@@ -37,7 +38,7 @@ def test_kernel_equals_float64_reference(kernel, d, bands, direction):
                         w_global=0.5, kernel=kernel)
     img, cap = random_side(3, 5, d, seed=d * bands), random_side(4, 6, d, seed=d + bands)  # padded both sides
     got, ref = scores(img, cap, cfg, device_for(kernel)), pair_scores_reference(img, cap, cfg)
-    for k in ("high", "total"):
+    for k in ("high", "local", "total"):  # flash: t2i and both fold the local score into the kernel
         torch.testing.assert_close(got[k].cpu(), ref[k], rtol=1e-9, atol=1e-9, msg=k)
 
 
@@ -62,7 +63,7 @@ def test_kernel_gradients_equal_eager(kernel, bands, direction):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
-@pytest.mark.parametrize("kernel", KERNELS[1:])
+@pytest.mark.parametrize("kernel", [k for k in KERNELS[1:] if k != "flash"])  # flash: test_flash_gradcheck
 def test_kernel_gradcheck(kernel):
     g = torch.Generator().manual_seed(0)
     G, A, L, B, n = 3, 3, 5, 2, 4
@@ -118,12 +119,15 @@ def test_g1_kernel_is_scalar_cross_attention(kernel):
 
 def test_dispatch_rules_and_messages(monkeypatch, capsys):
     cpu, meta = torch.device("cpu"), torch.device("meta")
-    assert fused.resolve("auto", cpu) == "numba"
+    assert fused.resolve("auto", cpu) == "flash"
+    assert fused.resolve("numba", cpu) == "numba"
     assert fused.resolve("torch", cpu) == "torch"
-    with pytest.raises(ValueError, match=r"key 'scoring.kernel' = 'cuda': expected one of \('auto', 'torch', 'numba', 'triton'\)"):
+    with pytest.raises(ValueError, match=r"key 'scoring.kernel' = 'cuda': expected one of \('auto', 'torch', 'numba', 'triton', 'flash'\)"):
         fused.resolve("cuda", cpu)
     with pytest.raises(ValueError, match="numba runs on CPU tensors"):
         fused.resolve("numba", torch.device("cuda"))
+    with pytest.raises(ValueError, match="flash runs on CPU tensors"):
+        fused.resolve("flash", torch.device("cuda"))
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="triton needs CUDA tensors .* or TRITON_INTERPRET=1"):
         fused.resolve("triton", cpu)
@@ -147,7 +151,7 @@ def test_kernel_choice_does_not_change_the_run_folder():
     assert weights_key(cfg) == weights_key(override(cfg, {"scoring": {"kernel": "torch"}}))
 
 
-@pytest.mark.parametrize("kernel", KERNELS[2:])
+@pytest.mark.parametrize("kernel", KERNELS[3:])
 def test_triton_bfloat16_inputs_accumulate_in_float32(kernel):
     """bf16 band shares and Gram matrices (autocast on GPU): float32 output, bf16 gradients, close to
     the float32 kernel (only the inputs' rounding differs)."""
@@ -270,7 +274,7 @@ def _contract_inputs(seed, G=3, A=4, L=7, Q=10):
     return rho, gram, amask
 
 
-@pytest.mark.parametrize("module", ["fused_numba", pytest.param("fused_triton", marks=KERNELS[2].marks)])
+@pytest.mark.parametrize("module", ["fused_numba", pytest.param("fused_triton", marks=KERNELS[3].marks)])
 def test_kernel_module_forward_and_backward_equal_the_contract(module):
     """The kernel modules themselves (not through scoring): num and n2 of the contract, and the
     gradients of any linear function of them, against the contract written out in torch."""
@@ -294,3 +298,84 @@ def test_kernel_module_forward_and_backward_equal_the_contract(module):
     # d_gram: only the valid block of each anchor is defined by the contract
     valid = (amask[:, :, None] & amask[:, None, :])[None].expand_as(d_gram)
     torch.testing.assert_close(got_gram[valid], d_gram[valid], rtol=1e-9, atol=1e-10)
+
+
+def _flash_inputs(seed, G=3, A=4, L=5, B=3, n=4, P2=6, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    amask = torch.rand(A, L, generator=g) < 0.7
+    amask[:, 1] = True
+    amask[0] = torch.arange(L) % 2 == 1  # valid positions not first
+    ab = torch.randn(G, A, L, P2, generator=g, dtype=dtype) * amask[None, :, :, None] * 0.5
+    qmask = torch.rand(B, n, generator=g) < 0.8
+    qmask[:, 0] = True
+    qb = torch.randn(G, B * n, P2, generator=g, dtype=dtype) * qmask.flatten()[None, :, None] * 0.5
+    weight = qmask.to(dtype) / qmask.sum(-1, keepdim=True)
+    return ab, qb, amask, weight
+
+
+@pytest.mark.parametrize("B,n", [(3, 4), (5, 40)])  # one query tile, and several (Q = 200 > FLASH_QB)
+def test_flash_equals_the_fused_contract_on_rho(B, n):
+    """The flash kernel from the band features equals the contract evaluated on rho = ab @ qb^T by
+    the eager definition, values and the gradients of all three inputs (float64, masked anchors with
+    valid positions not first, padded query items)."""
+    ab, qb, amask, weight = _flash_inputs(B * n, B=B, n=n)
+    xs = [t.clone().requires_grad_(True) for t in (ab, qb)]
+    gram = (xs[0] @ xs[0].transpose(-1, -2)).detach().requires_grad_(True)
+    got = fused.reconstruct_flash(xs[0], xs[1], gram, amask, weight, 2.5)
+    rho_ab, rho_qb = (t.clone().requires_grad_(True) for t in (ab, qb))
+    gram_ref = gram.detach().clone().requires_grad_(True)
+    num, n2 = _contract(torch.einsum("galp,gqp->galq", rho_ab, rho_qb), gram_ref, amask, 2.5)
+    ref = (num / n2.clamp_min(1e-12).sqrt()).view(len(amask), B, n).mul(weight).sum(-1)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+    up = torch.randn(got.shape, dtype=got.dtype, generator=torch.Generator().manual_seed(5))
+    g_got = torch.autograd.grad((got * up).sum(), (*xs, gram))
+    g_ref = torch.autograd.grad((ref * up).sum(), (rho_ab, rho_qb, gram_ref))
+    valid = (amask[:, :, None] & amask[:, None, :])[None].expand_as(gram)
+    for name, a, b in zip(("abands", "qbands"), g_got[:2], g_ref[:2]):
+        assert b.abs().sum() > 0
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=name)
+    torch.testing.assert_close(g_got[2][valid], g_ref[2][valid], rtol=1e-9, atol=1e-10)
+    assert (g_got[2][~valid] == 0).all() and (g_got[0][:, ~amask] == 0).all()
+
+
+def test_flash_gradcheck():
+    ab, qb, amask, weight = _flash_inputs(0, G=2, A=3, L=4, B=2, n=3, P2=4)
+    gram = (ab @ ab.transpose(-1, -2)).requires_grad_(True)
+    f = lambda a, q, gm: fused.reconstruct_flash(a, q, gm, amask, weight, 1.5)
+    assert torch.autograd.gradcheck(f, (ab.requires_grad_(True), qb.requires_grad_(True), gram))
+
+
+def test_flash_float32_close_to_float64_and_names_unsupported_dtypes():
+    ab, qb, amask, weight = _flash_inputs(3, G=16, A=6, L=12, B=7, n=36, P2=8)
+    gram = ab @ ab.transpose(-1, -2)
+    ref = fused.reconstruct_flash(ab, qb, gram, amask, weight, 160.0)
+    got = fused.reconstruct_flash(ab.float(), qb.float(), gram.float(), amask, weight.float(), 160.0)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="kernel=flash: float32 or float64 inputs"):
+        fused.reconstruct_flash(ab.bfloat16(), qb.bfloat16(), gram.bfloat16(), amask, weight, 1.0)
+
+
+@pytest.mark.parametrize("padding", ["ours", "teran"])
+@pytest.mark.parametrize("pool", ["sum", "mean"])
+@pytest.mark.parametrize("direction", ["t2i", "both", "i2t"])
+def test_flash_folds_the_local_score_when_scoring_only(padding, pool, direction, monkeypatch):
+    """Without gradients (evaluation) the flash kernel also yields TERAN's local score from the band shares
+    (t2i, both): equal to the eager MrSw under both padding rules and poolings; with gradients (training)
+    and for i2t the local term is computed on its own."""
+    from hosa_lib import scoring
+    cfg = ScoringConfig(bands=4, direction=direction, temperature=3.0, padding=padding, local_pool=pool,
+                        kernel="flash", w_global=0.5)
+    img, cap = random_side(5, 7, 24, seed=3), random_side(6, 5, 24, seed=4)
+    ref = scores(img, cap, override(cfg, {"kernel": "torch"}))
+    calls, real = [], scoring.mrsw
+    monkeypatch.setattr(scoring, "mrsw", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        got = scores(img, cap, cfg)
+    assert len(calls) == (1 if direction == "i2t" else 0)
+    for k in ("local", "high", "total"):
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-9, atol=1e-9, msg=k)
+    calls.clear()
+    li = img["local"].clone().requires_grad_(True)
+    s = pair_scores(make_side(img["glob"], li, img["mask"], cfg), make_side(**cap, cfg=cfg), cfg)
+    assert len(calls) == 1
+    torch.testing.assert_close(s["total"].detach(), ref["total"], rtol=1e-9, atol=1e-9)
