@@ -32,22 +32,22 @@ COCO_IMAGES, COCO_CAPTIONS = 123_287, 616_767
 PAIRS = {"coco_5k": 25_000 * 5_000, "coco_1k": 5 * 5_000 * 1_000}
 
 
-def config(work: Path, n: int):
+def config(work: Path, n: int, kernel: str | None = None):
     from hosa_lib.config import load
     root = work / f"n{n}"
     return load(REPO / "params" / "coco.yaml", {
         "output_root": str(root / "outputs"),
         "data": {"root": str(root), "store": str(root / "coco.h5"), "text_model": "minilm"},
-        "eval": {"protocol": "all"}})
+        "eval": {"protocol": "all"}, **({"scoring": {"kernel": kernel}} if kernel else {})})
 
 
-def stage(name: str, work: Path, n: int, steps: int) -> dict:
+def stage(name: str, work: Path, n: int, steps: int, kernel: str | None = None) -> dict:
     """One stage, in this (fresh) process; returns its figures."""
     import numpy as np
     import torch
 
     from hosa_lib.store import Store
-    cfg = config(work, n)
+    cfg = config(work, n, kernel)
     dc, t0 = cfg.data, time.perf_counter()
     out: dict = {}
     if name == "convert":
@@ -96,10 +96,11 @@ def stage(name: str, work: Path, n: int, steps: int) -> dict:
     return out
 
 
-def run_stage(name: str, work: Path, n: int, steps: int) -> dict:
+def run_stage(name: str, work: Path, n: int, steps: int, kernel: str | None = None) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     p = subprocess.Popen([sys.executable, __file__, "--stage", name, "--work", str(work), "--sizes", str(n),
-                          "--steps", str(steps)], stdout=subprocess.PIPE, env=env, text=True)
+                          "--steps", str(steps)] + (["--kernel", kernel] if kernel else []),
+                         stdout=subprocess.PIPE, env=env, text=True)
     text = p.stdout.read()
     _, status, usage = os.wait4(p.pid, 0)
     if status != 0:
@@ -143,10 +144,11 @@ def main():
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_scale"))
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    ap.add_argument("--kernel", help="scoring.kernel for train and evaluate (default: params/coco.yaml's, auto)")
     ap.add_argument("--stage", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.stage:  # child process: one stage
-        print(json.dumps(stage(args.stage, args.work, args.sizes[0], args.steps)))
+        print(json.dumps(stage(args.stage, args.work, args.sizes[0], args.steps, args.kernel)))
         return
     sys.path.insert(0, str(REPO))
     from benchmarks.teran_layout import write_coco_layout
@@ -159,7 +161,7 @@ def main():
             print(f"N = {n}: generated the TERAN layout in {time.perf_counter() - t:.0f} s", flush=True)
         results[n] = {}
         for name in args.stages:
-            r = run_stage(name, args.work, n, args.steps)
+            r = run_stage(name, args.work, n, args.steps, args.kernel)
             r["store_gb"] = store_bytes(root / "coco.h5") / 2**30
             results[n][name] = r
             unit, v = rate(name, r)
