@@ -208,7 +208,7 @@ def _unorder(x: torch.Tensor, idx: torch.Tensor, dims: tuple[int, ...]) -> torch
 
 def _flash_forward(abands, qbands, gram, amask, weight, scale, qvalid=None):
     """(out (A, B), the saved layout, cos and norm (A, Q), and with qvalid (B, n): the local score's
-    per-word maxima (A, L, B), valid words first)."""
+    per-word maxima (A, L, B) (valid words first, 0 past them) and where they are (A, L, B))."""
     from . import fused_flash as k
     if abands.dtype not in (torch.float32, torch.float64) or {qbands.dtype, gram.dtype} != {abands.dtype}:
         raise ValueError(f"scoring.kernel=flash: float32 or float64 inputs of one dtype, got {abands.dtype}, "
@@ -220,46 +220,49 @@ def _flash_forward(abands, qbands, gram, amask, weight, scale, qvalid=None):
     T, QB = qb.shape[1], qb.shape[2]
     num, n2 = ab.new_empty(A, T * QB), ab.new_empty(A, T * QB)
     valid = torch.zeros(T * QB, dtype=torch.int8)
-    local = ab.new_empty(0, L, 0)
+    local, arg = ab.new_empty(0, L, 0), torch.empty(0, L, 0, dtype=torch.int32)
     if qvalid is not None:
         valid[:Q] = qvalid.flatten()
-        local = ab.new_empty(A, L, B)
+        local, arg = ab.new_empty(A, L, B), torch.empty(A, L, B, dtype=torch.int32)
     k.forward(ab.numpy(), qbt.numpy(), gr.numpy(), nvalid.numpy(), _scalar(scale, ab), num.numpy(), n2.numpy(),
-              ab.dtype == torch.float32, valid.numpy(), n, local.numpy())
+              ab.dtype == torch.float32, valid.numpy(), n, local.numpy(), arg.numpy())
     norm = n2[:, :Q].clamp_min(1e-12).sqrt()
     cos = num[:, :Q] / norm
-    return (cos.view(A, B, n) * weight).sum(-1), layout, cos, norm, local
+    return (cos.view(A, B, n) * weight).sum(-1), layout, cos, norm, local, arg
 
 
 class _Flash(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, abands, qbands, gram, amask, weight, scale):
-        out, layout, cos, norm, _ = _flash_forward(abands, qbands, gram, amask, weight, scale)
+    def forward(ctx, abands, qbands, gram, amask, weight, scale, qvalid):
+        out, layout, cos, norm, local, arg = _flash_forward(abands, qbands, gram, amask, weight, scale, qvalid)
         if any(ctx.needs_input_grad[:3]):
-            ctx.save_for_backward(*layout, cos, norm, weight)
+            ctx.save_for_backward(*layout, cos, norm, weight, arg)
             ctx.scale, ctx.Q = scale, qbands.shape[1]
-        return out
+        ctx.mark_non_differentiable(arg)
+        return out, local
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, grad_local):
         import numba
 
         from . import fused_flash as k
-        ab, gr, qb, qbt, idx, nvalid, cos, norm, weight = ctx.saved_tensors
+        ab, gr, qb, qbt, idx, nvalid, cos, norm, weight, arg = ctx.saved_tensors
         G, A, L, P2 = ab.shape
         T, QB, Q = qb.shape[1], qb.shape[2], ctx.Q
         g = (grad[..., None] * weight).flatten(1)  # dL/dcos per (a, q)
         u, w = ab.new_zeros(A, T * QB), ab.new_zeros(A, T * QB)
         u[:, :Q] = g / norm  # dL/dnum
         w[:, :Q] = -g * cos / (2 * norm * norm)  # dL/dn2
+        glocal = ab.new_zeros(0, L, 0) if grad_local is None or arg.numel() == 0 else grad_local.contiguous()
         _threads()
         chunks = max(1, min(A, numba.get_num_threads()))
         d_ab, d_gram = torch.empty_like(ab), torch.empty_like(gr)
         d_qb = ab.new_empty(chunks, G, T, QB, P2)
         k.backward(ab.numpy(), qbt.numpy(), qb.numpy(), gr.numpy(), nvalid.numpy(), _scalar(ctx.scale, ab),
-                   u.numpy(), w.numpy(), d_ab.numpy(), d_qb.numpy(), d_gram.numpy(), ab.dtype == torch.float32)
+                   u.numpy(), w.numpy(), d_ab.numpy(), d_qb.numpy(), d_gram.numpy(), ab.dtype == torch.float32,
+                   glocal.numpy(), arg.numpy(), weight.shape[1])
         d_qbands = d_qb.sum(0).view(G, T * QB, P2)[:, :Q]
-        return _unorder(d_ab, idx, (2,)), d_qbands, _unorder(d_gram, idx, (2, 3)), None, None, None
+        return _unorder(d_ab, idx, (2,)), d_qbands, _unorder(d_gram, idx, (2, 3)), None, None, None, None
 
 
 def reconstruct_flash(abands: torch.Tensor, qbands: torch.Tensor, gram: torch.Tensor, amask: torch.Tensor,
@@ -268,16 +271,16 @@ def reconstruct_flash(abands: torch.Tensor, qbands: torch.Tensor, gram: torch.Te
     of the anchors, qbands (G, Q, P2) of the query positions, rho = abands @ qbands^T computed one
     tile at a time inside the kernel (`fused_flash`), never whole. Differentiable in abands, qbands
     and gram (the backward recomputes each tile)."""
-    return _Flash.apply(abands, qbands, gram, amask.bool().contiguous(), weight, float(scale))
+    return _Flash.apply(abands, qbands, gram, amask.bool().contiguous(), weight, float(scale), None)[0]
 
 
-@torch.no_grad()
 def flash_with_local(abands, qbands, gram, amask, weight, scale, qvalid, pool: str):
     """`reconstruct_flash` for caption anchors (t2i), plus TERAN's local score from the same tiles (the
     band shares of a pair add up to its region-word cosines): (high (A, B), local (A, B)). qvalid (B, n):
     the positions the max runs over (the query mask; all True for TERAN's padding rule); pool: sum or
-    mean over the caption's valid words. Not differentiable (scoring only)."""
-    out, layout, _, _, best = _flash_forward(abands, qbands, gram, amask.bool().contiguous(), weight, float(scale),
-                                             qvalid)
+    mean over the caption's valid words. Both differentiable (the local score's gradient reaches every
+    band's share at each word's best region)."""
+    amask = amask.bool().contiguous()
+    out, best = _Flash.apply(abands, qbands, gram, amask, weight, float(scale), qvalid.bool())
     local = best.sum(1)
-    return out, local / layout[5].clamp_min(1).to(local.dtype)[:, None] if pool == "mean" else local
+    return out, local / amask.sum(1).clamp_min(1).to(local.dtype)[:, None] if pool == "mean" else local

@@ -65,7 +65,7 @@ def _softmax_rows(rt, nv, n, scale, out, bits, mx, s, fast):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def forward(ab, qbt, gram, nvalid, scale, num, n2, fast, qvalid, n_item, local):
+def forward(ab, qbt, gram, nvalid, scale, num, n2, fast, qvalid, n_item, local, arg):
     """num[a, q] = sum_g sum_k alpha_k rho_k and n2[a, q] = sum_g alpha^T Gamma alpha, one
     (anchor, query tile) per task, rho_g of the tile computed in a private buffer.
 
@@ -73,7 +73,8 @@ def forward(ab, qbt, gram, nvalid, scale, num, n2, fast, qvalid, n_item, local):
     sum_g rho_g is the region-word cosine (the band shares add up to it), so local[a, k, b] = the
     largest over item b's positions (n_item per item, tiles hold whole items) of word k's cosine,
     over the valid positions (qvalid != 0) or, where qvalid is all ones, TERAN's padding rule (a
-    padded position's cosine is 0)."""
+    padded position's cosine is 0); arg[a, k, b] = the query position of that largest (for the
+    backward)."""
     G, A, L, P2 = ab.shape
     T, QB = qbt.shape[1], qbt.shape[3]
     want_local = local.shape[0] > 0
@@ -118,26 +119,31 @@ def forward(ab, qbt, gram, nvalid, scale, num, n2, fast, qvalid, n_item, local):
                 if item >= local.shape[2]:
                     break
                 for k in range(L):
-                    best = -np.inf
+                    best, at = -np.inf, -1
                     if k < nv:
                         for j in range(n_item):
                             q = b * n_item + j
                             if qvalid[q0 + q] != 0 and cs[k, q] > best:
-                                best = cs[k, q]
+                                best, at = cs[k, q], q0 + q
                     local[a, k, item] = best if k < nv else 0.0
+                    arg[a, k, item] = at
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def backward(ab, qbt, qb, gram, nvalid, scale, u, w, d_ab, d_qb, d_gram, fast):
+def backward(ab, qbt, qb, gram, nvalid, scale, u, w, d_ab, d_qb, d_gram, fast, glocal, arg, n_item):
     """Given u = dL/dnum and w = dL/dn2 per (a, q): d_ab (G, A, L, P2), d_gram (G, A, L, L) and
     d_qb (C, G, T, QB, P2), one partial sum per chunk of anchors (the caller adds the C chunks; chunk c
     runs anchors c, c + C, ... so that no two threads write the same d_qb). Per tile, rho and the
     softmax are recomputed; with beta = Gamma alpha and c_k = u rho_k + 2 w beta_k:
     d_rho_k = alpha_k (u + scale (c_k - sum_j alpha_j c_j)), d_gram = sum_q w alpha alpha^T,
-    d_ab = d_rho @ qb, d_qb = d_rho^T @ ab. Positions past nvalid get zero gradients."""
+    d_ab = d_rho @ qb, d_qb = d_rho^T @ ab. Positions past nvalid get zero gradients.
+    glocal (A, L, B) (empty: none): the gradient of `forward`'s local maxima; each band's share adds
+    up to the cosine, so it reaches every band's d_rho at the position arg[a, k, b] of the maximum."""
     G, A, L, P2 = ab.shape
     T, QB = qbt.shape[1], qbt.shape[3]
     C = d_qb.shape[0]
+    want_local = glocal.shape[0] > 0
+    per_tile = QB // n_item
     for c in prange(C):
         rt = np.empty((L, QB), dtype=ab.dtype)
         al = np.empty((L, QB), dtype=ab.dtype)
@@ -183,6 +189,11 @@ def backward(ab, qbt, qb, gram, nvalid, scale, u, w, d_ab, d_qb, d_gram, fast):
                         ck, x, dk = cc[k], al[k], drt[k]
                         for q in range(QB):
                             dk[q] = x[q] * (uq[q] + scale * (ck[q] - tot[q]))
+                        if want_local:
+                            for b in range(per_tile):
+                                item = t * per_tile + b
+                                if item < glocal.shape[2] and arg[a, k, item] >= 0:
+                                    dk[arg[a, k, item] - q0] += glocal[a, k, item]
                     np.dot(wal[:nv], al[:nv].T, tg)  # d_gram = sum_q w alpha alpha^T
                     np.dot(drt[:nv], qb[g, t], tab[:nv])  # d_ab = d_rho @ qb
                     np.dot(drt[:nv].T, ab[g, a, :nv], tqb)  # d_qb = d_rho^T @ ab

@@ -31,7 +31,7 @@ def scores(img, cap, cfg, device="cpu"):
 
 @pytest.mark.parametrize("kernel", KERNELS[1:])  # eager: tests/test_scoring.py
 @pytest.mark.parametrize("d", [32, 33])
-@pytest.mark.parametrize("bands", [1, 3, 16])
+@pytest.mark.parametrize("bands", [1, 3, 16, 17])  # 17 = F, one band per frequency (d // 2 + 1)
 @pytest.mark.parametrize("direction", ["t2i", "i2t", "both"])
 def test_kernel_equals_float64_reference(kernel, d, bands, direction):
     cfg = ScoringConfig(bands=bands, direction=direction, temperature=2.0, w_local=0.5, w_high=2.0,
@@ -358,24 +358,28 @@ def test_flash_float32_close_to_float64_and_names_unsupported_dtypes():
 @pytest.mark.parametrize("padding", ["ours", "teran"])
 @pytest.mark.parametrize("pool", ["sum", "mean"])
 @pytest.mark.parametrize("direction", ["t2i", "both", "i2t"])
-def test_flash_folds_the_local_score_when_scoring_only(padding, pool, direction, monkeypatch):
-    """Without gradients (evaluation) the flash kernel also yields TERAN's local score from the band shares
-    (t2i, both): equal to the eager MrSw under both padding rules and poolings; with gradients (training)
-    and for i2t the local term is computed on its own."""
+def test_flash_folds_the_local_score_into_the_kernel(padding, pool, direction, monkeypatch):
+    """For t2i and both, the flash kernel also yields TERAN's local score from the band shares (no MrSw
+    product): equal to the eager MrSw under both padding rules and poolings, in values and in the
+    gradients of both sides' local features (float64); for i2t the local term is computed on its own."""
     from hosa_lib import scoring
     cfg = ScoringConfig(bands=4, direction=direction, temperature=3.0, padding=padding, local_pool=pool,
                         kernel="flash", w_global=0.5)
     img, cap = random_side(5, 7, 24, seed=3), random_side(6, 5, 24, seed=4)
-    ref = scores(img, cap, override(cfg, {"kernel": "torch"}))
+
+    def run(c):
+        li, lc = (x["local"].clone().requires_grad_(True) for x in (img, cap))
+        out = pair_scores(make_side(img["glob"], li, img["mask"], c), make_side(cap["glob"], lc, cap["mask"], c), c)
+        up = torch.randn(out["total"].shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+        return out, torch.autograd.grad((out["total"] * up).sum() + out["local"].sum(), (li, lc))
+
+    ref, ref_grads = run(override(cfg, {"kernel": "torch"}))
     calls, real = [], scoring.mrsw
     monkeypatch.setattr(scoring, "mrsw", lambda *a, **k: calls.append(1) or real(*a, **k))
-    with torch.no_grad():
-        got = scores(img, cap, cfg)
+    got, got_grads = run(cfg)
     assert len(calls) == (1 if direction == "i2t" else 0)
     for k in ("local", "high", "total"):
         torch.testing.assert_close(got[k], ref[k], rtol=1e-9, atol=1e-9, msg=k)
-    calls.clear()
-    li = img["local"].clone().requires_grad_(True)
-    s = pair_scores(make_side(img["glob"], li, img["mask"], cfg), make_side(**cap, cfg=cfg), cfg)
-    assert len(calls) == 1
-    torch.testing.assert_close(s["total"].detach(), ref["total"], rtol=1e-9, atol=1e-9)
+    for side, a, b in zip(("images", "captions"), got_grads, ref_grads):
+        assert b.abs().sum() > 0
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9, msg=side)
