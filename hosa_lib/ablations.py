@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .config import TERMS, ConfigError, RunConfig, deep_merge, override, read_yaml
+from .config import TERMS, ConfigError, RunConfig, check_gates, deep_merge, override, read_yaml
 from .evaluate import evaluate_checkpoint
 from .metrics import HEADLINE
 from .provenance import STALE_NOTE, fingerprint, is_current, keep_stale, running_code
@@ -51,7 +51,7 @@ def only_weights(only, scoring: dict, where: str) -> dict:
     """`only: [global]` -> {w_high: 0.0, w_local: 0.0}: every registered term not named is switched off
     (terms added later included); the named terms keep their weights. Names are checked against the
     term registry (config.TERMS)."""
-    names = TERMS.names()
+    names = tuple(TERMS.loaded())
     if not isinstance(only, list) or not only or not all(isinstance(n, str) for n in only):
         raise ConfigError(f"{where}: 'only' = {only!r}: expected a non-empty list of scoring terms from {names}")
     if bad := [n for n in only if n not in names]:
@@ -122,7 +122,13 @@ def cell_config(cfg: RunConfig, variant: dict, seed: int, grid_path) -> RunConfi
     over = dict(variant.get("overrides") or {})
     over["train"] = {**over.get("train", {}), "seed": seed}
     over["name"] = f"{cfg.name}-abl-{variant['name']}"
-    return override(cfg, over, f"{grid_path}: variant {variant['name']}")
+    where = f"{grid_path}: variant {variant['name']}"
+    cell = override(cfg, over, where)
+    try:
+        check_gates(cell.scoring)  # the term registry's rule, checked for every cell before any cell trains
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return cell
 
 
 def run_grid(cfg: RunConfig, grid_path=None, seeds=None, out_csv=None, progress: bool = True,

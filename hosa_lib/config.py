@@ -6,9 +6,13 @@ unknown key raises `ConfigError` naming the key, the file and what was expected.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
 import importlib
+import importlib.util
 import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,16 +27,21 @@ class ConfigError(ValueError):
 
 class Registry(dict):
     """The one list of a params key's choices: name -> implementation, filled by the module that
-    implements them (its `home`) with `@REGISTRY.register(name)`. Config validates the key through it
-    and the home builds from it, so a choice exists exactly when its implementation does.
+    implements them (its `home`) with `@REGISTRY.register("name")` (`var` is the registry's name there).
+    Config validates the key through it and the home builds from it, so a choice exists exactly when
+    its implementation does.
 
-    Config sits below every home in the import graph (docs/architecture.md), so it cannot import
-    them; `names()` and `impl()` import the home by its name first (as entry points load a plugin), so
-    a params file is checked against every implementation whatever the caller has imported."""
+    Config sits below every home in the import graph (docs/architecture.md) and must not import them
+    to check a params file: a stage that never runs a home (prepare never runs the loss) must neither
+    pay for importing it (torch) nor depend on its source (provenance records what a stage imported).
+    So `names()` reads the home's registrations from its source without importing it (the literal
+    names of `var.register("...")` calls, as packaging tools read entry-point metadata), together with
+    whatever is registered already (a home that has been imported, a user's module that registered
+    more); `impl()` imports the home, as building from it needs it anyway."""
 
-    def __init__(self, key: str, home: str, what: str):
+    def __init__(self, key: str, home: str, var: str, what: str):
         super().__init__()
-        self.key, self.home, self.what = key, home, what
+        self.key, self.home, self.var, self.what = key, home, var, what
 
     def register(self, name: str):
         """Decorator: `@LOSSES.register("hinge") class TripletLoss: ...` (returns the object unchanged)."""
@@ -44,24 +53,49 @@ class Registry(dict):
         return add
 
     def names(self) -> tuple[str, ...]:
-        importlib.import_module(self.home)  # fills the registry (a no-op once imported)
-        return tuple(self)
+        if self.home in sys.modules:
+            return tuple(self)
+        return tuple(dict.fromkeys([*_registered_in_source(self.home, self.var), *self]))
+
+    def loaded(self) -> dict:
+        """The registry with its home imported: every registered name and implementation."""
+        importlib.import_module(self.home)
+        return dict(self)
 
     def impl(self, name: str):
         """The implementation of `name`; a ConfigError naming the key and the choices otherwise."""
-        if name not in self.names():
+        importlib.import_module(self.home)  # fills the registry (a no-op once imported)
+        if name not in self:
             raise ConfigError(f"key '{self.key}' = {name!r}: expected one of {self.names()}")
         return self[name]
 
 
+@functools.cache
+def _source_registrations(path: str, mtime: float, var: str) -> tuple[str, ...]:
+    tree = ast.parse(Path(path).read_text())
+    return tuple(node.args[0].value for node in ast.walk(tree)
+                 if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "register"
+                 and isinstance(node.func.value, ast.Name) and node.func.value.id == var
+                 and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str))
+
+
+def _registered_in_source(module: str, var: str) -> tuple[str, ...]:
+    """The literal names `module` registers with `var.register("name")`, read from its source file."""
+    path = importlib.util.find_spec(module).origin
+    return _source_registrations(path, os.stat(path).st_mtime, var)
+
+
 # The registries (filled by their homes; README "Extending" says how to add to each):
-LOSSES = Registry("loss.kind", "hosa_lib.loss", "training loss: a module called as loss(scores, positives, step)")
-KERNELS = Registry("scoring.kernel", "hosa_lib.fused", "high-order kernel: a loader of its implementation "
-                   "(None: resolved per device, or eager torch)")
-TIES = Registry("eval.ties", "hosa_lib.metrics", "tie rule: (scores, cap_img, ks) -> per direction (ranks, hits per K)")
-ARCHS = Registry("model.arch", "hosa_lib.model", "architecture: (mcfg, feat_dim, text_dim, backbone, top) -> "
+LOSSES = Registry("loss.kind", "hosa_lib.loss", "LOSSES",
+                  "training loss: a module called as loss(scores, positives, step)")
+KERNELS = Registry("scoring.kernel", "hosa_lib.fused", "KERNELS", "high-order kernel: a loader of its implementation "
+                   "(None: resolved per device, eager torch, or called directly)")
+TIES = Registry("eval.ties", "hosa_lib.metrics", "TIES",
+                "tie rule: (scores, cap_img, ks) -> per direction (ranks, hits per K)")
+ARCHS = Registry("model.arch", "hosa_lib.model", "ARCHS", "architecture: (mcfg, feat_dim, text_dim, backbone, top) -> "
                  "(image encoder, text encoder)")
-TERMS = Registry("scoring term", "hosa_lib.scoring", "pair-score term: a scoring.Term (weight key, gate, compute)")
+TERMS = Registry("scoring term", "hosa_lib.scoring", "TERMS",
+                 "pair-score term: a scoring.Term (weight key, gate, compute)")
 REGISTRIES = {r.key: r for r in (LOSSES, KERNELS, TIES, ARCHS)}  # params keys validated through a registry
 
 
@@ -340,10 +374,12 @@ def build(cls, raw: dict, where: str, prefix: str = ""):
 
 def check_gates(scoring: "ScoringConfig") -> None:
     """Learned gates need an ungated term to start from (the anchor: global) and a gated one to open;
-    which terms are which is the term registry's (`gate` of each scoring.Term)."""
+    which terms are which is the term registry's (`gate` of each scoring.Term). Checked where the
+    terms are used (the model, every ablation cell before any trains), not at load: reading the
+    registry imports hosa_lib.scoring, which a stage that does not score (prepare) must not depend on."""
     if not scoring.gates:
         return
-    terms = [TERMS.impl(n) for n in TERMS.names()]
+    terms = list(TERMS.loaded().values())
     weights = {t.weight: getattr(scoring, t.weight) for t in terms}
     anchors = [t.weight for t in terms if t.gate is None]
     gated = [t.weight for t in terms if t.gate is not None]
@@ -357,10 +393,6 @@ def check_gates(scoring: "ScoringConfig") -> None:
 def check_run(cfg: "RunConfig", where: str) -> None:
     """Rules between keys, checked when a run config is built (so every ablation cell is checked
     before any cell trains)."""
-    try:
-        check_gates(cfg.scoring)
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
     if cfg.train.epochs == 0 and not cfg.train.validate_at_start:
         raise ConfigError(f"{where}: train.epochs = 0: expected at least 1, or 0 with train.validate_at_start: true "
                           "(evaluates the untrained model)")

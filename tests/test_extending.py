@@ -165,6 +165,24 @@ def test_registry_keys_have_no_second_list():
     assert set(TERMS.names()) == {t.name for t in scoring.SCORING_TERMS}
 
 
+def test_loading_params_imports_no_registry_home():
+    """Config validates registry keys from the homes' source (their `register("...")` calls) without
+    importing them: loading params imports neither torch nor the loss, kernels, metrics, model or
+    scoring, so a stage that never runs them (prepare) does not depend on their code. The names read
+    from source equal the registries once the homes are imported."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    code = ("import sys; from hosa_lib.config import REGISTRIES, load; load('params/demo.yaml'); "
+            "before = {k: r.names() for k, r in REGISTRIES.items()}; "
+            "print(sorted(m for m in sys.modules if m.startswith(('hosa_lib.', 'torch')) and m != 'hosa_lib.provenance')); "
+            "import importlib; [importlib.import_module(r.home) for r in REGISTRIES.values()]; "
+            "print(all(set(before[k]) == set(r) for k, r in REGISTRIES.items()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent).stdout.split("\n")
+    assert out[0] == "['hosa_lib.config']" and out[1] == "True", out
+
+
 def _params(tmp_path, text: str):
     p = tmp_path / "p.yaml"
     p.write_text(text)
