@@ -4,7 +4,7 @@ with the installed Triton, no GPU needed, and print what each launch setting cos
     python benchmarks/triton_aot.py [--lengths 16 32 64 128] [--json out.json]
 
 For every anchor length L (its launch row in `hosa_lib.fused_triton.LAUNCH`), kernel (forward,
-backward), input dtype (float32, bfloat16 under autocast) and target: shared memory per block
+backward, flash: the forward computing the band shares from the band features), input dtype (float32, bfloat16 under autocast) and target: shared memory per block
 (Triton's metadata), registers per thread and stack bytes per thread (register spills; read from
 the cubin with the `cuobjdump` that Triton ships). Exits 1 when a setting exceeds the target's
 shared memory per block or 255 registers, so `make triton-aot` fails before a GPU run would.
@@ -32,6 +32,10 @@ def _signature(kernel: str, ptr: str) -> dict:
     common = {"rho_ptr": ptr, "gram_ptr": ptr, "amask_ptr": "*i8"}
     ints = {"G": "i32", "A": "i32", "L": "i32", "Q": "i32", "scale": "fp32"}
     const = {"LP": "constexpr", "BLOCK": "constexpr", "ACC": "constexpr"}
+    if kernel == "flash":  # the forward from the band features (scoring without gradients)
+        return {"ab_ptr": ptr, "qb_ptr": ptr, "gram_ptr": ptr, "amask_ptr": "*i8", "num_ptr": "*fp32",
+                "n2_ptr": "*fp32", "G": "i32", "A": "i32", "L": "i32", "Q": "i32", "P2": "i32", "scale": "fp32",
+                "LP": "constexpr", "BLOCK": "constexpr", "KB": "constexpr", "ACC": "constexpr"}
     if kernel == "forward":  # outputs are float32 accumulators whatever the inputs
         return {**common, "num_ptr": "*fp32", "n2_ptr": "*fp32", **ints, **const}
     return {**common, "u_ptr": "*fp32", "w_ptr": "*fp32", "drho_ptr": ptr, "dgram_ptr": ptr, **ints, **const}
@@ -63,12 +67,14 @@ def compile_table(lengths=(16, 32, 64, 128), targets=tuple(TARGETS), dtypes=tupl
     rows = []
     for L in lengths:
         meta = ft.launch(L)
-        for kernel, fn in (("forward", ft._forward_kernel), ("backward", ft._backward_kernel)):
+        for kernel, fn in (("forward", ft._forward_kernel), ("backward", ft._backward_kernel),
+                           ("flash", ft._flash_forward_kernel)):
             for dtype in dtypes:
                 for target in targets:
                     cc, limit = TARGETS[target]
+                    const = {"LP": meta["LP"], "BLOCK": meta["BLOCK"], "ACC": tl.float32}
                     src = ASTSource(fn=fn, signature=_signature(kernel, DTYPES[dtype]),
-                                    constexprs={"LP": meta["LP"], "BLOCK": meta["BLOCK"], "ACC": tl.float32})
+                                    constexprs={**const, "KB": ft.FLASH_KB} if kernel == "flash" else const)
                     k = triton.compile(src, target=GPUTarget("cuda", cc, 32),
                                        options={"num_warps": meta["num_warps"], "num_stages": meta["num_stages"]})
                     regs, stack = _resources(k.asm["cubin"], tool)

@@ -284,3 +284,14 @@ def flash_with_local(abands, qbands, gram, amask, weight, scale, qvalid, pool: s
     out, best = _Flash.apply(abands, qbands, gram, amask, weight, float(scale), qvalid.bool())
     local = best.sum(1)
     return out, local / amask.sum(1).clamp_min(1).to(local.dtype)[:, None] if pool == "mean" else local
+
+
+@torch.no_grad()
+def reconstruct_triton_flash(abands, qbands, gram, amask, weight, scale) -> torch.Tensor:
+    """`reconstruct` through the Triton kernel that computes the band shares per tile in registers
+    (`fused_triton.flash_forward`): scoring only (no gradients), same arguments as reconstruct_flash."""
+    from . import fused_triton
+    num, n2 = fused_triton.flash_forward(abands, qbands, gram, amask.bool().contiguous(), scale)
+    cos = num / n2.clamp_min(1e-12).sqrt()
+    (A, (B, n)) = abands.shape[1], weight.shape
+    return (cos.view(A, B, n) * weight).sum(-1)

@@ -1,7 +1,8 @@
 """Fused GPU kernels (Triton) for the high-order term; contract in `hosa_lib.fused`.
 
 Forward: one program per (anchor a, block of BQ query positions) loops over the G bands with the
-(LP, BQ) tile of band shares in registers: softmax over the anchor's positions, sum alpha*rho,
+(LP, BQ) tile of band shares in registers (`flash_forward`, for scoring without gradients, computes
+that tile itself from the band features, so the band shares are never written): softmax over the anchor's positions, sum alpha*rho,
 Gamma alpha as a small tl.dot, alpha^T Gamma alpha. Backward: one program per (band, anchor) walks
 the query blocks, writes d_rho and accumulates d_gram = sum_q w alpha alpha^T without atomics, so
 results are deterministic. Inputs float32, bfloat16 or float64; accumulation in float32 (float64
@@ -86,6 +87,45 @@ def _backward_kernel(rho_ptr, gram_ptr, amask_ptr, u_ptr, w_ptr, drho_ptr, dgram
              mask=(ks < L)[:, None] & (ks < L)[None, :])
 
 
+@triton.jit
+def _flash_forward_kernel(ab_ptr, qb_ptr, gram_ptr, amask_ptr, num_ptr, n2_ptr, G, A, L, Q, P2, scale,
+                          LP: tl.constexpr, BLOCK: tl.constexpr, KB: tl.constexpr, ACC: tl.constexpr):
+    """`_forward_kernel` from the band features: the (LP, BLOCK) tile of band shares is computed in
+    registers as (anchor bands) @ (query bands)^T over KB-wide slices of the 2P band coordinates, so
+    rho is never written to memory (scoring without gradients)."""
+    a = tl.program_id(0).to(tl.int64)
+    ks = tl.arange(0, LP)
+    qs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ps = tl.arange(0, KB)
+    kvalid = (ks < L) & (tl.load(amask_ptr + a * L + ks, mask=ks < L, other=0) != 0)
+    qvalid = qs < Q
+    nu = tl.zeros([BLOCK], ACC)
+    nn = tl.zeros([BLOCK], ACC)
+    for g in range(G):
+        ga = g * A + a
+        x = tl.zeros([LP, BLOCK], ACC)
+        for p0 in range(0, P2, KB):
+            pm = (p0 + ps) < P2
+            at = tl.load(ab_ptr + (ga * L + ks[:, None]) * P2 + p0 + ps[None, :],
+                         mask=kvalid[:, None] & pm[None, :], other=0.0).to(ACC)
+            bt = tl.load(qb_ptr + (g * Q + qs[None, :]) * P2 + p0 + ps[:, None],
+                         mask=pm[:, None] & qvalid[None, :], other=0.0).to(ACC)
+            x += tl.dot(at, bt, input_precision="ieee")
+        logits = tl.where(kvalid[:, None], x * scale, float("-inf"))
+        e = tl.exp(logits - tl.max(logits, 0)[None, :])
+        al = e / tl.sum(e, 0)[None, :]
+        gm = tl.load(gram_ptr + ga * L * L + ks[:, None] * L + ks[None, :],
+                     mask=kvalid[:, None] & kvalid[None, :], other=0.0).to(ACC)
+        nu += tl.sum(al * x, 0)
+        nn += tl.sum(al * tl.dot(gm, al, input_precision="ieee"), 0)
+    tl.store(num_ptr + a * Q + qs, nu, mask=qvalid)
+    tl.store(n2_ptr + a * Q + qs, nn, mask=qvalid)
+
+
+FLASH_KB = 16  # band coordinates per slice of the in-register product (tl.dot needs >= 16); 32 spilled
+               # registers at LP 32 (sm_80, 8 B) and LP 128 (sm_90, 1,008 B) in `make triton-aot`, 16 spills nothing up to 64
+
+
 def launch(L: int) -> dict:
     """Compile-time constants and launch options for anchors of L positions (L <= MAX_L)."""
     lp = max(16, triton.next_power_of_2(L))
@@ -123,3 +163,19 @@ def backward(rho, gram, amask, u, w, scale):
         _backward_kernel[(G * A,)](rho, gram, amask.to(torch.int8), u.contiguous(), w.contiguous(), d_rho, d_gram,
                                    G, A, L, Q, float(scale), **_meta(rho))
     return d_rho, d_gram
+
+
+def flash_forward(abands, qbands, gram, amask, scale):
+    """num, n2 (A, Q) of the contract from abands (G, A, L, P2) and qbands (G, Q, P2), rho computed per
+    tile in registers (`_flash_forward_kernel`); same launch settings as `forward`."""
+    G, A, L, P2 = abands.shape
+    Q = qbands.shape[1]
+    acc = torch.float64 if abands.dtype == torch.float64 else torch.float32
+    num = torch.empty(A, Q, device=abands.device, dtype=acc)
+    n2 = torch.empty_like(num)
+    meta = {**launch(L), "ACC": tl.float64 if abands.dtype == torch.float64 else tl.float32, "KB": FLASH_KB}
+    with _on(abands):
+        _flash_forward_kernel[(A, triton.cdiv(Q, meta["BLOCK"]))](
+            abands.contiguous(), qbands.contiguous(), gram.contiguous(), amask.to(torch.int8), num, n2,
+            G, A, L, Q, P2, float(scale), **meta)
+    return num, n2

@@ -256,6 +256,13 @@ def _high_fused(img: Side, cap: Side, cfg: ScoringConfig, kernel: str,
             parts.append(fused.reconstruct_flash(img.bands, cb, img.gram, img.mask, mean_over(cap.mask), scale))
         high = sum(parts) / len(parts)
         return high if local is None else {"high": high, "local": local.T}
+    if kernel == "triton" and not (torch.is_grad_enabled() and (img.bands.requires_grad or cap.bands.requires_grad)):
+        # scoring without gradients: the Triton kernel computes each tile of band shares in registers
+        if cfg.direction in ("t2i", "both"):
+            parts.append(fused.reconstruct_triton_flash(cap.bands, ib, cap.gram, cap.mask, mean_over(img.mask), scale).T)
+        if cfg.direction in ("i2t", "both"):
+            parts.append(fused.reconstruct_triton_flash(img.bands, cb, img.gram, img.mask, mean_over(cap.mask), scale))
+        return sum(parts) / len(parts)
     if cfg.direction in ("t2i", "both"):
         rho = torch.matmul(cb, ib.transpose(1, 2)).view(G, Nc, L, Ni * M)
         parts.append(fused.reconstruct(rho, cap.gram, cap.mask, mean_over(img.mask), scale, kernel).T)

@@ -241,7 +241,7 @@ def test_triton_kernels_compile_ahead_of_time_within_h100_and_a100_limits(tmp_pa
     assert out.returncode == 0, out.stdout + out.stderr
     rows = json.loads((tmp_path / "aot.json").read_text())
     assert {(r["L"], r["target"], r["kernel"]) for r in rows} == {
-        (L, t, k) for L in (16, 32, 64, 128) for t in ("sm_80", "sm_90") for k in ("forward", "backward")}
+        (L, t, k) for L in (16, 32, 64, 128) for t in ("sm_80", "sm_90") for k in ("forward", "backward", "flash")}
     for r in rows:
         assert r["fits"] and r["shared"] <= r["shared_limit"], r
         if r["registers"] is not None and r["LP"] <= 64:
@@ -383,3 +383,23 @@ def test_flash_folds_the_local_score_into_the_kernel(padding, pool, direction, m
     for side, a, b in zip(("images", "captions"), got_grads, ref_grads):
         assert b.abs().sum() > 0
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9, msg=side)
+
+
+@pytest.mark.skipif(fused._unavailable("triton", torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+                    is not None, reason="triton not installed")
+@pytest.mark.parametrize("L,P2", [(5, 6), (40, 40)])  # LP 16 and 64; band widths below and across a KB slice
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_triton_flash_forward_equals_the_kernel_on_rho(L, P2, dtype):
+    """The Triton kernel that computes the band shares per tile in registers gives the num and n2 of
+    the Triton kernel that reads them from memory (masked anchors, valid positions not first)."""
+    from hosa_lib import fused_triton
+    ab, qb, amask, _ = _flash_inputs(L + P2, G=2, A=3, L=L, B=4, n=5, P2=P2, dtype=dtype)
+    dev = device_for("triton")
+    ab, qb, amask = ab.to(dev), qb.to(dev), amask.to(dev)
+    gram = ab @ ab.transpose(-1, -2)
+    rho = torch.einsum("galp,gqp->galq", ab, qb)
+    want = fused_triton.forward(rho, gram, amask, 2.5)
+    got = fused_triton.flash_forward(ab, qb, gram, amask, 2.5)
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.cpu(), w.cpu(), rtol=tol, atol=tol)
