@@ -32,12 +32,26 @@ MAX_L = max(LAUNCH)
 
 
 @triton.jit
+def _softmax(x, kvalid, scale):
+    """Softmax over the anchor's valid positions (axis 0) of scale * x, an (LP, BLOCK) tile."""
+    logits = tl.where(kvalid[:, None], x * scale, float("-inf"))
+    e = tl.exp(logits - tl.max(logits, 0)[None, :])
+    return e / tl.sum(e, 0)[None, :]
+
+
+@triton.jit
 def _softmax_tile(rho_ptr, base, ks, qs, kvalid, qvalid, Q, scale, ACC: tl.constexpr):
     x = tl.load(rho_ptr + base + ks[:, None] * Q + qs[None, :], mask=kvalid[:, None] & qvalid[None, :],
                 other=0.0).to(ACC)
-    logits = tl.where(kvalid[:, None], x * scale, float("-inf"))
-    e = tl.exp(logits - tl.max(logits, 0)[None, :])
-    return x, e / tl.sum(e, 0)[None, :]
+    return x, _softmax(x, kvalid, scale)
+
+
+@triton.jit
+def _contract(x, al, gram_ptr, ga, ks, kvalid, L, ACC: tl.constexpr):
+    """(sum_k alpha_k rho_k, alpha^T Gamma alpha) per query position of one band's tile."""
+    gm = tl.load(gram_ptr + ga * L * L + ks[:, None] * L + ks[None, :],
+                 mask=kvalid[:, None] & kvalid[None, :], other=0.0).to(ACC)
+    return tl.sum(al * x, 0), tl.sum(al * tl.dot(gm, al, input_precision="ieee"), 0)
 
 
 @triton.jit
@@ -53,10 +67,9 @@ def _forward_kernel(rho_ptr, gram_ptr, amask_ptr, num_ptr, n2_ptr, G, A, L, Q, s
     for g in range(G):
         ga = g * A + a
         x, al = _softmax_tile(rho_ptr, ga * L * Q, ks, qs, kvalid, qvalid, Q, scale, ACC)
-        gm = tl.load(gram_ptr + ga * L * L + ks[:, None] * L + ks[None, :],
-                     mask=kvalid[:, None] & kvalid[None, :], other=0.0).to(ACC)
-        nu += tl.sum(al * x, 0)
-        nn += tl.sum(al * tl.dot(gm, al, input_precision="ieee"), 0)
+        su, sn = _contract(x, al, gram_ptr, ga, ks, kvalid, L, ACC)
+        nu += su
+        nn += sn
     tl.store(num_ptr + a * Q + qs, nu, mask=qvalid)
     tl.store(n2_ptr + a * Q + qs, nn, mask=qvalid)
 
@@ -111,13 +124,9 @@ def _flash_forward_kernel(ab_ptr, qb_ptr, gram_ptr, amask_ptr, num_ptr, n2_ptr, 
             bt = tl.load(qb_ptr + (g * Q + qs[None, :]) * P2 + p0 + ps[:, None],
                          mask=pm[:, None] & qvalid[None, :], other=0.0).to(ACC)
             x += tl.dot(at, bt, input_precision="ieee")
-        logits = tl.where(kvalid[:, None], x * scale, float("-inf"))
-        e = tl.exp(logits - tl.max(logits, 0)[None, :])
-        al = e / tl.sum(e, 0)[None, :]
-        gm = tl.load(gram_ptr + ga * L * L + ks[:, None] * L + ks[None, :],
-                     mask=kvalid[:, None] & kvalid[None, :], other=0.0).to(ACC)
-        nu += tl.sum(al * x, 0)
-        nn += tl.sum(al * tl.dot(gm, al, input_precision="ieee"), 0)
+        su, sn = _contract(x, _softmax(x, kvalid, scale), gram_ptr, ga, ks, kvalid, L, ACC)
+        nu += su
+        nn += sn
     tl.store(num_ptr + a * Q + qs, nu, mask=qvalid)
     tl.store(n2_ptr + a * Q + qs, nn, mask=qvalid)
 

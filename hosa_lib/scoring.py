@@ -240,36 +240,28 @@ def _high_fused(img: Side, cap: Side, cfg: ScoringConfig, kernel: str,
     G, (Ni, M), (Nc, L) = img.bands.shape[0], img.mask.shape, cap.mask.shape
     scale = cfg.temperature * G
     mean_over = lambda m: m.to(img.bands.dtype) / m.sum(-1, keepdim=True)
-    ib, cb = img.bands.reshape(G, Ni * M, -1), cap.bands.reshape(G, Nc * L, -1)
-    parts = []
+    ib, cb = img.bands.reshape(G, Ni * M, -1), cap.bands.reshape(G, Nc * L, -1)  # query sides (G, Q, 2P)
     if kernel == "flash":  # the band shares are computed tile by tile inside the kernel, never whole
-        local = None
-        if cfg.direction in ("t2i", "both"):
-            if fold_local:  # TERAN's local score from the same tiles
-                qvalid = torch.ones_like(img.mask) if cfg.padding == "teran" else img.mask
-                high, local = fused.flash_with_local(cap.bands, ib, cap.gram, cap.mask, mean_over(img.mask), scale,
-                                                     qvalid, cfg.local_pool)
-                parts.append(high.T)
-            else:
-                parts.append(fused.reconstruct_flash(cap.bands, ib, cap.gram, cap.mask, mean_over(img.mask), scale).T)
-        if cfg.direction in ("i2t", "both"):
-            parts.append(fused.reconstruct_flash(img.bands, cb, img.gram, img.mask, mean_over(cap.mask), scale))
-        high = sum(parts) / len(parts)
-        return high if local is None else {"high": high, "local": local.T}
-    if kernel == "triton" and not (torch.is_grad_enabled() and (img.bands.requires_grad or cap.bands.requires_grad)):
-        # scoring without gradients: the Triton kernel computes each tile of band shares in registers
-        if cfg.direction in ("t2i", "both"):
-            parts.append(fused.reconstruct_triton_flash(cap.bands, ib, cap.gram, cap.mask, mean_over(img.mask), scale).T)
-        if cfg.direction in ("i2t", "both"):
-            parts.append(fused.reconstruct_triton_flash(img.bands, cb, img.gram, img.mask, mean_over(cap.mask), scale))
-        return sum(parts) / len(parts)
+        from_bands = fused.reconstruct_flash
+    elif kernel == "triton" and not (torch.is_grad_enabled() and (img.bands.requires_grad or cap.bands.requires_grad)):
+        from_bands = fused.reconstruct_triton_flash  # scoring without gradients: tiles in registers
+    else:  # the band shares of the chunk materialised by one GEMM, then the fused kernel
+        def from_bands(abands, qbands, gram, amask, weight, scale):
+            rho = torch.matmul(abands.flatten(1, 2), qbands.transpose(1, 2)).view(*abands.shape[:3], -1)
+            return fused.reconstruct(rho, gram, amask, weight, scale, kernel)
+    parts, local = [], None
     if cfg.direction in ("t2i", "both"):
-        rho = torch.matmul(cb, ib.transpose(1, 2)).view(G, Nc, L, Ni * M)
-        parts.append(fused.reconstruct(rho, cap.gram, cap.mask, mean_over(img.mask), scale, kernel).T)
+        if fold_local:  # TERAN's local score from the same tiles
+            qvalid = torch.ones_like(img.mask) if cfg.padding == "teran" else img.mask
+            high, local = fused.flash_with_local(cap.bands, ib, cap.gram, cap.mask, mean_over(img.mask), scale,
+                                                 qvalid, cfg.local_pool)
+            parts.append(high.T)
+        else:
+            parts.append(from_bands(cap.bands, ib, cap.gram, cap.mask, mean_over(img.mask), scale).T)
     if cfg.direction in ("i2t", "both"):
-        rho = torch.matmul(ib, cb.transpose(1, 2)).view(G, Ni, M, Nc * L)
-        parts.append(fused.reconstruct(rho, img.gram, img.mask, mean_over(cap.mask), scale, kernel))
-    return sum(parts) / len(parts)
+        parts.append(from_bands(img.bands, cb, img.gram, img.mask, mean_over(cap.mask), scale))
+    high = sum(parts) / len(parts)
+    return high if local is None else {"high": high, "local": local.T}
 
 
 # ----------------------------------------------------------------------------- the scoring terms
