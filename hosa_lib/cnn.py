@@ -19,6 +19,8 @@ import torch.nn.functional as nnf
 STAGES = [(1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
           (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320)]
 BN = dict(eps=1e-3, momentum=0.01)
+# map stride -> (blocks run, channels): 8 = end of stage 3, 16 = end of stage 5, 32 = the 1x1 head after all blocks
+MAPS = {8: (5, 40), 16: (11, 112), 32: (16, 1280)}
 MEAN, STD = (0.498, 0.498, 0.498), (0.502, 0.502, 0.502)  # TF-Lite preprocessing: (x - 127) / 128
 
 
@@ -68,11 +70,16 @@ class EfficientNetLite0(nn.Module):
         self._bn1 = nn.BatchNorm2d(1280, **BN)
         self._fc = nn.Linear(1280, 1000)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor, stride: int = 32) -> torch.Tensor:
+        """The feature map at `stride` (MAPS): 32 = the head's 1280 channels (the default, what the
+        classifier reads); 16 / 8 = the last block at that stride (112 / 40 channels), which keep the
+        colour and shape that the head's map blurs over several objects."""
+        if stride not in MAPS:
+            raise ValueError(f"EfficientNet-Lite0 map stride {stride}: expected one of {tuple(MAPS)}")
         x = nnf.relu6(self._bn0(self._conv_stem(x)))
-        for block in self._blocks:
+        for block in self._blocks[:MAPS[stride][0]]:
             x = block(x)
-        return nnf.relu6(self._bn1(self._conv_head(x)))
+        return nnf.relu6(self._bn1(self._conv_head(x))) if stride == 32 else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._fc(self.features(x).mean(dim=(2, 3)))
@@ -125,26 +132,30 @@ def roi_pool(fmap: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def grid_regions(model: EfficientNetLite0, x: torch.Tensor, levels: tuple[int, ...] = ()):
-    """Batch -> (features (B, K, 1280), boxes (K, 4) normalised, pooled (B, 1280)). levels = (): the
-    map's own cells (K = g*g for a g x g map); else the map ROI-pooled over an n x n grid for each n
-    (multi-scale, e.g. (1, 2, 3, 5): K = 1 + 4 + 9 + 25)."""
-    fmap = model.features(x)  # (B, C, g, g)
-    b, c, gh, gw = fmap.shape
+def grid_regions(model: EfficientNetLite0, x: torch.Tensor, levels: tuple[int, ...] = (), stride: int = 32):
+    """Batch -> (features (B, K, C), boxes (K, 4) normalised, pooled (B, C)); C = MAPS[stride]'s channels.
+    levels = (): the cells of the stride-32 map (K = g*g for a g x g map; a finer map is ROI-pooled over
+    those cells); else the map ROI-pooled over an n x n grid for each n (multi-scale, e.g. (1, 2, 3, 5):
+    K = 1 + 4 + 9 + 25)."""
+    fmap = model.features(x, stride)  # (B, C, h, w)
+    b, _, h, _ = fmap.shape
     if not levels:
-        return fmap.flatten(2).transpose(1, 2), grid_boxes(gh), fmap.mean(dim=(2, 3))
+        if stride == 32:
+            return fmap.flatten(2).transpose(1, 2), grid_boxes(h), fmap.mean(dim=(2, 3))
+        levels = (math.ceil(h * stride / 32),)  # the cells the head's map would have
     boxes = torch.cat([grid_boxes(n) for n in levels]).to(fmap.device)
     return roi_pool(fmap, boxes.expand(b, -1, -1)), boxes.cpu(), fmap.mean(dim=(2, 3))
 
 
 @torch.no_grad()
-def object_regions(model: EfficientNetLite0, x: torch.Tensor, boxes: list, context: tuple[int, ...] = (1,)):
-    """Bottom-up-style regions: one per object box (normalised (x1, y1, x2, y2)), the CNN's map
-    ROI-pooled inside it, then the context regions (an n x n grid for each n in `context`; (1,) = the
-    whole image). boxes: per image an (n_i, 4) array. -> (features (B, K, 1280), boxes (B, K, 4),
-    n_regions (B,), pooled (B, 1280): the mean of the image's regions) with K = max n_i + the context
+def object_regions(model: EfficientNetLite0, x: torch.Tensor, boxes: list, context: tuple[int, ...] = (1,),
+                   stride: int = 32):
+    """Bottom-up-style regions: one per object box (normalised (x1, y1, x2, y2)), the CNN's map at
+    `stride` ROI-pooled inside it, then the context regions (an n x n grid for each n in `context`;
+    (1,) = the whole image). boxes: per image an (n_i, 4) array. -> (features (B, K, C), boxes (B, K, 4),
+    n_regions (B,), pooled (B, C): the mean of the image's regions) with K = max n_i + the context
     cells; rows past n_regions are 0."""
-    fmap = model.features(x)  # (B, C, g, g)
+    fmap = model.features(x, stride)  # (B, C, h, w)
     ctx = torch.cat([grid_boxes(n) for n in context]) if context else torch.zeros(0, 4)
     n_obj = [len(bx) for bx in boxes]
     k = max(n_obj, default=0) + len(ctx)

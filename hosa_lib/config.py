@@ -123,6 +123,9 @@ class DataConfig:
                                    # for each n, e.g. [1, 2, 3, 5] (multi-scale, 39 regions)
     context: tuple[int, ...] = (1,)  # objects: context regions after the objects, an n x n grid for each n
                                    # ([1] = the whole image; [1, 2] adds the quadrants)
+    map_stride: int = 32           # images/synthetic: the CNN map the regions pool: 32 = the head (1280 channels) |
+                                   # 16 / 8 = the last block at that stride (112 / 40 channels: colour and shape
+                                   # that the head's map, each cell seeing several objects, blurs; docs/results.md)
     batch_size: int = 32           # images: CNN batch size
     on_bad_image: str = "fail"     # images: fail | skip (skipped files are reported)
     image_fit: str = "letterbox"   # images: letterbox (pad to square) | crop (centre square) before resizing
@@ -271,6 +274,7 @@ CHOICES = {
     "data.on_bad_image": ("fail", "skip"),
     "data.image_fit": ("letterbox", "crop"),
     "data.regions": ("auto", "objects", "grid"),
+    "data.map_stride": (32, 16, 8),
     "scoring.local_pool": ("sum", "mean"),
     "scoring.direction": ("t2i", "i2t", "both"),
     "scoring.padding": ("ours", "teran"),

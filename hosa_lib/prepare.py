@@ -68,13 +68,13 @@ def region_layout(dc: DataConfig) -> str:
 
 def image_options(dc: DataConfig) -> dict:
     return {"fit": dc.image_fit, "background": dc.background, "split_fractions": dc.split_fractions,
-            "regions": region_layout(dc), "grid": dc.grid, "context": dc.context}
+            "regions": region_layout(dc), "grid": dc.grid, "context": dc.context, "map_stride": dc.map_stride}
 
 
 # DataConfig keys that change the store's content
 SOURCE_KEYS = ("source", "root", "dataset", "captions", "features_dir", "restval", "image_sizes", "splits",
                "n_images", "seed", "image_size", "on_bad_image", "image_fit", "background", "split_fractions",
-               "regions", "grid", "context", "train_twins")
+               "regions", "grid", "context", "train_twins", "map_stride")
 
 
 def source_digest(dc: DataConfig) -> str:

@@ -10,7 +10,7 @@ import torch
 import yaml
 from PIL import Image
 
-from hosa_lib.cnn import grid_boxes, grid_regions, object_regions, roi_pool
+from hosa_lib.cnn import MAPS, EfficientNetLite0, grid_boxes, grid_regions, object_regions, roi_pool
 from hosa_lib.sources.imagefolder import check_boxes, convert_image_folder
 from hosa_lib.store import Store, StoreError
 
@@ -53,7 +53,7 @@ def test_grid_levels_pool_the_map_cells_and_the_whole_image():
 class MapOnly(torch.nn.Module):
     """Stands in for the CNN: its 'feature map' is the input itself, so pooled values can be checked."""
 
-    def features(self, x):
+    def features(self, x, stride=32):
         return x
 
 
@@ -134,3 +134,55 @@ def test_box_outside_the_image_is_refused_when_the_store_is_written(tmp_path):
     with pytest.raises(StoreError, match=r"image '2.png'.*outside"):
         convert_image_folder(root, cap, tmp_path / "s.h5", image_size=64, regions="objects", progress=False)
     assert not (tmp_path / "s.h5").exists()
+
+
+@pytest.mark.parametrize("stride", [8, 16])
+def test_finer_maps_are_the_last_block_at_that_stride(stride):
+    torch.manual_seed(0)
+    model = EfficientNetLite0().eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        fmap = model.features(x, stride)
+        ref = torch.nn.functional.relu6(model._bn0(model._conv_stem(x)))  # explicit: run blocks until the stride
+        for block in model._blocks:
+            out = block(ref)
+            if out.shape[-1] < 64 // stride:  # this block halves the map below the stride's resolution
+                break
+            ref = out
+        assert fmap.shape == (2, MAPS[stride][1], 64 // stride, 64 // stride)
+        torch.testing.assert_close(fmap, ref)  # the last block that keeps this resolution
+        assert torch.equal(model.features(x), model.features(x, 32))  # the default is the head, as before
+    with pytest.raises(ValueError, match="stride 12"):
+        model.features(x, 12)
+
+
+def test_grid_regions_of_a_finer_map_pool_the_head_cells():
+    x = torch.tensor(RNG.normal(size=(2, 3, 64, 64)), dtype=torch.float32)
+
+    class Fine(MapOnly):  # a stride-8 'map': the input average-pooled 8 x 8
+        def features(self, x, stride=32):
+            assert stride == 8
+            return torch.nn.functional.avg_pool2d(x, 8)
+
+    feats, boxes, pooled = grid_regions(Fine(), x, (), stride=8)
+    assert feats.shape == (2, 4, 3) and torch.equal(boxes, grid_boxes(2))  # 64 px -> the head's 2 x 2 cells
+    for r, (x1, y1, x2, y2) in enumerate((boxes * 64).long().tolist()):
+        np.testing.assert_allclose(feats[:, r].numpy(), x[:, :, y1:y2, x1:x2].mean(dim=(2, 3)).numpy(), atol=1e-5)
+    np.testing.assert_allclose(pooled.numpy(), x.mean(dim=(2, 3)).numpy(), atol=1e-5)
+
+
+def test_object_store_of_the_stride_8_map(tmp_path):
+    root, cap = _folder(tmp_path)
+    convert_image_folder(root, cap, tmp_path / "s.h5", image_size=64, regions="objects", map_stride=8, progress=False)
+    with Store(tmp_path / "s.h5") as s:
+        assert s.feature_dim == MAPS[8][1] and s.n_regions.tolist() == [2, 3, 4, 2]
+        assert "stride-8 map" in s.attrs["feature_extractor"]
+
+
+def test_map_stride_outside_the_choices_names_the_key(tmp_path):
+    from hosa_lib.config import ConfigError, load
+
+    base = str(__import__("pathlib").Path(__file__).parents[1] / "params" / "base.yaml")
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"base": base, "data": {"map_stride": 12}}))
+    with pytest.raises(ConfigError, match="data.map_stride.*12"):
+        load(tmp_path / "p.yaml")

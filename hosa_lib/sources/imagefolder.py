@@ -182,13 +182,13 @@ def convert_image_folder(image_root, captions_file, store_path, *, image_size: i
                          on_bad_image: str = "fail", extras: dict | None = None, source: str = "images",
                          device: str = "cpu", progress: bool = True, fit: str = "letterbox",
                          background=(255, 255, 255), split_fractions=(0.8, 0.1, 0.1), regions: str = "grid",
-                         grid: tuple[int, ...] = (), context: tuple[int, ...] = (1,)) -> dict:
+                         grid: tuple[int, ...] = (), context: tuple[int, ...] = (1,), map_stride: int = 32) -> dict:
     """Encode every image with EfficientNet-Lite0 into regions (module docstring); write the store.
 
     extras: optional {name: callable(kept_filenames) -> array} evaluated after skipping bad images.
     Returns a report dict (images, captions, skipped files).
     """
-    from ..cnn import grid_regions, load_pretrained, object_regions, preprocess
+    from ..cnn import MAPS, grid_regions, load_pretrained, object_regions, preprocess
 
     image_root, store_path = Path(image_root), Path(store_path)
     items = read_captions(captions_file, split_fractions)
@@ -208,7 +208,9 @@ def convert_image_folder(image_root, captions_file, store_path, *, image_size: i
     else:
         k = sum(n * n for n in grid) if grid else cells * cells
         layout = "grid " + ("+".join(f"{n}x{n}" for n in grid) if grid else f"{cells}x{cells}")
-    dim = 1280
+    if map_stride != 32:  # the head's map keeps the layout string (and the resume digest) it always had
+        layout += f" of the stride-{map_stride} map"
+    dim = MAPS[map_stride][1]
     partial = store_path.with_name(f".{store_path.name}.partial")
     digest = _inputs_hash(items, image_root, f"{image_size}|{fit}|{tuple(background)}|{layout}")
     resume = partial.exists() and partial_attr(partial, "inputs_hash") == digest
@@ -246,11 +248,11 @@ def convert_image_folder(image_root, captions_file, store_path, *, image_size: i
                 x = preprocess(batch, image_size).to(device)
                 if regions == "objects":
                     obj = [items[s + j]["boxes"] for j in ok]
-                    f, bx, nr, p = object_regions(model, x, obj, context)
+                    f, bx, nr, p = object_regions(model, x, obj, context, map_stride)
                     kk = f.shape[1]
                     feats[ok, :kk], boxes[ok, :kk], n_regions[ok] = f.cpu().numpy(), bx.numpy(), nr.numpy()
                 else:
-                    f, bx, p = grid_regions(model, x, grid)
+                    f, bx, p = grid_regions(model, x, grid, map_stride)
                     feats[ok], boxes[ok] = f.cpu().numpy(), bx.numpy()
                 pooled[ok] = p.cpu().numpy()
             w.write_images(s, feats, boxes, n_regions, pooled)
