@@ -100,3 +100,39 @@ def test_box_geometry_as_its_own_mlp_reaches_the_region_embedding():
         assert enc.proj.in_features == proj_in and (enc.box_mlp is not None) == (kind == "mlp")
         _, local, _ = enc(feats, boxes, mask)
         assert not torch.allclose(local[0, 0], local[0, 1])
+
+
+def test_every_generated_caption_is_read_back_and_holds_in_its_own_scene():
+    """`named` parses every template `captions` writes (each names >= 1 object) and a caption's own scene
+    satisfies all it names (each object, each relation): the perfect scorer's maximum."""
+    import random
+
+    from hosa_lib.sources import synthetic as sy
+    rng = random.Random(3)
+    for _ in range(300):
+        objs = sy._scene(rng)
+        for relational in (False, True):
+            for cap in sy.captions(objs, rng, relational=relational):
+                names, rels = sy.named(cap)
+                assert names, cap
+                assert sy.perfect_score(objs, cap) == len(names) + len(rels), cap
+                assert bool(rels) == any(r in cap for r in ("left of", "right of", "above", "below")), cap
+
+
+def test_twin_ceiling_counts_undecidable_captions_as_ties():
+    from hosa_lib.sources import synthetic as sy
+    sq = {"shape": "square", "colour": "red", "size": "small", "x": 0.2, "y": 0.5}
+    ci = {"shape": "circle", "colour": "blue", "size": "large", "x": 0.8, "y": 0.5}
+    tr = {"shape": "triangle", "colour": "green", "size": "small", "x": 0.5, "y": 0.2}
+    twin = [dict(sq, colour="blue"), dict(ci, colour="red"), tr]  # colours of square and circle swapped
+
+    def scene(objs, caps):
+        return {"objects": objs, "sentences": [{"raw": c} for c in caps]}
+    images = [scene([sq, ci, tr], ["there is a small red square and a small green triangle",  # decides
+                                   "a picture with a green triangle"]),  # names no swapped object: a tie
+              scene(twin, ["there is a small blue square and a large red circle"])]  # decides
+    assert sy.twin_ceiling(images, [(0, 1)]) == {"accuracy": 100.0 * 2.5 / 3, "ties": 100.0 / 3}
+    moved = [dict(sq, x=0.8), dict(ci, x=0.2)]  # relation twins: the same objects, places exchanged
+    rel = [scene([sq, ci], ["a small red square left of a large blue circle"]), scene(moved, [])]
+    assert sy.twin_ceiling(rel, [(0, 1)]) == {"accuracy": 100.0, "ties": 0.0}
+    assert sy.twin_ceiling(rel, [(0, 1)], relations=False) == {"accuracy": 50.0, "ties": 100.0}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -178,3 +179,53 @@ def generate(out_dir, n_images: int, seed: int = 0, size: int = 224, val_frac: f
     for name, twins in (("swap_pairs", pairs), ("relation_pairs", rel_pairs), ("train_pairs", train_pairs)):
         (out / f"{name}.json").write_text(json.dumps([[images[a]["filename"], images[b]["filename"]] for a, b in twins]))
     return out / "dataset.json"
+
+
+# What a caption names, read back from the templates above: what a perfect scorer would check. It gives the
+# most any model can reach on the twins (`twin_ceiling`): a caption that names no object whose colour
+# changed scores its two twins alike, whatever the model.
+_SIZE, _COLOUR, _SHAPE = "|".join(SIZES), "|".join(COLOURS), "|".join(SHAPES)
+_REL = "left of|right of|above|below"
+_NP = rf"(?:({_SIZE}) )?({_COLOUR}) ({_SHAPE})"
+_COLOUR_OF = re.compile(rf"the ({_SIZE}) ({_SHAPE}) is ({_COLOUR}) and the ({_SHAPE}) ({_REL}) it is ({_COLOUR})")
+
+
+def named(caption: str) -> tuple[list[tuple], list[tuple]]:
+    """(objects, relations) a caption of `captions` names: objects as (size or None, colour, shape),
+    relations as (object, relation, object) with `_relation`'s words."""
+    if m := _COLOUR_OF.fullmatch(caption):
+        a, b = (m[1], m[3], m[2]), (None, m[6], m[4])
+        return [a, b], [(b, m[5], a)]
+    objs = [(m[1], m[2], m[3]) for m in re.finditer(_NP, caption)]
+    rels = [((m[1], m[2], m[3]), m[4], (m[5], m[6], m[7])) for m in re.finditer(rf"{_NP} ({_REL}) a {_NP}", caption)]
+    return objs, rels
+
+
+def perfect_score(objs: list[dict], caption: str, relations: bool = True) -> int:
+    """How many of the things a caption names hold in a scene: each named object present with every
+    attribute named, and (relations) each named relation between two such objects."""
+    def matches(o, np):
+        return (np[0] is None or o["size"] == np[0]) and o["colour"] == np[1] and o["shape"] == np[2]
+
+    names, rels = named(caption)
+    score = sum(any(matches(o, np) for o in objs) for np in names)
+    if relations:
+        score += sum(any(matches(a, x) and matches(b, y) and a is not b and _relation(a, b) == r
+                         for a in objs for b in objs) for x, r, y in rels)
+    return score
+
+
+def twin_ceiling(images: list[dict], pairs, relations: bool = True) -> dict:
+    """The twin accuracy of a perfect scorer (`perfect_score`) over twin pairs of dataset.json images
+    (indices), as `metrics.swap_accuracy` counts it: every caption of both twins, its own twin against
+    the other. ties: the share of comparisons the caption cannot decide; accuracy counts them as half
+    (a model's scores for them differ by noise only)."""
+    wins, ties = [], 0
+    for a, b in pairs:
+        for own, other in ((a, b), (b, a)):
+            for s in images[own]["sentences"]:
+                x = perfect_score(images[own]["objects"], s["raw"], relations)
+                y = perfect_score(images[other]["objects"], s["raw"], relations)
+                wins.append(1.0 if x > y else 0.5 if x == y else 0.0)
+                ties += x == y
+    return {"accuracy": 100.0 * sum(wins) / max(len(wins), 1), "ties": 100.0 * ties / max(len(wins), 1)}
