@@ -39,13 +39,16 @@ def load_backbone(name: str, layers: int | None = None, pretrained: bool = True)
     kwargs = {"num_hidden_layers": layers} if layers else {}
     path = resolve_text_model(name)
     # its notebook progress widget renders blank in offline HTML reports: off while loading only
-    was_on = hf_logging.is_progress_bar_enabled()
+    was_on, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
+    if layers:  # the layers above k are left out on purpose: no load report listing them as unexpected
+        hf_logging.set_verbosity_error()
     try:
         if not pretrained:
             return load_tokenizer(name), AutoModel.from_config(AutoConfig.from_pretrained(path, **kwargs))
         return load_tokenizer(name), AutoModel.from_pretrained(path, **kwargs)
     finally:
+        hf_logging.set_verbosity(verbosity)
         if was_on:
             hf_logging.enable_progress_bar()
 

@@ -57,3 +57,17 @@ def test_pooler_frozen_other_backbone_weights_trainable():
     freeze_pooler(backbone)
     assert not any(p.requires_grad for p in backbone.pooler.parameters())
     assert all(p.requires_grad for n, p in backbone.named_parameters() if not n.startswith("pooler."))
+
+
+def test_a_truncated_backbone_loads_quietly_and_keeps_the_logging_level(capfd):
+    """data.text_layer = k loads MiniLM's first k layers: the layers left out on purpose are not reported
+    to the user as unexpected weights, and transformers' verbosity is what it was before."""
+    from transformers.utils import logging as hf_logging
+
+    from hosa_lib.text import load_backbone
+    before = hf_logging.get_verbosity()
+    _, model = load_backbone("minilm", 3)
+    assert len(model.encoder.layer) == 3
+    out, err = capfd.readouterr()
+    assert "UNEXPECTED" not in out + err and "encoder.layer" not in out + err, out + err
+    assert hf_logging.get_verbosity() == before
