@@ -322,7 +322,8 @@ def test_every_params_file_loads():
     gfiles = sorted((root / "params" / "ablations").glob("*.yaml"))
     assert len(gfiles) >= 3
     # grids no params file names, and the params they are run with (README / their own comments)
-    run_with = {"full.yaml": "demo.yaml", "seeds3.yaml": "demo.yaml", "recipe.yaml": "images.yaml", **named_by}
+    run_with = {"full.yaml": "demo.yaml", "seeds3.yaml": "demo.yaml", "finetuned3.yaml": "demo.yaml",
+                "recipe.yaml": "images.yaml", **named_by}
     for g in gfiles:
         variants, seeds = read_grid(g)
         assert variants and all(isinstance(s, int) for s in seeds or [0]), g.name
@@ -341,18 +342,18 @@ def test_image_encoding_resumes_after_ctrl_c(tmp_path, monkeypatch):
     convert_image_folder(img, caps, clean, image_size=64, batch_size=2, progress=False)
     real, calls = cnn.grid_regions, []
 
-    def interrupted(model, x, levels=()):
+    def interrupted(model, x, levels=(), stride=32):
         calls.append(len(x))
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real(model, x, levels)
+        return real(model, x, levels, stride)
     monkeypatch.setattr(cnn, "grid_regions", interrupted)
     out = tmp_path / "s.h5"
     with pytest.raises(KeyboardInterrupt):
         convert_image_folder(img, caps, out, image_size=64, batch_size=2, progress=False)
     assert not out.exists() and (tmp_path / ".s.h5.partial").exists()
     calls.clear()
-    monkeypatch.setattr(cnn, "grid_regions", lambda m, x, levels=(): calls.append(len(x)) or real(m, x, levels))
+    monkeypatch.setattr(cnn, "grid_regions", lambda m, x, levels=(), stride=32: calls.append(len(x)) or real(m, x, levels, stride))
     convert_image_folder(img, caps, out, image_size=64, batch_size=2, progress=False)
     assert calls == [2, 1]  # images 0-1 were kept; only 2-3 and 4 were encoded again
     assert not (tmp_path / ".s.h5.partial").exists()
