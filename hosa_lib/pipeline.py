@@ -234,6 +234,8 @@ def describe_run(cfg, run_dir: Path | None = None) -> str:
         with Store(d.store, check_values=False) as st:
             sizes = [len(st.split_images(x)) for x in ("train", "val", "test")]
             data = f"{st.n_images:,} {data} (train / val / test {' / '.join(f'{n:,}' for n in sizes)})"
+            if fe := st.attrs.get("feature_extractor"):  # what a region is: map, boxes or grid, image size
+                data += f", regions: {fe}"
     except Exception:  # no store yet (the index before prepare has run)
         data = f"{data} ({d.n_images} images)" if d.source == "synthetic" else data
     terms = "+".join(t.name for t in active_terms(sc))

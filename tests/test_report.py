@@ -82,8 +82,9 @@ def test_index_line_says_how_training_went_and_what_the_data_is(tmp_path, smoke_
     line = describe_run(cfg, tmp_path)
     assert "trained 4 of 10 epochs (stopped early; best on val: epoch 1)" in line and "10 epochs;" not in line
     with Store(smoke_store.store, check_values=False) as s:
-        n, tr = s.n_images, len(s.split_images("train"))
+        n, tr, fe = s.n_images, len(s.split_images("train")), s.attrs["feature_extractor"]
     assert f"{n:,} synthetic scenes (train / val / test {tr:,} / " in line
+    assert f"regions: {fe};" in line and "object boxes" in line  # what a region is
 
 
 @pytest.mark.slow
