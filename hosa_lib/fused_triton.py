@@ -40,6 +40,16 @@ def _softmax(x, kvalid, scale):
 
 
 @triton.jit
+def _tile(amask_ptr, L, Q, LP: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's anchor a, its positions ks (valid: kvalid) and its block of queries qs (qvalid)."""
+    a = tl.program_id(0).to(tl.int64)
+    ks = tl.arange(0, LP)
+    qs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    kvalid = (ks < L) & (tl.load(amask_ptr + a * L + ks, mask=ks < L, other=0) != 0)
+    return a, ks, qs, kvalid, qs < Q
+
+
+@triton.jit
 def _softmax_tile(rho_ptr, base, ks, qs, kvalid, qvalid, Q, scale, ACC: tl.constexpr):
     x = tl.load(rho_ptr + base + ks[:, None] * Q + qs[None, :], mask=kvalid[:, None] & qvalid[None, :],
                 other=0.0).to(ACC)
@@ -57,11 +67,7 @@ def _contract(x, al, gram_ptr, ga, ks, kvalid, L, ACC: tl.constexpr):
 @triton.jit
 def _forward_kernel(rho_ptr, gram_ptr, amask_ptr, num_ptr, n2_ptr, G, A, L, Q, scale,
                     LP: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
-    a = tl.program_id(0).to(tl.int64)
-    ks = tl.arange(0, LP)
-    qs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    kvalid = (ks < L) & (tl.load(amask_ptr + a * L + ks, mask=ks < L, other=0) != 0)
-    qvalid = qs < Q
+    a, ks, qs, kvalid, qvalid = _tile(amask_ptr, L, Q, LP, BLOCK)
     nu = tl.zeros([BLOCK], ACC)
     nn = tl.zeros([BLOCK], ACC)
     for g in range(G):
@@ -106,12 +112,8 @@ def _flash_forward_kernel(ab_ptr, qb_ptr, gram_ptr, amask_ptr, num_ptr, n2_ptr, 
     """`_forward_kernel` from the band features: the (LP, BLOCK) tile of band shares is computed in
     registers as (anchor bands) @ (query bands)^T over KB-wide slices of the 2P band coordinates, so
     rho is never written to memory (scoring without gradients)."""
-    a = tl.program_id(0).to(tl.int64)
-    ks = tl.arange(0, LP)
-    qs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    a, ks, qs, kvalid, qvalid = _tile(amask_ptr, L, Q, LP, BLOCK)
     ps = tl.arange(0, KB)
-    kvalid = (ks < L) & (tl.load(amask_ptr + a * L + ks, mask=ks < L, other=0) != 0)
-    qvalid = qs < Q
     nu = tl.zeros([BLOCK], ACC)
     nn = tl.zeros([BLOCK], ACC)
     for g in range(G):
