@@ -172,7 +172,10 @@ class ModelConfig:
     shared_layers: int = 0         # layers shared by both modalities after the private ones (TERAN sharedTE: 2)
     box_geometry: bool = True      # region geometry (x1, y1, x2, y2, area) enters the region embedding
     box_embed: str = "concat"      # concat: appended to the features before their projection (TERAN's) | mlp: its own
-                                   # MLP, added to the projected features (position at the features' scale)
+                                   # MLP, added to the projected features
+    region_norm: bool = False      # standardise each region's features (layer norm, no learned scale) before the box
+                                   # geometry joins them: raw CNN features (|x| ~ 4.6 on the demo's map) otherwise
+                                   # swamp the [0, 1] coordinates and positions barely move the embedding
     text_finetune: bool = False    # False: train on cached backbone states; True: run and tune the backbone
     text_lr_scale: float = 0.1     # backbone learning rate = lr * this (fine-tune only)
     text_tune_layers: int = 0      # N > 0: run the backbone's N layers above the cached data.text_layer (set it, e.g.

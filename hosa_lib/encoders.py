@@ -49,7 +49,8 @@ class ImageEncoder(nn.Module):
     def __init__(self, cfg: ModelConfig, feat_dim: int):
         super().__init__()
         self.box_geometry = cfg.box_geometry
-        self.box_mlp = None  # box_embed "mlp": the geometry gets its own MLP, added at the features' scale
+        self.region_norm = cfg.region_norm
+        self.box_mlp = None  # box_embed "mlp": the geometry gets its own MLP, added to the projected features
         if cfg.box_geometry and cfg.box_embed == "mlp":
             self.box_mlp = nn.Sequential(nn.Linear(5, cfg.embed), nn.ReLU(), nn.Linear(cfg.embed, cfg.embed))
         concat = cfg.box_geometry and self.box_mlp is None
@@ -60,6 +61,8 @@ class ImageEncoder(nn.Module):
 
     def forward(self, regions, boxes, mask, shared=None):
         raw = regions
+        if self.region_norm:  # features at unit scale, as the box coordinates are
+            regions = nn.functional.layer_norm(regions, regions.shape[-1:])
         if self.box_geometry:  # (x1, y1, x2, y2, area)
             area = ((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])).unsqueeze(-1)
             geom = torch.cat([boxes, area], dim=-1)  # (B, K, 5)

@@ -37,6 +37,8 @@ def _teran_encoders(mcfg: ModelConfig, feat_dim: int, text_dim: int, backbone, t
     from .teran import TeranImageEncoder, TeranTextEncoder
     if backbone is None:
         raise ValueError("model.arch 'teran' runs its text backbone inside the model (text_finetune: true)")
+    if mcfg.region_norm:
+        raise ValueError("model.region_norm is not part of TERAN's layout (model.arch 'teran'); set it false")
     return TeranImageEncoder(mcfg, feat_dim), TeranTextEncoder(mcfg, text_dim, backbone)
 
 

@@ -102,6 +102,32 @@ def test_box_geometry_as_its_own_mlp_reaches_the_region_embedding():
         assert not torch.allclose(local[0, 0], local[0, 1])
 
 
+def test_region_norm_standardises_the_features_before_the_box_geometry_joins_them():
+    """model.region_norm: the region embedding no longer depends on the features' scale (layer norm per region),
+    so the [0, 1] box coordinates weigh as much as a feature does; without it, scaled features change the
+    embedding. TERAN's exact layout has no such step and refuses it."""
+    from hosa_lib.config import ModelConfig
+    from hosa_lib.encoders import ImageEncoder
+    from hosa_lib.model import ARCHS
+    feats = torch.randn(2, 3, 8) * 5 + 3
+    boxes = torch.rand(2, 3, 4).sort(-1).values[..., [0, 2, 1, 3]]
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    for norm in (True, False):
+        torch.manual_seed(0)
+        enc = ImageEncoder(ModelConfig(embed=16, heads=2, ff=32, image_layers=1, region_norm=norm), 8).eval()
+        with torch.no_grad():
+            g1, l1, _ = enc(feats, boxes, mask)
+            g2, l2, _ = enc(3 * feats + 7, boxes, mask)
+            ref = enc.proj(torch.cat([(feats - feats.mean(-1, keepdim=True)) / feats.var(-1, unbiased=False, keepdim=True).add(1e-5).sqrt(),
+                                      boxes, ((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1]))[..., None]], -1))
+            enc.layers = None
+            _, projected, _ = enc(feats, boxes, mask)
+        assert torch.allclose(l1, l2, atol=1e-4) == norm and torch.allclose(g1, g2, atol=1e-4) == norm
+        assert torch.allclose(projected, ref, atol=1e-5) == norm
+    with pytest.raises(ValueError, match="model.region_norm"):
+        ARCHS.impl("teran")(ModelConfig(arch="teran", region_norm=True), 8, 8, torch.nn.Identity(), None)
+
+
 def test_every_generated_caption_is_read_back_and_holds_in_its_own_scene():
     """`named` parses every template `captions` writes (each names >= 1 object) and a caption's own scene
     satisfies all it names (each object, each relation): the perfect scorer's maximum."""
