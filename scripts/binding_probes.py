@@ -5,6 +5,9 @@ inputs hold, measured without training the model.
   caption names (`synthetic.twin_ceiling`): the most any model can reach on the store's test twins.
 - text probe: a linear probe (multinomial logistic regression) on MiniLM's frozen state of the shape word
   in "<colour> <shape>" predicts the colour, at every layer: do cached states know which colour a noun has?
+- role probe: the same probe on the shape word of a relation ("<shape> left of <shape>", "... above ...")
+  predicts where its object lies from the other (left / right / above / below): do cached states know
+  which side of the relation a noun is on, what binding a relation word to places needs?
 - image probe: the same probe on each object region, ROI-pooled from the CNN map at each stride
   (cnn.MAPS), predicting the object's colour and its shape: which map keeps them?
 
@@ -67,23 +70,32 @@ def main(params: str) -> None:
 
     tok, bb = load_backbone(cfg.data.text_model)
     bb.eval()
-    states, labels, train = [], [], []
+    sides = ["left", "right", "above", "below"]  # a relation's first word; its object lies on the other side
+    other = {"left": "right", "right": "left", "above": "below", "below": "above"}
+    probes = {"colour": ([], [], []), "role": ([], [], [])}  # states, labels, in train
     for im in images:
         for sent in im["sentences"]:
             enc = tok(sent["raw"], return_tensors="pt")
             with torch.no_grad():
                 hidden = bb(**enc, output_hidden_states=True).hidden_states
             words = tok.convert_ids_to_tokens(enc["input_ids"][0])
-            for i in range(1, len(words)):
-                if words[i] in shapes and words[i - 1] in colours:
-                    states.append([h[0, i].numpy() for h in hidden])
-                    labels.append(colours.index(words[i - 1]))
-                    train.append(im["split"] == "train")
-    labels, train = np.array(labels), np.array(train)
-    for layer in range(len(states[0])):
-        acc = probe(np.stack([s[layer] for s in states]), labels, train, len(colours))
-        print(f"text probe, colour of the shape word, layer {layer}: {100 * acc:.1f} % "
-              f"({len(labels)} words, chance {100 / len(colours):.1f} %)")
+            found = [(i, "colour", colours.index(words[i - 1])) for i in range(1, len(words))
+                     if words[i] in shapes and words[i - 1] in colours]
+            for r, w in enumerate(words):  # "<np> left of <np>": the shape before is left, the one after right
+                before = [i for i in range(r) if words[i] in shapes]
+                after = [i for i in range(r + 1, len(words)) if words[i] in shapes]
+                if w in sides and before and after:
+                    found += [(before[-1], "role", sides.index(w)), (after[0], "role", sides.index(other[w]))]
+            for i, kind, label in found:
+                probes[kind][0].append([h[0, i].numpy() for h in hidden])
+                probes[kind][1].append(label)
+                probes[kind][2].append(im["split"] == "train")
+    for kind, what, n in (("colour", "colour of the shape word", len(colours)),
+                          ("role", "side of the relation of the shape word", len(sides))):
+        states, labels, train = probes[kind][0], np.array(probes[kind][1]), np.array(probes[kind][2])
+        for layer in range(len(states[0])):
+            acc = probe(np.stack([s[layer] for s in states]), labels, train, n)
+            print(f"text probe, {what}, layer {layer}: {100 * acc:.1f} % ({len(labels)} words, chance {100 / n:.1f} %)")
 
     cnn = load_pretrained()
     feats = {k: [] for k in MAPS}

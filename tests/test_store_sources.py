@@ -322,7 +322,7 @@ def test_every_params_file_loads():
     gfiles = sorted((root / "params" / "ablations").glob("*.yaml"))
     assert len(gfiles) >= 3
     # grids no params file names, and the params they are run with (README / their own comments)
-    run_with = {"full.yaml": "demo.yaml", "seeds3.yaml": "demo.yaml", "finetuned3.yaml": "demo.yaml",
+    run_with = {"full.yaml": "demo.yaml", "seeds3.yaml": "demo.yaml", "finetuned3.yaml": "demo_s8.yaml",
                 "recipe.yaml": "images.yaml", **named_by}
     for g in gfiles:
         variants, seeds = read_grid(g)
