@@ -15,6 +15,8 @@ never whole. docs/scoring.md has the derivation of the backward.
 """
 from __future__ import annotations
 
+import functools
+
 import importlib
 import os
 import sys
@@ -127,6 +129,20 @@ def _threads() -> None:
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
 
 
+@functools.cache
+def _blas_controller():
+    import scipy.linalg.cython_blas  # noqa: F401  (the BLAS numba's np.dot calls: loaded before the scan)
+    from threadpoolctl import ThreadpoolController
+    return ThreadpoolController()  # scanning the loaded libraries takes ~1 ms: once
+
+
+def _one_blas_thread():
+    """numba's np.dot runs SciPy's OpenBLAS, which goes multi-threaded on products above ~260K multiply-adds
+    (the flash kernels' block products are); inside numba's parallel loop that oversubscribes the cores
+    many times over. One BLAS thread while a flash kernel runs (threadpoolctl restores it after)."""
+    return _blas_controller().limit(limits=1, user_api="blas")
+
+
 def _triton():
     from . import fused_triton  # imports triton: loaded only when used
     return fused_triton
@@ -178,6 +194,7 @@ def reconstruct(rho: torch.Tensor, gram: torch.Tensor, amask: torch.Tensor, weig
 # ------------------------------------------------------------------------------- flash (CPU, numba)
 FLASH_QB = 128  # query positions per tile (rounded down to whole query items): an (L, 128) float32 tile
                 # of rho is 6 KiB at L = 12
+FLASH_AB = 8  # anchors per block: their valid rows make one band-share GEMM (up to 96 x 108 floats at L = 12, 41 KiB)
 
 
 def _flash_layout(abands, qbands, gram, amask, n_item: int):
@@ -208,6 +225,18 @@ def _unorder(x: torch.Tensor, idx: torch.Tensor, dims: tuple[int, ...]) -> torch
     return x
 
 
+def _packed(ab: torch.Tensor, nvalid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The anchors' valid rows of ab (G, A, L, P2) stacked: (G, sum of nvalid, P2), the i-th anchor's rows
+    at offs[i]:offs[i + 1] (the flash kernels' block GEMMs read a block of anchors as one matrix)."""
+    offs = torch.zeros(ab.shape[1] + 1, dtype=torch.int64)
+    offs[1:] = nvalid.long().cumsum(0)
+    return ab[:, _valid_rows(ab, nvalid)].contiguous(), offs
+
+
+def _valid_rows(ab: torch.Tensor, nvalid: torch.Tensor) -> torch.Tensor:
+    return torch.arange(ab.shape[2])[None] < nvalid[:, None].long()  # (A, L)
+
+
 def _flash_forward(abands, qbands, gram, amask, weight, scale, qvalid=None):
     """(out (A, B), the saved layout, cos and norm (A, Q), and with qvalid (B, n): the local score's
     per-word maxima (A, L, B) (valid words first, 0 past them) and where they are (A, L, B))."""
@@ -226,8 +255,11 @@ def _flash_forward(abands, qbands, gram, amask, weight, scale, qvalid=None):
     if qvalid is not None:
         valid[:Q] = qvalid.flatten()
         local, arg = ab.new_empty(A, L, B), torch.empty(A, L, B, dtype=torch.int32)
-    k.forward(ab.numpy(), qbt.numpy(), gr.numpy(), nvalid.numpy(), _scalar(scale, ab), num.numpy(), n2.numpy(),
-              ab.dtype == torch.float32, valid.numpy(), n, local.numpy(), arg.numpy())
+    packed, offs = _packed(ab, nvalid)
+    with _one_blas_thread():
+        k.forward(packed.numpy(), offs.numpy(), qbt.numpy(), gr.numpy(), nvalid.numpy(), _scalar(scale, ab),
+                  num.numpy(), n2.numpy(), ab.dtype == torch.float32, valid.numpy(), n, local.numpy(), arg.numpy(),
+                  FLASH_AB)
     norm = n2[:, :Q].clamp_min(1e-12).sqrt()
     cos = num[:, :Q] / norm
     return (cos.view(A, B, n) * weight).sum(-1), layout, cos, norm, local, arg
@@ -258,11 +290,20 @@ class _Flash(torch.autograd.Function):
         glocal = ab.new_zeros(0, L, 0) if grad_local is None or arg.numel() == 0 else grad_local.contiguous()
         _threads()
         chunks = max(1, min(A, numba.get_num_threads()))
-        d_ab, d_gram = torch.empty_like(ab), torch.empty_like(gr)
+        # chunk c owns anchors c, c + C, ...: packed in that order, each chunk's anchors are consecutive rows
+        order = torch.cat([torch.arange(c, A, chunks) for c in range(chunks)])
+        cstart = torch.tensor([0] + [len(range(c, A, chunks)) for c in range(chunks)]).cumsum(0)
+        packed, offs = _packed(ab[:, order], nvalid[order])
+        d_packed, d_gram = torch.empty_like(packed), torch.empty_like(gr)
         d_qb = ab.new_empty(chunks, G, T, QB, P2)
-        k.backward(ab.numpy(), qbt.numpy(), qb.numpy(), gr.numpy(), nvalid.numpy(), _scalar(ctx.scale, ab),
-                   u.numpy(), w.numpy(), d_ab.numpy(), d_qb.numpy(), d_gram.numpy(), ab.dtype == torch.float32,
-                   glocal.numpy(), arg.numpy(), weight.shape[1])
+        with _one_blas_thread():
+            k.backward(packed.numpy(), offs.numpy(), order.numpy(), cstart.numpy(), qbt.numpy(), qb.numpy(),
+                       gr.numpy(), nvalid.long().numpy(), _scalar(ctx.scale, ab), u.numpy(), w.numpy(), d_packed.numpy(),
+                       d_qb.numpy(), d_gram.numpy(), ab.dtype == torch.float32, glocal.numpy(), arg.numpy(),
+                       weight.shape[1], FLASH_AB)
+        d_perm, d_ab = torch.zeros_like(ab), torch.empty_like(ab)
+        d_perm[:, _valid_rows(ab, nvalid[order])] = d_packed
+        d_ab[:, order] = d_perm
         d_qbands = d_qb.sum(0).view(G, T * QB, P2)[:, :Q]
         return _unorder(d_ab, idx, (2,)), d_qbands, _unorder(d_gram, idx, (2, 3)), None, None, None, None
 

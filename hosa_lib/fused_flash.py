@@ -65,9 +65,14 @@ def _softmax_rows(rt, nv, n, scale, out, bits, mx, s, fast):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def forward(ab, qbt, gram, nvalid, scale, num, n2, fast, qvalid, n_item, local, arg):
-    """num[a, q] = sum_g sum_k alpha_k rho_k and n2[a, q] = sum_g alpha^T Gamma alpha, one
-    (anchor, query tile) per task, rho_g of the tile computed in a private buffer.
+def forward(packed, offs, qbt, gram, nvalid, scale, num, n2, fast, qvalid, n_item, local, arg, ablock):
+    """num[a, q] = sum_g sum_k alpha_k rho_k and n2[a, q] = sum_g alpha^T Gamma alpha, one (block of
+    `ablock` anchors, query tile) per task, rho_g of the tile computed in a private buffer.
+
+    packed (G, R, P2): the anchors' valid band features stacked (anchor a's rows offs[a]:offs[a + 1],
+    nvalid[a] of them), so that one GEMM computes rho_g for the whole block: one anchor's small product
+    (nvalid x P2 by P2 x QB) runs below BLAS's rate, and each row of a product is computed alike
+    whatever rows surround it.
 
     local (A, L, B) (empty: not wanted): TERAN's local score folded in, for anchors that are captions:
     sum_g rho_g is the region-word cosine (the band shares add up to it), so local[a, k, b] = the
@@ -75,133 +80,162 @@ def forward(ab, qbt, gram, nvalid, scale, num, n2, fast, qvalid, n_item, local, 
     over the valid positions (qvalid != 0) or, where qvalid is all ones, TERAN's padding rule (a
     padded position's cosine is 0); arg[a, k, b] = the query position of that largest (for the
     backward)."""
-    G, A, L, P2 = ab.shape
+    G, P2 = packed.shape[0], packed.shape[2]
+    A, L = gram.shape[1], gram.shape[2]
     T, QB = qbt.shape[1], qbt.shape[3]
     want_local = local.shape[0] > 0
     per_tile = QB // n_item
-    for task in prange(A * T):
-        a, t = task // T, task % T
-        nv = nvalid[a]
+    NB = (A + ablock - 1) // ablock
+    for task in prange(NB * T):
+        blk, t = task // T, task % T
+        a0, a1 = blk * ablock, min(A, blk * ablock + ablock)
+        r0, r1 = offs[a0], offs[a1]
         q0 = t * QB
-        rt = np.empty((L, QB), dtype=ab.dtype)
-        al = np.empty((L, QB), dtype=ab.dtype)
-        cs = np.zeros((L if want_local else 0, QB), dtype=ab.dtype)
+        rt = np.empty((max(r1 - r0, 1), QB), dtype=packed.dtype)
+        al = np.empty((L, QB), dtype=packed.dtype)
+        cs = np.zeros((r1 - r0 if want_local else 0, QB), dtype=packed.dtype)
         bits = np.empty(QB, dtype=np.int32)
-        mx = np.empty(QB, dtype=ab.dtype)
-        s = np.empty(QB, dtype=ab.dtype)
-        nu = np.zeros(QB, dtype=ab.dtype)
-        nn = np.zeros(QB, dtype=ab.dtype)
+        mx = np.empty(QB, dtype=packed.dtype)
+        s = np.empty(QB, dtype=packed.dtype)
+        nu = np.zeros((a1 - a0, QB), dtype=packed.dtype)
+        nn = np.zeros((a1 - a0, QB), dtype=packed.dtype)
         for g in range(G):
-            np.dot(ab[g, a, :nv], qbt[g, t], rt[:nv])
-            if want_local:
+            if r1 > r0:
+                np.dot(packed[g, r0:r1], qbt[g, t], rt[:r1 - r0])
+            for a in range(a0, a1):
+                nv, base = nvalid[a], offs[a] - r0
+                rows = rt[base:base + nv]
+                if want_local:
+                    for k in range(nv):
+                        r, c = rows[k], cs[base + k]
+                        for q in range(QB):
+                            c[q] += r[q]
+                _softmax_rows(rows, nv, QB, scale, al, bits, mx, s, fast)
+                u, v = nu[a - a0], nn[a - a0]
                 for k in range(nv):
-                    r, c = rt[k], cs[k]
+                    r, x = rows[k], al[k]
+                    gkk = gram[g, a, k, k]
                     for q in range(QB):
-                        c[q] += r[q]
-            _softmax_rows(rt, nv, QB, scale, al, bits, mx, s, fast)
-            for k in range(nv):
-                r, x = rt[k], al[k]
-                gkk = gram[g, a, k, k]
-                for q in range(QB):
-                    nu[q] += x[q] * r[q]
-                    nn[q] += gkk * x[q] * x[q]
-                for j in range(k):  # each off-diagonal pair once: (Gamma_kj + Gamma_jk) alpha_k alpha_j
-                    gkj = gram[g, a, k, j] + gram[g, a, j, k]
-                    y = al[j]
-                    for q in range(QB):
-                        nn[q] += gkj * x[q] * y[q]
-        for q in range(QB):
-            num[a, q0 + q] = nu[q]
-            n2[a, q0 + q] = nn[q]
-        if want_local:
-            for b in range(per_tile):
-                item = t * per_tile + b
-                if item >= local.shape[2]:
-                    break
-                for k in range(L):
-                    best, at = -np.inf, -1
-                    if k < nv:
-                        for j in range(n_item):
-                            q = b * n_item + j
-                            if qvalid[q0 + q] != 0 and cs[k, q] > best:
-                                best, at = cs[k, q], q0 + q
-                    local[a, k, item] = best if k < nv else 0.0
-                    arg[a, k, item] = at
+                        u[q] += x[q] * r[q]
+                        v[q] += gkk * x[q] * x[q]
+                    for j in range(k):  # each off-diagonal pair once: (Gamma_kj + Gamma_jk) alpha_k alpha_j
+                        gkj = gram[g, a, k, j] + gram[g, a, j, k]
+                        y = al[j]
+                        for q in range(QB):
+                            v[q] += gkj * x[q] * y[q]
+        for a in range(a0, a1):
+            nv, base = nvalid[a], offs[a] - r0
+            for q in range(QB):
+                num[a, q0 + q] = nu[a - a0, q]
+                n2[a, q0 + q] = nn[a - a0, q]
+            if want_local:
+                for b in range(per_tile):
+                    item = t * per_tile + b
+                    if item >= local.shape[2]:
+                        break
+                    for k in range(L):
+                        best, at = -np.inf, -1
+                        if k < nv:
+                            c = cs[base + k]
+                            for j in range(n_item):
+                                q = b * n_item + j
+                                if qvalid[q0 + q] != 0 and c[q] > best:
+                                    best, at = c[q], q0 + q
+                        local[a, k, item] = best if k < nv else 0.0
+                        arg[a, k, item] = at
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def backward(ab, qbt, qb, gram, nvalid, scale, u, w, d_ab, d_qb, d_gram, fast, glocal, arg, n_item):
-    """Given u = dL/dnum and w = dL/dn2 per (a, q): d_ab (G, A, L, P2), d_gram (G, A, L, L) and
-    d_qb (C, G, T, QB, P2), one partial sum per chunk of anchors (the caller adds the C chunks; chunk c
-    runs anchors c, c + C, ... so that no two threads write the same d_qb). Per tile, rho and the
-    softmax are recomputed; with beta = Gamma alpha and c_k = u rho_k + 2 w beta_k:
-    d_rho_k = alpha_k (u + scale (c_k - sum_j alpha_j c_j)), d_gram = sum_q w alpha alpha^T,
-    d_ab = d_rho @ qb, d_qb = d_rho^T @ ab. Positions past nvalid get zero gradients.
-    glocal (A, L, B) (empty: none): the gradient of `forward`'s local maxima; each band's share adds
-    up to the cosine, so it reaches every band's d_rho at the position arg[a, k, b] of the maximum."""
-    G, A, L, P2 = ab.shape
+def backward(packed, offs, order, cstart, qbt, qb, gram, nvalid, scale, u, w, d_packed, d_qb, d_gram, fast, glocal,
+             arg, n_item, ablock):
+    """Given u = dL/dnum and w = dL/dn2 per (a, q): d_packed (G, R, P2) (the gradient of packed, row for
+    row), d_gram (G, A, L, L) and d_qb (C, G, T, QB, P2), one partial sum per chunk of anchors (the caller
+    adds the C chunks). packed holds the anchors' valid rows in the order `order` (position i is anchor
+    order[i], its rows offs[i]:offs[i + 1]); chunk c runs positions cstart[c]:cstart[c + 1] (anchors c,
+    c + C, ..., so that no two threads write the same d_qb), in blocks of `ablock` anchors. Per tile, rho
+    and the softmax are recomputed, rho and d_ab for a whole block in one GEMM each (as in `forward`);
+    with beta = Gamma alpha and c_k = u rho_k + 2 w beta_k: d_rho_k = alpha_k (u + scale (c_k - sum_j
+    alpha_j c_j)), d_gram = sum_q w alpha alpha^T, d_ab = d_rho @ qb, d_qb = d_rho^T @ ab (per anchor, in
+    the chunk's order). Positions past nvalid get zero gradients. glocal (A, L, B) (empty: none): the
+    gradient of `forward`'s local maxima; each band's share adds up to the cosine, so it reaches every
+    band's d_rho at the position arg[a, k, b] of the maximum."""
+    G, P2 = packed.shape[0], packed.shape[2]
+    L = gram.shape[2]
     T, QB = qbt.shape[1], qbt.shape[3]
     C = d_qb.shape[0]
     want_local = glocal.shape[0] > 0
     per_tile = QB // n_item
     for c in prange(C):
-        rt = np.empty((L, QB), dtype=ab.dtype)
-        al = np.empty((L, QB), dtype=ab.dtype)
-        cc = np.empty((L, QB), dtype=ab.dtype)
-        wal = np.empty((L, QB), dtype=ab.dtype)
-        drt = np.empty((L, QB), dtype=ab.dtype)
-        tab = np.empty((L, P2), dtype=ab.dtype)
-        tqb = np.empty((QB, P2), dtype=ab.dtype)
-        uq = np.empty(QB, dtype=ab.dtype)
-        w2 = np.empty(QB, dtype=ab.dtype)
+        rt = np.empty((ablock * L, QB), dtype=packed.dtype)
+        drt = np.empty((ablock * L, QB), dtype=packed.dtype)
+        tab = np.empty((ablock * L, P2), dtype=packed.dtype)
+        al = np.empty((L, QB), dtype=packed.dtype)
+        cc = np.empty((L, QB), dtype=packed.dtype)
+        wal = np.empty((L, QB), dtype=packed.dtype)
+        tqb = np.empty((QB, P2), dtype=packed.dtype)
+        gm = np.empty(ablock * G * L * L, dtype=packed.dtype)  # each anchor's valid Gram blocks, contiguous
+        tg = np.empty(L * L, dtype=packed.dtype)
+        uq = np.empty(QB, dtype=packed.dtype)
+        w2 = np.empty(QB, dtype=packed.dtype)
         bits = np.empty(QB, dtype=np.int32)
-        mx = np.empty(QB, dtype=ab.dtype)
-        s = np.empty(QB, dtype=ab.dtype)
-        tot = np.empty(QB, dtype=ab.dtype)
+        mx = np.empty(QB, dtype=packed.dtype)
+        s = np.empty(QB, dtype=packed.dtype)
+        tot = np.empty(QB, dtype=packed.dtype)
         d_qb[c] = 0.0
-        for a in range(c, A, C):
-            nv = nvalid[a]
-            d_ab[:, a] = 0.0
-            d_gram[:, a] = 0.0
-            gm = np.empty((G, nv, nv), dtype=ab.dtype)  # contiguous valid block of each band's Gram matrix
-            for g in range(G):
-                gm[g] = gram[g, a, :nv, :nv]
-            tg = np.empty((nv, nv), dtype=ab.dtype)
+        for p0 in range(cstart[c], cstart[c + 1], ablock):
+            p1 = min(p0 + ablock, cstart[c + 1])
+            r0, r1 = offs[p0], offs[p1]
+            d_packed[:, r0:r1] = 0.0
+            for i in range(p0, p1):
+                a, nv = order[i], nvalid[order[i]]
+                d_gram[:, a] = 0.0
+                for g in range(G):
+                    o = ((i - p0) * G + g) * L * L
+                    gm[o:o + nv * nv].reshape((nv, nv))[:, :] = gram[g, a, :nv, :nv]
             for t in range(T):
                 q0 = t * QB
-                for q in range(QB):
-                    uq[q] = u[a, q0 + q]
-                    w2[q] = w[a, q0 + q] + w[a, q0 + q]
                 for g in range(G):
-                    np.dot(ab[g, a, :nv], qbt[g, t], rt[:nv])
-                    _softmax_rows(rt, nv, QB, scale, al, bits, mx, s, fast)
-                    np.dot(gm[g], al[:nv], cc[:nv])  # beta = Gamma alpha
-                    for q in range(QB):
-                        tot[q] = 0.0
-                    for k in range(nv):
-                        ck, x, r, wk = cc[k], al[k], rt[k], wal[k]
+                    if r1 > r0:
+                        np.dot(packed[g, r0:r1], qbt[g, t], rt[:r1 - r0])
+                    for i in range(p0, p1):
+                        a, base = order[i], offs[i] - r0
+                        nv = nvalid[a]
+                        rows = rt[base:base + nv]
                         for q in range(QB):
-                            v = uq[q] * r[q] + w2[q] * ck[q]  # c_k
-                            ck[q] = v
-                            tot[q] += x[q] * v
-                            wk[q] = w[a, q0 + q] * x[q]
-                    for k in range(nv):
-                        ck, x, dk = cc[k], al[k], drt[k]
+                            uq[q] = u[a, q0 + q]
+                            w2[q] = w[a, q0 + q] + w[a, q0 + q]
+                        _softmax_rows(rows, nv, QB, scale, al, bits, mx, s, fast)
+                        o = ((i - p0) * G + g) * L * L
+                        np.dot(gm[o:o + nv * nv].reshape((nv, nv)), al[:nv], cc[:nv])  # beta = Gamma alpha
                         for q in range(QB):
-                            dk[q] = x[q] * (uq[q] + scale * (ck[q] - tot[q]))
-                        if want_local:
-                            for b in range(per_tile):
-                                item = t * per_tile + b
-                                if item < glocal.shape[2] and arg[a, k, item] >= 0:
-                                    dk[arg[a, k, item] - q0] += glocal[a, k, item]
-                    np.dot(wal[:nv], al[:nv].T, tg)  # d_gram = sum_q w alpha alpha^T
-                    np.dot(drt[:nv], qb[g, t], tab[:nv])  # d_ab = d_rho @ qb
-                    np.dot(drt[:nv].T, ab[g, a, :nv], tqb)  # d_qb = d_rho^T @ ab
-                    for k in range(nv):
-                        for j in range(nv):
-                            d_gram[g, a, k, j] += tg[k, j]
-                        for p in range(P2):
-                            d_ab[g, a, k, p] += tab[k, p]
-                    for q in range(QB):
-                        for p in range(P2):
-                            d_qb[c, g, t, q, p] += tqb[q, p]
+                            tot[q] = 0.0
+                        for k in range(nv):
+                            ck, x, r, wk = cc[k], al[k], rows[k], wal[k]
+                            for q in range(QB):
+                                v = uq[q] * r[q] + w2[q] * ck[q]  # c_k
+                                ck[q] = v
+                                tot[q] += x[q] * v
+                                wk[q] = w[a, q0 + q] * x[q]
+                        for k in range(nv):
+                            ck, x, dk = cc[k], al[k], drt[base + k]
+                            for q in range(QB):
+                                dk[q] = x[q] * (uq[q] + scale * (ck[q] - tot[q]))
+                            if want_local:
+                                for b in range(per_tile):
+                                    item = t * per_tile + b
+                                    if item < glocal.shape[2] and arg[a, k, item] >= 0:
+                                        dk[arg[a, k, item] - q0] += glocal[a, k, item]
+                        tgv = tg[:nv * nv].reshape((nv, nv))
+                        np.dot(wal[:nv], al[:nv].T, tgv)  # d_gram = sum_q w alpha alpha^T
+                        for k in range(nv):
+                            for j in range(nv):
+                                d_gram[g, a, k, j] += tgv[k, j]
+                        np.dot(drt[base:base + nv].T, packed[g, offs[i]:offs[i] + nv], tqb)  # d_qb = d_rho^T @ ab
+                        for q in range(QB):
+                            for p in range(P2):
+                                d_qb[c, g, t, q, p] += tqb[q, p]
+                    if r1 > r0:
+                        np.dot(drt[:r1 - r0], qb[g, t], tab[:r1 - r0])  # d_ab = d_rho @ qb, the block at once
+                        for r in range(r1 - r0):
+                            for p in range(P2):
+                                d_packed[g, r0 + r, p] += tab[r, p]

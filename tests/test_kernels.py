@@ -313,12 +313,16 @@ def _flash_inputs(seed, G=3, A=4, L=5, B=3, n=4, P2=6, dtype=torch.float64):
     return ab, qb, amask, weight
 
 
-@pytest.mark.parametrize("B,n", [(3, 4), (5, 40)])  # one query tile, and several (Q = 200 > FLASH_QB)
-def test_flash_equals_the_fused_contract_on_rho(B, n):
+@pytest.mark.parametrize("B,n,A", [(3, 4, 4), (5, 40, 4), (3, 4, 19)])  # one query tile, and several (Q = 200 >
+def test_flash_equals_the_fused_contract_on_rho(B, n, A):                # FLASH_QB); 19 anchors: 3 blocks of FLASH_AB
     """The flash kernel from the band features equals the contract evaluated on rho = ab @ qb^T by
     the eager definition, values and the gradients of all three inputs (float64, masked anchors with
-    valid positions not first, padded query items)."""
-    ab, qb, amask, weight = _flash_inputs(B * n, B=B, n=n)
+    valid positions not first, padded query items; with 19 anchors, blocks of uneven row counts split
+    between threads, and an anchor without valid positions)."""
+    ab, qb, amask, weight = _flash_inputs(B * n, A=A, B=B, n=n)
+    if A > fused.FLASH_AB:
+        amask[A // 2] = False
+        ab[:, A // 2] = 0
     xs = [t.clone().requires_grad_(True) for t in (ab, qb)]
     gram = (xs[0] @ xs[0].transpose(-1, -2)).detach().requires_grad_(True)
     got = fused.reconstruct_flash(xs[0], xs[1], gram, amask, weight, 2.5)
@@ -336,6 +340,25 @@ def test_flash_equals_the_fused_contract_on_rho(B, n):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=name)
     torch.testing.assert_close(g_got[2][valid], g_ref[2][valid], rtol=1e-9, atol=1e-10)
     assert (g_got[2][~valid] == 0).all() and (g_got[0][:, ~amask] == 0).all()
+
+
+def test_flash_blocks_of_anchors_compute_what_one_anchor_at_a_time_does(monkeypatch):
+    """The forward and backward GEMMs run over blocks of FLASH_AB anchors' stacked rows: values and all
+    three gradients equal those of one anchor per block (float32, the demo's shapes: G 16, L 12, 2P 64;
+    equal to the bit on this machine's OpenBLAS, whose rows do not depend on their neighbours)."""
+    ab, qb, amask, weight = _flash_inputs(7, G=16, A=21, L=12, B=6, n=36, P2=64, dtype=torch.float32)
+    gram = ab @ ab.transpose(-1, -2)
+    up = torch.randn(21, 6, generator=torch.Generator().manual_seed(1))
+
+    def run():
+        xs = [t.clone().requires_grad_(True) for t in (ab, qb, gram)]
+        hi, lo = fused.flash_with_local(*xs, amask, weight, 10.0, weight > 0, "sum")
+        return (hi, lo, *torch.autograd.grad((hi * up).sum() + lo.sum(), xs))
+
+    blocked = run()
+    monkeypatch.setattr(fused, "FLASH_AB", 1)
+    for a, b in zip(blocked, run()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
 def test_flash_gradcheck():
