@@ -194,30 +194,41 @@ def reconstruct(rho: torch.Tensor, gram: torch.Tensor, amask: torch.Tensor, weig
 # ------------------------------------------------------------------------------- flash (CPU, numba)
 FLASH_QB = 128  # query positions per tile (rounded down to whole query items): an (L, 128) float32 tile
                 # of rho is 6 KiB at L = 12
-FLASH_AB = 8  # anchors per block: their valid rows make one band-share GEMM (up to 96 x 108 floats at L = 12, 41 KiB)
+FLASH_LANES = 16  # tiles padded to a multiple of this many positions: one AVX-512 vector of float32
+FLASH_AB = 8  # anchors per block: their valid rows make one band-share GEMM (up to 96 x 112 floats at L = 12, 42 KiB)
 
 
 def _flash_layout(abands, qbands, gram, amask, n_item: int):
-    """Anchors' valid positions first (the kernels then work on row prefixes), the query side padded
-    to whole tiles of QB positions (whole items of n_item positions), transposed and not."""
+    """Anchors' valid positions first (the kernels then work on row prefixes); the query side in tiles
+    of per_tile whole items (n_item positions each), each tile zero-padded to QB positions (a multiple
+    of FLASH_LANES), transposed and not; pos (Q,): each query position's place in the tiles."""
     G, A, L, P2 = abands.shape
     Q = qbands.shape[1]
     order, nvalid = _valid_index(amask)
     idx = order.long()
-    ab = abands.gather(2, idx[None, :, :, None].expand(G, A, L, P2)).contiguous()
-    gr = gram.gather(2, idx[None, :, :, None].expand(G, A, L, L))
-    gr = gr.gather(3, idx[None, :, None, :].expand(G, A, L, L)).contiguous()
-    QB = n_item * max(1, FLASH_QB // n_item)
-    T = -(-Q // QB)
+    if bool((order == torch.arange(L, dtype=order.dtype)).all()):  # valid positions first already: no copies
+        ab, gr = abands.contiguous(), gram.contiguous()
+    else:
+        ab = abands.gather(2, idx[None, :, :, None].expand(G, A, L, P2)).contiguous()
+        gr = gram.gather(2, idx[None, :, :, None].expand(G, A, L, L))
+        gr = gr.gather(3, idx[None, :, None, :].expand(G, A, L, L)).contiguous()
+    per_tile = max(1, FLASH_QB // n_item)
+    items = per_tile * n_item  # positions of items per tile
+    QB = -(-items // FLASH_LANES) * FLASH_LANES
+    T = -(-Q // items)
+    q = torch.arange(Q)
+    pos = (q // items) * QB + q % items
     qb = qbands.new_zeros(G, T * QB, P2)
-    qb[:, :Q] = qbands
+    qb[:, pos] = qbands
     qb = qb.view(G, T, QB, P2)
-    return ab, gr, qb, qb.transpose(2, 3).contiguous(), idx, nvalid
+    return ab, gr, qb, qb.transpose(2, 3).contiguous(), idx, nvalid, pos, per_tile
 
 
 def _unorder(x: torch.Tensor, idx: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     """Undo the valid-first order of `_flash_layout` along `dims` of x (G, A, L, ...)."""
     G, A, L = x.shape[:3]
+    if bool((idx == torch.arange(L)).all()):  # the order was the identity
+        return x
     for dim in dims:
         shape = [1] * x.dim()
         shape[1], shape[dim] = A, L
@@ -247,21 +258,21 @@ def _flash_forward(abands, qbands, gram, amask, weight, scale, qvalid=None):
     _threads()
     (A, L, Q), (B, n) = (abands.shape[1], abands.shape[2], qbands.shape[1]), weight.shape
     layout = _flash_layout(abands, qbands, gram, amask, n)
-    ab, gr, qb, qbt, idx, nvalid = layout
+    ab, gr, qb, qbt, idx, nvalid, pos, per_tile = layout
     T, QB = qb.shape[1], qb.shape[2]
     num, n2 = ab.new_empty(A, T * QB), ab.new_empty(A, T * QB)
     valid = torch.zeros(T * QB, dtype=torch.int8)
     local, arg = ab.new_empty(0, L, 0), torch.empty(0, L, 0, dtype=torch.int32)
     if qvalid is not None:
-        valid[:Q] = qvalid.flatten()
+        valid[pos] = qvalid.flatten().to(torch.int8)
         local, arg = ab.new_empty(A, L, B), torch.empty(A, L, B, dtype=torch.int32)
     packed, offs = _packed(ab, nvalid)
     with _one_blas_thread():
         k.forward(packed.numpy(), offs.numpy(), qbt.numpy(), gr.numpy(), nvalid.numpy(), _scalar(scale, ab),
-                  num.numpy(), n2.numpy(), ab.dtype == torch.float32, valid.numpy(), n, local.numpy(), arg.numpy(),
-                  FLASH_AB)
-    norm = n2[:, :Q].clamp_min(1e-12).sqrt()
-    cos = num[:, :Q] / norm
+                  num.numpy(), n2.numpy(), ab.dtype == torch.float32, valid.numpy(), n, per_tile, local.numpy(),
+                  arg.numpy(), FLASH_AB)
+    norm = n2[:, pos].clamp_min(1e-12).sqrt()
+    cos = num[:, pos] / norm
     return (cos.view(A, B, n) * weight).sum(-1), layout, cos, norm, local, arg
 
 
@@ -270,8 +281,8 @@ class _Flash(torch.autograd.Function):
     def forward(ctx, abands, qbands, gram, amask, weight, scale, qvalid):
         out, layout, cos, norm, local, arg = _flash_forward(abands, qbands, gram, amask, weight, scale, qvalid)
         if any(ctx.needs_input_grad[:3]):
-            ctx.save_for_backward(*layout, cos, norm, weight, arg)
-            ctx.scale, ctx.Q = scale, qbands.shape[1]
+            ctx.save_for_backward(*layout[:-1], cos, norm, weight, arg)
+            ctx.scale, ctx.per_tile = scale, layout[-1]
         ctx.mark_non_differentiable(arg)
         return out, local
 
@@ -280,13 +291,13 @@ class _Flash(torch.autograd.Function):
         import numba
 
         from . import fused_flash as k
-        ab, gr, qb, qbt, idx, nvalid, cos, norm, weight, arg = ctx.saved_tensors
+        ab, gr, qb, qbt, idx, nvalid, pos, cos, norm, weight, arg = ctx.saved_tensors
         G, A, L, P2 = ab.shape
-        T, QB, Q = qb.shape[1], qb.shape[2], ctx.Q
+        T, QB = qb.shape[1], qb.shape[2]
         g = (grad[..., None] * weight).flatten(1)  # dL/dcos per (a, q)
         u, w = ab.new_zeros(A, T * QB), ab.new_zeros(A, T * QB)
-        u[:, :Q] = g / norm  # dL/dnum
-        w[:, :Q] = -g * cos / (2 * norm * norm)  # dL/dn2
+        u[:, pos] = g / norm  # dL/dnum
+        w[:, pos] = -g * cos / (2 * norm * norm)  # dL/dn2
         glocal = ab.new_zeros(0, L, 0) if grad_local is None or arg.numel() == 0 else grad_local.contiguous()
         _threads()
         chunks = max(1, min(A, numba.get_num_threads()))
@@ -300,11 +311,11 @@ class _Flash(torch.autograd.Function):
             k.backward(packed.numpy(), offs.numpy(), order.numpy(), cstart.numpy(), qbt.numpy(), qb.numpy(),
                        gr.numpy(), nvalid.long().numpy(), _scalar(ctx.scale, ab), u.numpy(), w.numpy(), d_packed.numpy(),
                        d_qb.numpy(), d_gram.numpy(), ab.dtype == torch.float32, glocal.numpy(), arg.numpy(),
-                       weight.shape[1], FLASH_AB)
+                       weight.shape[1], ctx.per_tile, FLASH_AB)
         d_perm, d_ab = torch.zeros_like(ab), torch.empty_like(ab)
         d_perm[:, _valid_rows(ab, nvalid[order])] = d_packed
         d_ab[:, order] = d_perm
-        d_qbands = d_qb.sum(0).view(G, T * QB, P2)[:, :Q]
+        d_qbands = d_qb.sum(0).view(G, T * QB, P2)[:, pos]
         return _unorder(d_ab, idx, (2,)), d_qbands, _unorder(d_gram, idx, (2, 3)), None, None, None, None
 
 

@@ -3,22 +3,38 @@ never written to memory for the whole pair set. Contract in `hosa_lib.fused` (`r
 
 Why hand-written: the fused kernels of `fused_numba` start from the band shares rho (G, A, L, Q),
 which the band-share GEMM writes to memory: G times MrSw's alignment matrix, read back by the kernel.
-Here each task takes one anchor a and one tile of QB query positions, and per band g computes
-rho_g = ab[g, a] @ qbt[g, t] (nv x QB, a small BLAS GEMM into an L1/L2-resident buffer), the softmax
-over the anchor's positions, the Gram contraction and the two sums, so rho only ever exists one tile
-at a time (as attention's scores do in FlashAttention). The backward recomputes each tile's rho and
+Here each task takes a block of anchors and one tile of query positions, and per band g computes
+rho_g = (the block's valid rows of ab[g]) @ qbt[g, t] (a BLAS GEMM into an L1/L2-resident buffer), the
+softmax over each anchor's positions, the Gram contraction and the two sums, so rho only ever exists one
+tile at a time (as attention's scores do in FlashAttention). The backward recomputes each tile's rho and
 softmax from the inputs (nothing of size rho is saved) and produces the gradients of both band-feature
 sides and of the Gram matrices tile by tile. No library fuses this on CPU.
 
-Layout: ab (G, A, L, P2) anchor band features with each anchor's valid positions first (nvalid[a] of
-them; `fused` reorders them); gram (G, A, L, L) in the same order; qbt (G, T, P2, QB) the query side's
-band features in tiles of QB positions (zero past Q), qb (G, T, QB, P2) the same untransposed;
-num, n2 (A, T * QB). The small GEMMs are numba's np.dot (BLAS through SciPy).
+Layout: the anchors' band features with each anchor's valid positions first (nvalid[a] of them; `fused`
+reorders them) and stacked (`packed`); gram (G, A, L, L) in the same order; qbt (G, T, P2, QB) the query
+side's band features in tiles of per_tile whole items (n_item positions each), each tile zero-padded to
+QB positions, a whole number of SIMD vectors (`fused.FLASH_LANES`): the loops over a tile's positions
+then vectorise without a scalar remainder (which cost ~20 % at 108 positions); qb (G, T, QB, P2) the
+same untransposed; num, n2 (A, T * QB). The GEMMs are numba's np.dot (BLAS through SciPy).
 """
 from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
+
+
+@njit(inline="always", fastmath=True)
+def _exp_parts(t):
+    """exp(t) of a float32 t <= 0 as p * 2^k: (p, the float32 bits of 2^k). p is a degree-6 polynomial on
+    [-ln 2 / 2, ln 2 / 2] (relative error ~1e-7, float32's own); t is clamped at -87 (2^k stays normal).
+    Two results because numba cannot reinterpret a scalar's bits: callers store the bits into an int32
+    array and read them back through a float32 view, and both loops vectorise."""
+    t = max(t, np.float32(-87.0))
+    kf = np.floor(t * np.float32(1.4426950408889634) + np.float32(0.5))
+    r = t - kf * np.float32(0.6931471805599453)
+    p = np.float32(1.0) + r * (np.float32(1.0) + r * (np.float32(0.5) + r * (
+        np.float32(1 / 6) + r * (np.float32(1 / 24) + r * (np.float32(1 / 120) + r * np.float32(1 / 720))))))
+    return p, (np.int32(kf) + np.int32(127)) << np.int32(23)
 
 
 @njit(inline="always", fastmath=True)
@@ -40,13 +56,7 @@ def _softmax_rows(rt, nv, n, scale, out, bits, mx, s, fast):
         o = out[k]
         if fast:
             for q in range(n):
-                t = max(scale * (row[q] - mx[q]), np.float32(-87.0))
-                kf = np.floor(t * np.float32(1.4426950408889634) + np.float32(0.5))
-                r = t - kf * np.float32(0.6931471805599453)
-                p = np.float32(1.0) + r * (np.float32(1.0) + r * (np.float32(0.5) + r * (
-                    np.float32(1 / 6) + r * (np.float32(1 / 24) + r * (np.float32(1 / 120) + r * np.float32(1 / 720))))))
-                bits[q] = (np.int32(kf) + np.int32(127)) << np.int32(23)
-                o[q] = p
+                o[q], bits[q] = _exp_parts(scale * (row[q] - mx[q]))
             for q in range(n):
                 e = o[q] * two_k[q]
                 o[q] = e
@@ -64,8 +74,67 @@ def _softmax_rows(rt, nv, n, scale, out, bits, mx, s, fast):
             o[q] *= s[q]
 
 
+@njit(inline="always", fastmath=True)
+def _band_terms(rt, base, nv, n, scale, gm, e, bits, mx, s, ne, dd, u, v, fast):
+    """One anchor's rows rt[base:base + nv] (its band shares rho, nv x n) of one band: u += sum_k alpha_k rho_k
+    and v += alpha^T gm alpha for alpha = softmax over k of scale * rho. The softmax stays unnormalised
+    (e = exp, s = sum e) until the end, u += (e . rho) / s and v += (e^T gm e) / s^2, which saves a pass over
+    the tile; the off-diagonal Gram terms, (gm_kj + gm_jk) e_k e_j for j < k, go four j at a time (one load
+    and store of the accumulator per four products). fast (float32): exp as in `_softmax_rows`."""
+    r = rt[base]
+    for q in range(n):
+        mx[q] = r[q]
+    for k in range(1, nv):
+        r = rt[base + k]
+        for q in range(n):
+            mx[q] = max(mx[q], r[q])
+    for q in range(n):
+        s[q] = 0
+        ne[q] = 0
+        dd[q] = 0
+    for k in range(nv):
+        r, o, gkk = rt[base + k], e[k], gm[k, k]
+        if fast:
+            b = bits[k]
+            for q in range(n):
+                o[q], b[q] = _exp_parts(scale * (r[q] - mx[q]))
+            two_k = b.view(np.float32)
+            for q in range(n):
+                x = o[q] * two_k[q]
+                o[q] = x
+                s[q] += x
+                ne[q] += x * r[q]
+                dd[q] += gkk * x * x
+        else:
+            for q in range(n):
+                x = np.exp(scale * (r[q] - mx[q]))
+                o[q] = x
+                s[q] += x
+                ne[q] += x * r[q]
+                dd[q] += gkk * x * x
+    for k in range(1, nv):
+        x = e[k]
+        j = 0
+        while j + 4 <= k:
+            g0, g1 = gm[k, j] + gm[j, k], gm[k, j + 1] + gm[j + 1, k]
+            g2, g3 = gm[k, j + 2] + gm[j + 2, k], gm[k, j + 3] + gm[j + 3, k]
+            y0, y1, y2, y3 = e[j], e[j + 1], e[j + 2], e[j + 3]
+            for q in range(n):
+                dd[q] += x[q] * (g0 * y0[q] + g1 * y1[q] + g2 * y2[q] + g3 * y3[q])
+            j += 4
+        while j < k:
+            g0, y0 = gm[k, j] + gm[j, k], e[j]
+            for q in range(n):
+                dd[q] += g0 * x[q] * y0[q]
+            j += 1
+    for q in range(n):
+        i = 1 / s[q]
+        u[q] += ne[q] * i
+        v[q] += dd[q] * i * i
+
+
 @njit(parallel=True, fastmath=True, cache=True)
-def forward(packed, offs, qbt, gram, nvalid, scale, num, n2, fast, qvalid, n_item, local, arg, ablock):
+def forward(packed, offs, qbt, gram, nvalid, scale, num, n2, fast, qvalid, n_item, per_tile, local, arg, ablock):
     """num[a, q] = sum_g sum_k alpha_k rho_k and n2[a, q] = sum_g alpha^T Gamma alpha, one (block of
     `ablock` anchors, query tile) per task, rho_g of the tile computed in a private buffer.
 
@@ -84,7 +153,6 @@ def forward(packed, offs, qbt, gram, nvalid, scale, num, n2, fast, qvalid, n_ite
     A, L = gram.shape[1], gram.shape[2]
     T, QB = qbt.shape[1], qbt.shape[3]
     want_local = local.shape[0] > 0
-    per_tile = QB // n_item
     NB = (A + ablock - 1) // ablock
     for task in prange(NB * T):
         blk, t = task // T, task % T
@@ -92,37 +160,28 @@ def forward(packed, offs, qbt, gram, nvalid, scale, num, n2, fast, qvalid, n_ite
         r0, r1 = offs[a0], offs[a1]
         q0 = t * QB
         rt = np.empty((max(r1 - r0, 1), QB), dtype=packed.dtype)
-        al = np.empty((L, QB), dtype=packed.dtype)
+        e = np.empty((L, QB), dtype=packed.dtype)
         cs = np.zeros((r1 - r0 if want_local else 0, QB), dtype=packed.dtype)
-        bits = np.empty(QB, dtype=np.int32)
+        bits = np.empty((L, QB), dtype=np.int32)
         mx = np.empty(QB, dtype=packed.dtype)
         s = np.empty(QB, dtype=packed.dtype)
+        ne = np.empty(QB, dtype=packed.dtype)
+        dd = np.empty(QB, dtype=packed.dtype)
         nu = np.zeros((a1 - a0, QB), dtype=packed.dtype)
         nn = np.zeros((a1 - a0, QB), dtype=packed.dtype)
         for g in range(G):
             if r1 > r0:
                 np.dot(packed[g, r0:r1], qbt[g, t], rt[:r1 - r0])
+            if want_local:
+                for k in range(r1 - r0):
+                    r, c = rt[k], cs[k]
+                    for q in range(QB):
+                        c[q] += r[q]
             for a in range(a0, a1):
                 nv, base = nvalid[a], offs[a] - r0
-                rows = rt[base:base + nv]
-                if want_local:
-                    for k in range(nv):
-                        r, c = rows[k], cs[base + k]
-                        for q in range(QB):
-                            c[q] += r[q]
-                _softmax_rows(rows, nv, QB, scale, al, bits, mx, s, fast)
-                u, v = nu[a - a0], nn[a - a0]
-                for k in range(nv):
-                    r, x = rows[k], al[k]
-                    gkk = gram[g, a, k, k]
-                    for q in range(QB):
-                        u[q] += x[q] * r[q]
-                        v[q] += gkk * x[q] * x[q]
-                    for j in range(k):  # each off-diagonal pair once: (Gamma_kj + Gamma_jk) alpha_k alpha_j
-                        gkj = gram[g, a, k, j] + gram[g, a, j, k]
-                        y = al[j]
-                        for q in range(QB):
-                            v[q] += gkj * x[q] * y[q]
+                if nv > 0:
+                    _band_terms(rt, base, nv, QB, scale, gram[g, a], e, bits, mx, s, ne, dd, nu[a - a0], nn[a - a0],
+                                fast)
         for a in range(a0, a1):
             nv, base = nvalid[a], offs[a] - r0
             for q in range(QB):
@@ -147,7 +206,7 @@ def forward(packed, offs, qbt, gram, nvalid, scale, num, n2, fast, qvalid, n_ite
 
 @njit(parallel=True, fastmath=True, cache=True)
 def backward(packed, offs, order, cstart, qbt, qb, gram, nvalid, scale, u, w, d_packed, d_qb, d_gram, fast, glocal,
-             arg, n_item, ablock):
+             arg, n_item, per_tile, ablock):
     """Given u = dL/dnum and w = dL/dn2 per (a, q): d_packed (G, R, P2) (the gradient of packed, row for
     row), d_gram (G, A, L, L) and d_qb (C, G, T, QB, P2), one partial sum per chunk of anchors (the caller
     adds the C chunks). packed holds the anchors' valid rows in the order `order` (position i is anchor
@@ -164,7 +223,6 @@ def backward(packed, offs, order, cstart, qbt, qb, gram, nvalid, scale, u, w, d_
     T, QB = qbt.shape[1], qbt.shape[3]
     C = d_qb.shape[0]
     want_local = glocal.shape[0] > 0
-    per_tile = QB // n_item
     for c in prange(C):
         rt = np.empty((ablock * L, QB), dtype=packed.dtype)
         drt = np.empty((ablock * L, QB), dtype=packed.dtype)

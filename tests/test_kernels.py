@@ -361,6 +361,37 @@ def test_flash_blocks_of_anchors_compute_what_one_anchor_at_a_time_does(monkeypa
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("valid_first", [False, True])
+def test_flash_tiles_are_whole_items_padded_to_whole_vectors(valid_first, monkeypatch):
+    """The query side's tiles hold whole items and are zero-padded to a multiple of FLASH_LANES positions
+    (36-position items: 3 per tile, 108 -> 112); the padding changes no value or gradient (against tiles
+    without padding, float64), with the anchors' valid positions first (no reorder) or not."""
+    ab, qb, amask, weight = _flash_inputs(11, G=4, A=5, L=6, B=7, n=36, P2=8)
+    if valid_first:
+        amask = torch.arange(6)[None] < torch.tensor([6, 3, 1, 5, 2])[:, None]
+        ab = ab * amask[None, :, :, None]
+    gram = ab @ ab.transpose(-1, -2)
+    layout = fused._flash_layout(ab, qb, gram, amask, 36)
+    qtiles, pos, per_tile = layout[2], layout[6], layout[7]
+    assert per_tile == fused.FLASH_QB // 36 and qtiles.shape[1:3] == (3, 112)  # 7 items: tiles of 3, 3, 1
+    assert torch.equal(pos[:4], torch.tensor([0, 1, 2, 3])) and pos[108] == 112 and pos[-1] == 2 * 112 + 35
+    torch.testing.assert_close(qtiles.reshape(4, -1, 8)[:, pos], qb, rtol=0, atol=0)
+    if valid_first:
+        assert layout[0] is ab  # no copy of the anchors when their valid positions come first already
+    up = torch.randn(5, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+
+    def run():
+        xs = [t.clone().requires_grad_(True) for t in (ab, qb, gram)]
+        hi, lo = fused.flash_with_local(*xs, amask, weight, 4.0, weight > 0, "sum")
+        return (hi, lo, *torch.autograd.grad((hi * up).sum() + lo.sum(), xs))
+
+    padded = run()
+    monkeypatch.setattr(fused, "FLASH_LANES", 1)
+    assert fused._flash_layout(ab, qb, gram, amask, 36)[2].shape[2] == 108
+    for a, b in zip(padded, run()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_flash_gradcheck():
     ab, qb, amask, weight = _flash_inputs(0, G=2, A=3, L=4, B=2, n=3, P2=4)
     gram = (ab @ ab.transpose(-1, -2)).requires_grad_(True)
