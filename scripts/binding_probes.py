@@ -82,9 +82,11 @@ def main(params: str) -> None:
             found = [(i, "colour", colours.index(words[i - 1])) for i in range(1, len(words))
                      if words[i] in shapes and words[i - 1] in colours]
             for r, w in enumerate(words):  # "<np> left of <np>": the shape before is left, the one after right
+                if w not in sides:
+                    continue
                 before = [i for i in range(r) if words[i] in shapes]
                 after = [i for i in range(r + 1, len(words)) if words[i] in shapes]
-                if w in sides and before and after:
+                if before and after:
                     found += [(before[-1], "role", sides.index(w)), (after[0], "role", sides.index(other[w]))]
             for i, kind, label in found:
                 probes[kind][0].append([h[0, i].numpy() for h in hidden])

@@ -118,14 +118,31 @@ def test_region_norm_standardises_the_features_before_the_box_geometry_joins_the
         with torch.no_grad():
             g1, l1, _ = enc(feats, boxes, mask)
             g2, l2, _ = enc(3 * feats + 7, boxes, mask)
-            ref = enc.proj(torch.cat([(feats - feats.mean(-1, keepdim=True)) / feats.var(-1, unbiased=False, keepdim=True).add(1e-5).sqrt(),
-                                      boxes, ((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1]))[..., None]], -1))
+            std = (feats - feats.mean(-1, keepdim=True)) / feats.var(-1, unbiased=False, keepdim=True).add(1e-5).sqrt()
+            area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+            ref = enc.proj(torch.cat([std, boxes, area[..., None]], -1))
             enc.layers = None
             _, projected, _ = enc(feats, boxes, mask)
         assert torch.allclose(l1, l2, atol=1e-4) == norm and torch.allclose(g1, g2, atol=1e-4) == norm
         assert torch.allclose(projected, ref, atol=1e-5) == norm
     with pytest.raises(ValueError, match="model.region_norm"):
         ARCHS.impl("teran")(ModelConfig(arch="teran", region_norm=True), 8, 8, torch.nn.Identity(), None)
+
+
+def test_the_former_demo_is_frozen_apart_from_the_demo():
+    """params/demo_s8.yaml (the demo before relations were learned; demo_head/demo_grid start from it) spells
+    its keys out from base.yaml: a change to demo.yaml cannot leak into the runs docs/results.md reports."""
+    chain, p = [], REPO / "params" / "demo_s8.yaml"
+    while p is not None:
+        chain.append(p.name)
+        base = yaml.safe_load(p.read_text()).get("base")
+        p = p.parent / base if base else None
+    assert chain == ["demo_s8.yaml", "base.yaml"]
+    cfg = load(REPO / "params" / "demo_s8.yaml")
+    assert (cfg.data.regions, cfg.data.map_stride, cfg.data.text_layer, cfg.data.train_twins) == ("objects", 8, 3, 0.0)
+    assert (cfg.model.region_norm, cfg.train.epochs, cfg.train.batch_size) == (False, 8, 32)
+    for name in ("demo_head.yaml", "demo_grid.yaml"):
+        assert yaml.safe_load((REPO / "params" / name).read_text())["base"] == "demo_s8.yaml"
 
 
 def test_every_generated_caption_is_read_back_and_holds_in_its_own_scene():
