@@ -340,12 +340,42 @@ def flash_with_local(abands, qbands, gram, amask, weight, scale, qvalid, pool: s
     return out, local / amask.sum(1).clamp_min(1).to(local.dtype)[:, None] if pool == "mean" else local
 
 
-@torch.no_grad()
+class _TritonFlash(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, abands, qbands, gram, amask, weight, scale):
+        from . import fused_triton
+        num, n2 = fused_triton.flash_forward(abands, qbands, gram, amask, scale)
+        norm = n2.clamp_min_(1e-12).sqrt_()
+        cos = num.div_(norm)
+        if any(ctx.needs_input_grad[:3]):
+            ctx.save_for_backward(abands, qbands, gram, amask, cos, norm, weight)
+            ctx.scale = scale
+        A, (B, n) = abands.shape[1], weight.shape
+        return (cos.view(A, B, n) * weight).sum(-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        from . import fused_triton
+        abands, qbands, gram, amask, cos, norm, weight = ctx.saved_tensors
+        g = (grad[..., None] * weight).flatten(1)  # dL/dcos per (a, q)
+        u, w = g / norm, -g * cos / (2 * norm * norm)  # dL/dnum, dL/dn2
+        d_ab, d_qb, d_gram = fused_triton.flash_backward(abands, qbands, gram, amask, u, w, ctx.scale)
+        return d_ab, d_qb, d_gram, None, None, None
+
+
 def reconstruct_triton_flash(abands, qbands, gram, amask, weight, scale) -> torch.Tensor:
-    """`reconstruct` through the Triton kernel that computes the band shares per tile in registers
-    (`fused_triton.flash_forward`): scoring only (no gradients), same arguments as reconstruct_flash."""
+    """`reconstruct` through the Triton kernels that compute the band shares per tile in registers, same
+    arguments as reconstruct_flash: the forward (`fused_triton.flash_forward`) and, when gradients are
+    needed, the backward (`fused_triton.flash_backward`: one pass per anchor for d_abands and d_gram, one
+    per query block for d_qbands, each tile recomputed). Bands too wide for the backward's register tiles
+    (`fused_triton.flash_backward_launch`, e.g. G = 1 or 8 at d 1,024) train on the materialised band
+    shares instead (the fused Triton kernel after one GEMM), with a one-line notice."""
     from . import fused_triton
-    num, n2 = fused_triton.flash_forward(abands, qbands, gram, amask.bool().contiguous(), scale)
-    cos = num / n2.clamp_min(1e-12).sqrt()
-    (A, (B, n)) = abands.shape[1], weight.shape
-    return (cos.view(A, B, n) * weight).sum(-1)
+    amask = amask.bool().contiguous()
+    grads = torch.is_grad_enabled() and (abands.requires_grad or qbands.requires_grad or gram.requires_grad)
+    if grads and fused_triton.flash_backward_launch(abands.shape[2], abands.shape[3]) is None:
+        _notice(f"scoring.kernel=triton: band width {abands.shape[3]} at anchors of {abands.shape[2]} positions "
+                "exceeds the flash backward's register tiles; training reads the materialised band shares")
+        rho = torch.matmul(abands.flatten(1, 2), qbands.transpose(1, 2)).view(*abands.shape[:3], -1)
+        return reconstruct(rho, gram, amask, weight, scale, "triton")
+    return _TritonFlash.apply(abands, qbands, gram, amask, weight, float(scale))

@@ -243,8 +243,8 @@ def _high_fused(img: Side, cap: Side, cfg: ScoringConfig, kernel: str,
     ib, cb = img.bands.reshape(G, Ni * M, -1), cap.bands.reshape(G, Nc * L, -1)  # query sides (G, Q, 2P)
     if kernel == "flash":  # the band shares are computed tile by tile inside the kernel, never whole
         from_bands = fused.reconstruct_flash
-    elif kernel == "triton" and not (torch.is_grad_enabled() and (img.bands.requires_grad or cap.bands.requires_grad)):
-        from_bands = fused.reconstruct_triton_flash  # scoring without gradients: tiles in registers
+    elif kernel == "triton":  # tiles in registers, forward and backward (too wide bands: rho materialised)
+        from_bands = fused.reconstruct_triton_flash
     else:  # the band shares of the chunk materialised by one GEMM, then the fused kernel
         def from_bands(abands, qbands, gram, amask, weight, scale):
             rho = torch.matmul(abands.flatten(1, 2), qbands.transpose(1, 2)).view(*abands.shape[:3], -1)
