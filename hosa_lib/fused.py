@@ -9,14 +9,13 @@ scale * rho, and
     out[a, b] = sum_j weight[b, j] * num[a, (b, j)] / sqrt(n2[a, (b, j)])
 (weight: the mean over the query item's valid positions). `torch` is the eager definition in
 `hosa_lib.scoring`; `numba` (CPU) and `triton` (CUDA, or its CPU interpreter) fuse everything
-after the GEMM; `flash` (CPU, `reconstruct_flash`) and Triton's scoring path
+after the GEMM; `flash` (CPU, `reconstruct_flash`) and Triton's flash path
 (`reconstruct_triton_flash`) take the band features instead and compute rho one tile at a time,
 never whole. docs/scoring.md has the derivation of the backward.
 """
 from __future__ import annotations
 
 import functools
-
 import importlib
 import os
 import sys
