@@ -110,7 +110,10 @@ def test_ddp_two_processes_equal_single_process(tmp_path, smoke_store):
     # every rank computes the loss of the whole gathered batch; DDP averages identical gradients
     torch.testing.assert_close(ddp["loss"], out["loss"].detach(), rtol=1e-5, atol=1e-6)
     for n, p in core.named_parameters():
-        torch.testing.assert_close(ddp["grads"][n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+        # float32 sums in another order (each rank encodes its half of the batch, the gathered gradients are
+        # summed across ranks, the flash kernel's blocks of anchors): error at float32's level of the largest entry
+        scale = max(1.0, float(p.grad.abs().max()))
+        torch.testing.assert_close(ddp["grads"][n], p.grad, rtol=1e-4, atol=1e-6 * scale, msg=n)
 
 
 def _ddp_train_worker(rank, world, raw, run_dir, port):
