@@ -42,12 +42,25 @@ def _softmax(x, kvalid, scale):
 
 
 @triton.jit
+def _anchor_valid(amask_ptr, a, ks, L):
+    """Which of positions ks (a power-of-two range) are valid positions of anchor a."""
+    return (ks < L) & (tl.load(amask_ptr + a * L + ks, mask=ks < L, other=0) != 0)
+
+
+@triton.jit
+def _gram_tile(gram_ptr, ga, ks, kvalid, L, ACC: tl.constexpr):
+    """Anchor ga's (LP, LP) Gram matrix of one band, zero outside its valid positions."""
+    return tl.load(gram_ptr + ga * L * L + ks[:, None] * L + ks[None, :],
+                   mask=kvalid[:, None] & kvalid[None, :], other=0.0).to(ACC)
+
+
+@triton.jit
 def _tile(amask_ptr, L, Q, LP: tl.constexpr, BLOCK: tl.constexpr):
     """This program's anchor a, its positions ks (valid: kvalid) and its block of queries qs (qvalid)."""
     a = tl.program_id(0).to(tl.int64)
     ks = tl.arange(0, LP)
     qs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    kvalid = (ks < L) & (tl.load(amask_ptr + a * L + ks, mask=ks < L, other=0) != 0)
+    kvalid = _anchor_valid(amask_ptr, a, ks, L)
     return a, ks, qs, kvalid, qs < Q
 
 
@@ -61,8 +74,7 @@ def _softmax_tile(rho_ptr, base, ks, qs, kvalid, qvalid, Q, scale, ACC: tl.const
 @triton.jit
 def _contract(x, al, gram_ptr, ga, ks, kvalid, L, ACC: tl.constexpr):
     """(sum_k alpha_k rho_k, alpha^T Gamma alpha) per query position of one band's tile."""
-    gm = tl.load(gram_ptr + ga * L * L + ks[:, None] * L + ks[None, :],
-                 mask=kvalid[:, None] & kvalid[None, :], other=0.0).to(ACC)
+    gm = _gram_tile(gram_ptr, ga, ks, kvalid, L, ACC)
     return tl.sum(al * x, 0), tl.sum(al * tl.dot(gm, al, input_precision="ieee"), 0)
 
 
@@ -98,9 +110,8 @@ def _backward_kernel(rho_ptr, gram_ptr, amask_ptr, u_ptr, w_ptr, drho_ptr, dgram
     ga = tl.program_id(0).to(tl.int64)
     a = ga % A
     ks = tl.arange(0, LP)
-    kvalid = (ks < L) & (tl.load(amask_ptr + a * L + ks, mask=ks < L, other=0) != 0)
-    gm = tl.load(gram_ptr + ga * L * L + ks[:, None] * L + ks[None, :],
-                 mask=kvalid[:, None] & kvalid[None, :], other=0.0).to(ACC)
+    kvalid = _anchor_valid(amask_ptr, a, ks, L)
+    gm = _gram_tile(gram_ptr, ga, ks, kvalid, L, ACC)
     dg = tl.zeros([LP, LP], ACC)
     for q0 in range(0, Q, BLOCK):
         qs = q0 + tl.arange(0, BLOCK)
@@ -152,6 +163,17 @@ def _band_rows(ptr, base, rows, valid, P2, PP: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
+def _flash_tile_grad(at, bt, kvalid, gm, u_ptr, w_ptr, a, Q, qs, qvalid, scale, ACC: tl.constexpr):
+    """Both flash backward passes' tile: the band shares of anchor rows `at` (LP, PP) against query rows `bt`
+    (BLOCK, PP) recomputed as one tl.dot, their softmax alpha, w of the query positions and d_rho."""
+    x = tl.dot(at, tl.trans(bt), input_precision="ieee")
+    al = _softmax(x, kvalid, scale)
+    uu = tl.load(u_ptr + a * Q + qs, mask=qvalid, other=0.0).to(ACC)
+    ww = tl.load(w_ptr + a * Q + qs, mask=qvalid, other=0.0).to(ACC)
+    return al, ww, _d_rho(x, al, gm, uu, ww, scale)
+
+
+@triton.jit
 def _flash_backward_anchor_kernel(ab_ptr, qb_ptr, gram_ptr, amask_ptr, u_ptr, w_ptr, dab_ptr, dgram_ptr, G, A, L, Q, P2,
                                   scale, LP: tl.constexpr, BLOCK: tl.constexpr, PP: tl.constexpr, ACC: tl.constexpr):
     """One program per (band g, anchor a): walks the query blocks, recomputing each (LP, BLOCK) tile of band
@@ -161,9 +183,8 @@ def _flash_backward_anchor_kernel(ab_ptr, qb_ptr, gram_ptr, amask_ptr, u_ptr, w_
     ga = tl.program_id(0).to(tl.int64)
     g, a = ga // A, ga % A
     ks = tl.arange(0, LP)
-    kvalid = (ks < L) & (tl.load(amask_ptr + a * L + ks, mask=ks < L, other=0) != 0)
-    gm = tl.load(gram_ptr + ga * L * L + ks[:, None] * L + ks[None, :],
-                 mask=kvalid[:, None] & kvalid[None, :], other=0.0).to(ACC)
+    kvalid = _anchor_valid(amask_ptr, a, ks, L)
+    gm = _gram_tile(gram_ptr, ga, ks, kvalid, L, ACC)
     at = _band_rows(ab_ptr, ga * L, ks, kvalid, P2, PP, ACC)  # (LP, PP)
     dab = tl.zeros([LP, PP], ACC)
     dg = tl.zeros([LP, LP], ACC)
@@ -171,11 +192,7 @@ def _flash_backward_anchor_kernel(ab_ptr, qb_ptr, gram_ptr, amask_ptr, u_ptr, w_
         qs = q0 + tl.arange(0, BLOCK)
         qvalid = qs < Q
         bt = _band_rows(qb_ptr, g * Q, qs, qvalid, P2, PP, ACC)  # (BLOCK, PP)
-        x = tl.dot(at, tl.trans(bt), input_precision="ieee")
-        al = _softmax(x, kvalid, scale)
-        uu = tl.load(u_ptr + a * Q + qs, mask=qvalid, other=0.0).to(ACC)
-        ww = tl.load(w_ptr + a * Q + qs, mask=qvalid, other=0.0).to(ACC)
-        dr = _d_rho(x, al, gm, uu, ww, scale)
+        al, ww, dr = _flash_tile_grad(at, bt, kvalid, gm, u_ptr, w_ptr, a, Q, qs, qvalid, scale, ACC)
         dab += tl.dot(dr, bt, input_precision="ieee")
         dg += tl.dot(al * ww[None, :], tl.trans(al), input_precision="ieee")
     ps = tl.arange(0, PP)
@@ -199,15 +216,10 @@ def _flash_backward_query_kernel(ab_ptr, qb_ptr, gram_ptr, amask_ptr, u_ptr, w_p
     dqb = tl.zeros([BLOCK, PP], ACC)
     for a in range(A):
         ga = g * A + a
-        kvalid = (ks < L) & (tl.load(amask_ptr + a * L + ks, mask=ks < L, other=0) != 0)
-        gm = tl.load(gram_ptr + ga * L * L + ks[:, None] * L + ks[None, :],
-                     mask=kvalid[:, None] & kvalid[None, :], other=0.0).to(ACC)
+        kvalid = _anchor_valid(amask_ptr, a, ks, L)
+        gm = _gram_tile(gram_ptr, ga, ks, kvalid, L, ACC)
         at = _band_rows(ab_ptr, ga * L, ks, kvalid, P2, PP, ACC)  # (LP, PP)
-        x = tl.dot(at, tl.trans(bt), input_precision="ieee")
-        al = _softmax(x, kvalid, scale)
-        uu = tl.load(u_ptr + a * Q + qs, mask=qvalid, other=0.0).to(ACC)
-        ww = tl.load(w_ptr + a * Q + qs, mask=qvalid, other=0.0).to(ACC)
-        dr = _d_rho(x, al, gm, uu, ww, scale)
+        _, _, dr = _flash_tile_grad(at, bt, kvalid, gm, u_ptr, w_ptr, a, Q, qs, qvalid, scale, ACC)
         dqb += tl.dot(tl.trans(dr), at, input_precision="ieee")
     ps = tl.arange(0, PP)
     tl.store(dqb_ptr + (g * Q + qs[:, None]) * P2 + ps[None, :], dqb.to(dqb_ptr.dtype.element_ty),

@@ -345,6 +345,14 @@ def test_flash_equals_the_fused_contract_on_rho(B, n, A):                # FLASH
     assert (g_got[2][~valid] == 0).all() and (g_got[0][:, ~amask] == 0).all()
 
 
+def _flash_local_and_grads(ab, qb, gram, amask, weight, scale, up):
+    """flash_with_local's high-order and local scores and the gradients of ab, qb and gram of
+    (high * up).sum() + local.sum()."""
+    xs = [t.clone().requires_grad_(True) for t in (ab, qb, gram)]
+    hi, lo = fused.flash_with_local(*xs, amask, weight, scale, weight > 0, "sum")
+    return (hi, lo, *torch.autograd.grad((hi * up).sum() + lo.sum(), xs))
+
+
 def test_flash_blocks_of_anchors_compute_what_one_anchor_at_a_time_does(monkeypatch):
     """The forward and backward GEMMs run over blocks of FLASH_AB anchors' stacked rows: values and all
     three gradients equal those of one anchor per block (float32, the demo's shapes: G 16, L 12, 2P 64;
@@ -352,12 +360,7 @@ def test_flash_blocks_of_anchors_compute_what_one_anchor_at_a_time_does(monkeypa
     ab, qb, amask, weight = _flash_inputs(7, G=16, A=21, L=12, B=6, n=36, P2=64, dtype=torch.float32)
     gram = ab @ ab.transpose(-1, -2)
     up = torch.randn(21, 6, generator=torch.Generator().manual_seed(1))
-
-    def run():
-        xs = [t.clone().requires_grad_(True) for t in (ab, qb, gram)]
-        hi, lo = fused.flash_with_local(*xs, amask, weight, 10.0, weight > 0, "sum")
-        return (hi, lo, *torch.autograd.grad((hi * up).sum() + lo.sum(), xs))
-
+    run = lambda: _flash_local_and_grads(ab, qb, gram, amask, weight, 10.0, up)
     blocked = run()
     monkeypatch.setattr(fused, "FLASH_AB", 1)
     for a, b in zip(blocked, run()):
@@ -382,12 +385,7 @@ def test_flash_tiles_are_whole_items_padded_to_whole_vectors(valid_first, monkey
     if valid_first:
         assert layout[0] is ab  # no copy of the anchors when their valid positions come first already
     up = torch.randn(5, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-
-    def run():
-        xs = [t.clone().requires_grad_(True) for t in (ab, qb, gram)]
-        hi, lo = fused.flash_with_local(*xs, amask, weight, 4.0, weight > 0, "sum")
-        return (hi, lo, *torch.autograd.grad((hi * up).sum() + lo.sum(), xs))
-
+    run = lambda: _flash_local_and_grads(ab, qb, gram, amask, weight, 4.0, up)
     padded = run()
     monkeypatch.setattr(fused, "FLASH_LANES", 1)
     assert fused._flash_layout(ab, qb, gram, amask, 36)[2].shape[2] == 108
