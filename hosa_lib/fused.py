@@ -197,30 +197,47 @@ FLASH_LANES = 16  # tiles padded to a multiple of this many positions: one AVX-5
 FLASH_AB = 8  # anchors per block: their valid rows make one band-share GEMM (up to 96 x 112 floats at L = 12, 42 KiB)
 
 
-def _flash_layout(abands, qbands, gram, amask, n_item: int):
-    """Anchors' valid positions first (the kernels then work on row prefixes); the query side in tiles
-    of per_tile whole items (n_item positions each), each tile zero-padded to QB positions (a multiple
-    of FLASH_LANES), transposed and not; pos (Q,): each query position's place in the tiles."""
+def _flash_anchors(abands, gram, amask):
+    """The anchor side with each anchor's valid positions first (the kernels then work on row prefixes):
+    (ab, gram, idx, nvalid), ab and gram the inputs themselves when that order is theirs already."""
     G, A, L, P2 = abands.shape
-    Q = qbands.shape[1]
     order, nvalid = _valid_index(amask)
     idx = order.long()
     if bool((order == torch.arange(L, dtype=order.dtype)).all()):  # valid positions first already: no copies
-        ab, gr = abands.contiguous(), gram.contiguous()
-    else:
-        ab = abands.gather(2, idx[None, :, :, None].expand(G, A, L, P2)).contiguous()
-        gr = gram.gather(2, idx[None, :, :, None].expand(G, A, L, L))
-        gr = gr.gather(3, idx[None, :, None, :].expand(G, A, L, L)).contiguous()
+        return abands.contiguous(), gram.contiguous(), idx, nvalid
+    ab = abands.gather(2, idx[None, :, :, None].expand(G, A, L, P2)).contiguous()
+    gr = gram.gather(2, idx[None, :, :, None].expand(G, A, L, L))
+    return ab, gr.gather(3, idx[None, :, None, :].expand(G, A, L, L)).contiguous(), idx, nvalid
+
+
+def _flash_queries(qbands, n_item: int, untransposed: bool = True):
+    """The query side in tiles of per_tile whole items (n_item positions each), each tile zero-padded to QB
+    positions (a multiple of FLASH_LANES): (qb (G, T, QB, P2) or None when not `untransposed` (only the
+    backward reads it), qbt (G, T, P2, QB), pos (Q,): each query position's place in the tiles, per_tile)."""
+    G, Q, P2 = qbands.shape
     per_tile = max(1, FLASH_QB // n_item)
     items = per_tile * n_item  # positions of items per tile
     QB = -(-items // FLASH_LANES) * FLASH_LANES
     T = -(-Q // items)
     q = torch.arange(Q)
     pos = (q // items) * QB + q % items
+    from . import fused_flash as k
+    _threads()
+    qbt = qbands.new_empty(G, T, P2, QB)
+    k.query_tiles(qbands.numpy(), items, qbt.numpy())
+    if not untransposed:
+        return None, qbt, pos, per_tile
     qb = qbands.new_zeros(G, T * QB, P2)
     qb[:, pos] = qbands
-    qb = qb.view(G, T, QB, P2)
-    return ab, gr, qb, qb.transpose(2, 3).contiguous(), idx, nvalid, pos, per_tile
+    return qb.view(G, T, QB, P2), qbt, pos, per_tile
+
+
+def _flash_layout(abands, qbands, gram, amask, n_item: int):
+    """Both sides as the kernels read them (`_flash_anchors`, `_flash_queries`): (ab, gram, qb, qbt, idx,
+    nvalid, pos, per_tile)."""
+    ab, gr, idx, nvalid = _flash_anchors(abands, gram, amask)
+    qb, qbt, pos, per_tile = _flash_queries(qbands, n_item)
+    return ab, gr, qb, qbt, idx, nvalid, pos, per_tile
 
 
 def _unorder(x: torch.Tensor, idx: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
@@ -247,14 +264,25 @@ def _valid_rows(ab: torch.Tensor, nvalid: torch.Tensor) -> torch.Tensor:
     return torch.arange(ab.shape[2])[None] < nvalid[:, None].long()  # (A, L)
 
 
+def _flash_check(abands, qbands, gram):
+    if abands.dtype not in (torch.float32, torch.float64) or {qbands.dtype, gram.dtype} != {abands.dtype}:
+        raise ValueError(f"scoring.kernel=flash: float32 or float64 inputs of one dtype, got {abands.dtype}, "
+                         f"{qbands.dtype} and {gram.dtype}; use kernel torch for other dtypes")
+
+
+def _flash_call(k, packed, offs, qbt, gr, nvalid, scale, num, n2, valid, n, per_tile, local, arg, weight, out):
+    _threads()
+    with _one_blas_thread():
+        k.forward(packed.numpy(), offs.numpy(), qbt.numpy(), gr.numpy(), nvalid.numpy(), _scalar(scale, packed),
+                  num.numpy(), n2.numpy(), packed.dtype == torch.float32, valid.numpy(), n, per_tile, local.numpy(),
+                  arg.numpy(), FLASH_AB, weight.numpy(), out.numpy())
+
+
 def _flash_forward(abands, qbands, gram, amask, weight, scale, qvalid=None):
     """(out (A, B), the saved layout, cos and norm (A, Q), and with qvalid (B, n): the local score's
     per-word maxima (A, L, B) (valid words first, 0 past them) and where they are (A, L, B))."""
     from . import fused_flash as k
-    if abands.dtype not in (torch.float32, torch.float64) or {qbands.dtype, gram.dtype} != {abands.dtype}:
-        raise ValueError(f"scoring.kernel=flash: float32 or float64 inputs of one dtype, got {abands.dtype}, "
-                         f"{qbands.dtype} and {gram.dtype}; use kernel torch for other dtypes")
-    _threads()
+    _flash_check(abands, qbands, gram)
     (A, L, Q), (B, n) = (abands.shape[1], abands.shape[2], qbands.shape[1]), weight.shape
     layout = _flash_layout(abands, qbands, gram, amask, n)
     ab, gr, qb, qbt, idx, nvalid, pos, per_tile = layout
@@ -266,13 +294,42 @@ def _flash_forward(abands, qbands, gram, amask, weight, scale, qvalid=None):
         valid[pos] = qvalid.flatten().to(torch.int8)
         local, arg = ab.new_empty(A, L, B), torch.empty(A, L, B, dtype=torch.int32)
     packed, offs = _packed(ab, nvalid)
-    with _one_blas_thread():
-        k.forward(packed.numpy(), offs.numpy(), qbt.numpy(), gr.numpy(), nvalid.numpy(), _scalar(scale, ab),
-                  num.numpy(), n2.numpy(), ab.dtype == torch.float32, valid.numpy(), n, per_tile, local.numpy(),
-                  arg.numpy(), FLASH_AB)
+    _flash_call(k, packed, offs, qbt, gr, nvalid, scale, num, n2, valid, n, per_tile, local, arg,
+                ab.new_empty(0, 0), ab.new_empty(0, 0))
     norm = n2[:, pos].clamp_min(1e-12).sqrt()
     cos = num[:, pos] / norm
     return (cos.view(A, B, n) * weight).sum(-1), layout, cos, norm, local, arg
+
+
+def _flash_scores(abands, qbands, gram, amask, weight, scale, qvalid=None, cache: dict | None = None):
+    """`_flash_forward`'s scores without what a backward needs: the kernel writes out (A, B) itself (no
+    (A, Q) arrays, no gathers), the query tiles are built transposed only, and the anchors' layout is
+    taken from / kept in `cache` (a dict owned by the anchor side: all-pairs scoring reuses one caption
+    chunk for every image chunk). -> (out, the local maxima (A, L, B) or None)."""
+    from . import fused_flash as k
+    _flash_check(abands, qbands, gram)
+    (A, L), (B, n) = abands.shape[1:3], weight.shape
+    anchors = cache.get("flash_anchors") if cache is not None else None
+    if anchors is None:
+        ab, gr, _, nvalid = _flash_anchors(abands, gram, amask)
+        anchors = (*_packed(ab, nvalid), gr, nvalid)
+        if cache is not None:
+            cache["flash_anchors"] = anchors
+    packed, offs, gr, nvalid = anchors
+    _, qbt, pos, per_tile = _flash_queries(qbands, n, untransposed=False)
+    valid = torch.zeros(qbt.shape[1] * qbt.shape[3], dtype=torch.int8)
+    local = packed.new_empty(0, L, 0)
+    if qvalid is not None:
+        valid[pos] = qvalid.flatten().to(torch.int8)
+        local = packed.new_empty(A, L, B)
+    out, empty = packed.new_empty(A, B), packed.new_empty(0, 0)
+    _flash_call(k, packed, offs, qbt, gr, nvalid, scale, empty, empty, valid, n, per_tile, local,
+                torch.empty(0, L, 0, dtype=torch.int32), weight.to(packed.dtype).contiguous(), out)
+    return out, (local if qvalid is not None else None)
+
+
+def _needs_grad(*xs: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
 
 
 class _Flash(torch.autograd.Function):
@@ -319,22 +376,28 @@ class _Flash(torch.autograd.Function):
 
 
 def reconstruct_flash(abands: torch.Tensor, qbands: torch.Tensor, gram: torch.Tensor, amask: torch.Tensor,
-                      weight: torch.Tensor, scale: float) -> torch.Tensor:
+                      weight: torch.Tensor, scale: float, cache: dict | None = None) -> torch.Tensor:
     """out (A, B) of the module docstring from the band features instead of rho: abands (G, A, L, P2)
     of the anchors, qbands (G, Q, P2) of the query positions, rho = abands @ qbands^T computed one
     tile at a time inside the kernel (`fused_flash`), never whole. Differentiable in abands, qbands
-    and gram (the backward recomputes each tile)."""
+    and gram (the backward recomputes each tile). Without gradients the kernel writes the scores
+    itself (`_flash_scores`; cache: the anchor side's, see there)."""
+    if not _needs_grad(abands, qbands, gram):
+        return _flash_scores(abands, qbands, gram, amask.bool().contiguous(), weight, float(scale), cache=cache)[0]
     return _Flash.apply(abands, qbands, gram, amask.bool().contiguous(), weight, float(scale), None)[0]
 
 
-def flash_with_local(abands, qbands, gram, amask, weight, scale, qvalid, pool: str):
+def flash_with_local(abands, qbands, gram, amask, weight, scale, qvalid, pool: str, cache: dict | None = None):
     """`reconstruct_flash` for caption anchors (t2i), plus TERAN's local score from the same tiles (the
     band shares of a pair add up to its region-word cosines): (high (A, B), local (A, B)). qvalid (B, n):
     the positions the max runs over (the query mask; all True for TERAN's padding rule); pool: sum or
     mean over the caption's valid words. Both differentiable (the local score's gradient reaches every
     band's share at each word's best region)."""
     amask = amask.bool().contiguous()
-    out, best = _Flash.apply(abands, qbands, gram, amask, weight, float(scale), qvalid.bool())
+    if not _needs_grad(abands, qbands, gram):
+        out, best = _flash_scores(abands, qbands, gram, amask, weight, float(scale), qvalid.bool(), cache)
+    else:
+        out, best = _Flash.apply(abands, qbands, gram, amask, weight, float(scale), qvalid.bool())
     local = best.sum(1)
     return out, local / amask.sum(1).clamp_min(1).to(local.dtype)[:, None] if pool == "mean" else local
 

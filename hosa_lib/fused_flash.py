@@ -20,26 +20,39 @@ same untransposed; num, n2 (A, T * QB). The GEMMs are numba's np.dot (BLAS throu
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+
+@intrinsic
+def _f32_from_bits(typingctx, x):
+    """The float32 whose bits are the low 32 of the integer x (LLVM's bitcast; numba has no scalar view)."""
+    if not isinstance(x, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        bits = builder.trunc(args[0], ir.IntType(32)) if x.bitwidth > 32 else args[0]
+        return builder.bitcast(bits, ir.FloatType())
+    return types.float32(x), codegen
 
 
 @njit(inline="always", fastmath=True)
-def _exp_parts(t):
-    """exp(t) of a float32 t <= 0 as p * 2^k: (p, the float32 bits of 2^k). p is a degree-6 polynomial on
-    [-ln 2 / 2, ln 2 / 2] (relative error ~1e-7, float32's own); t is clamped at -87 (2^k stays normal).
-    Two results because numba cannot reinterpret a scalar's bits: callers store the bits into an int32
-    array and read them back through a float32 view, and both loops vectorise."""
+def _exp32(t):
+    """exp(t) of a float32 t <= 0 as p * 2^k, p a degree-6 polynomial on [-ln 2 / 2, ln 2 / 2] (relative
+    error ~1e-7, float32's own) and 2^k made from its bits; t is clamped at -87 (2^k stays normal). Loops
+    calling it vectorise (np.exp's call to libm does not)."""
     t = max(t, np.float32(-87.0))
     kf = np.floor(t * np.float32(1.4426950408889634) + np.float32(0.5))
     r = t - kf * np.float32(0.6931471805599453)
     p = np.float32(1.0) + r * (np.float32(1.0) + r * (np.float32(0.5) + r * (
         np.float32(1 / 6) + r * (np.float32(1 / 24) + r * (np.float32(1 / 120) + r * np.float32(1 / 720))))))
-    return p, (np.int32(kf) + np.int32(127)) << np.int32(23)
+    return p * _f32_from_bits((np.int32(kf) + np.int32(127)) << np.int32(23))
 
 
 @njit(inline="always", fastmath=True)
-def _softmax_rows(rt, nv, n, scale, out, bits, mx, s, fast):
-    """out[k, :n] = softmax over k < nv of scale * rt[k, :n]. fast (float32): exp as 2^k p(r), the
+def _softmax_rows(rt, nv, n, scale, out, mx, s, fast):
+    """out[k, :n] = softmax over k < nv of scale * rt[k, :n]. fast (float32): exp as `_exp32`, the
     vectorising form of `fused_numba._softmax_tile` (same polynomial, same accuracy)."""
     for q in range(n):
         mx[q] = -np.inf
@@ -50,15 +63,12 @@ def _softmax_rows(rt, nv, n, scale, out, bits, mx, s, fast):
                 mx[q] = row[q]
     for q in range(n):
         s[q] = 0
-    two_k = bits[:n].view(np.float32)
     for k in range(nv):
         row = rt[k]
         o = out[k]
         if fast:
             for q in range(n):
-                o[q], bits[q] = _exp_parts(scale * (row[q] - mx[q]))
-            for q in range(n):
-                e = o[q] * two_k[q]
+                e = _exp32(scale * (row[q] - mx[q]))
                 o[q] = e
                 s[q] += e
         else:
@@ -75,19 +85,26 @@ def _softmax_rows(rt, nv, n, scale, out, bits, mx, s, fast):
 
 
 @njit(inline="always", fastmath=True)
-def _band_terms(rt, base, nv, n, scale, gm, e, bits, mx, s, ne, dd, u, v, fast):
+def _band_terms(rt, base, nv, n, scale, gm, e, mx, s, ne, dd, u, v, fast, cs):
     """One anchor's rows rt[base:base + nv] (its band shares rho, nv x n) of one band: u += sum_k alpha_k rho_k
     and v += alpha^T gm alpha for alpha = softmax over k of scale * rho. The softmax stays unnormalised
     (e = exp, s = sum e) until the end, u += (e . rho) / s and v += (e^T gm e) / s^2, which saves a pass over
     the tile; the off-diagonal Gram terms, (gm_kj + gm_jk) e_k e_j for j < k, go four j at a time (one load
-    and store of the accumulator per four products). fast (float32): exp as in `_softmax_rows`."""
-    r = rt[base]
+    and store of the accumulator per four products). fast (float32): exp as `_exp32`. cs (rows
+    like rt, or empty): the running sum over bands of rho (the local score's cosines), added in the pass
+    that takes the softmax's maximum (one read of the tile for both)."""
     for q in range(n):
-        mx[q] = r[q]
-    for k in range(1, nv):
+        mx[q] = -np.inf
+    for k in range(nv):
         r = rt[base + k]
-        for q in range(n):
-            mx[q] = max(mx[q], r[q])
+        if cs.shape[0] > 0:
+            c = cs[base + k]
+            for q in range(n):
+                mx[q] = max(mx[q], r[q])
+                c[q] += r[q]
+        else:
+            for q in range(n):
+                mx[q] = max(mx[q], r[q])
     for q in range(n):
         s[q] = 0
         ne[q] = 0
@@ -95,12 +112,8 @@ def _band_terms(rt, base, nv, n, scale, gm, e, bits, mx, s, ne, dd, u, v, fast):
     for k in range(nv):
         r, o, gkk = rt[base + k], e[k], gm[k, k]
         if fast:
-            b = bits[k]
             for q in range(n):
-                o[q], b[q] = _exp_parts(scale * (r[q] - mx[q]))
-            two_k = b.view(np.float32)
-            for q in range(n):
-                x = o[q] * two_k[q]
+                x = _exp32(scale * (r[q] - mx[q]))
                 o[q] = x
                 s[q] += x
                 ne[q] += x * r[q]
@@ -112,7 +125,7 @@ def _band_terms(rt, base, nv, n, scale, gm, e, bits, mx, s, ne, dd, u, v, fast):
                 s[q] += x
                 ne[q] += x * r[q]
                 dd[q] += gkk * x * x
-    for k in range(1, nv):
+    for k in range(1, nv):  # the off-diagonal Gram terms in blocks of up to four rows j < k
         x = e[k]
         j = 0
         while j + 4 <= k:
@@ -134,9 +147,12 @@ def _band_terms(rt, base, nv, n, scale, gm, e, bits, mx, s, ne, dd, u, v, fast):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def forward(packed, offs, qbt, gram, nvalid, scale, num, n2, fast, qvalid, n_item, per_tile, local, arg, ablock):
+def forward(packed, offs, qbt, gram, nvalid, scale, num, n2, fast, qvalid, n_item, per_tile, local, arg, ablock, wts,
+            out):
     """num[a, q] = sum_g sum_k alpha_k rho_k and n2[a, q] = sum_g alpha^T Gamma alpha, one (block of
-    `ablock` anchors, query tile) per task, rho_g of the tile computed in a private buffer.
+    `ablock` anchors, query tile) per task, rho_g of the tile computed in a private buffer. With out (A, B)
+    not empty (scoring, nothing saved for a backward) the kernel writes the scores instead, out[a, b] =
+    sum_j wts[b, j] num / sqrt(max(n2, 1e-12)) over item b's positions j, and num and n2 may be empty.
 
     packed (G, R, P2): the anchors' valid band features stacked (anchor a's rows offs[a]:offs[a + 1],
     nvalid[a] of them), so that one GEMM computes rho_g for the whole block: one anchor's small product
@@ -147,12 +163,12 @@ def forward(packed, offs, qbt, gram, nvalid, scale, num, n2, fast, qvalid, n_ite
     sum_g rho_g is the region-word cosine (the band shares add up to it), so local[a, k, b] = the
     largest over item b's positions (n_item per item, tiles hold whole items) of word k's cosine,
     over the valid positions (qvalid != 0) or, where qvalid is all ones, TERAN's padding rule (a
-    padded position's cosine is 0); arg[a, k, b] = the query position of that largest (for the
-    backward)."""
+    padded position's cosine is 0); arg[a, k, b] (empty: not wanted) = the first query position holding
+    that largest (for the backward)."""
     G, P2 = packed.shape[0], packed.shape[2]
     A, L = gram.shape[1], gram.shape[2]
     T, QB = qbt.shape[1], qbt.shape[3]
-    want_local = local.shape[0] > 0
+    want_local, want_arg, want_out = local.shape[0] > 0, arg.shape[0] > 0, out.shape[0] > 0
     NB = (A + ablock - 1) // ablock
     for task in prange(NB * T):
         blk, t = task // T, task % T
@@ -162,7 +178,6 @@ def forward(packed, offs, qbt, gram, nvalid, scale, num, n2, fast, qvalid, n_ite
         rt = np.empty((max(r1 - r0, 1), QB), dtype=packed.dtype)
         e = np.empty((L, QB), dtype=packed.dtype)
         cs = np.zeros((r1 - r0 if want_local else 0, QB), dtype=packed.dtype)
-        bits = np.empty((L, QB), dtype=np.int32)
         mx = np.empty(QB, dtype=packed.dtype)
         s = np.empty(QB, dtype=packed.dtype)
         ne = np.empty(QB, dtype=packed.dtype)
@@ -172,21 +187,28 @@ def forward(packed, offs, qbt, gram, nvalid, scale, num, n2, fast, qvalid, n_ite
         for g in range(G):
             if r1 > r0:
                 np.dot(packed[g, r0:r1], qbt[g, t], rt[:r1 - r0])
-            if want_local:
-                for k in range(r1 - r0):
-                    r, c = rt[k], cs[k]
-                    for q in range(QB):
-                        c[q] += r[q]
             for a in range(a0, a1):
                 nv, base = nvalid[a], offs[a] - r0
                 if nv > 0:
-                    _band_terms(rt, base, nv, QB, scale, gram[g, a], e, bits, mx, s, ne, dd, nu[a - a0], nn[a - a0],
-                                fast)
+                    _band_terms(rt, base, nv, QB, scale, gram[g, a], e, mx, s, ne, dd, nu[a - a0], nn[a - a0],
+                                fast, cs)
         for a in range(a0, a1):
             nv, base = nvalid[a], offs[a] - r0
-            for q in range(QB):
-                num[a, q0 + q] = nu[a - a0, q]
-                n2[a, q0 + q] = nn[a - a0, q]
+            if want_out:
+                x, y = nu[a - a0], nn[a - a0]
+                for b in range(per_tile):
+                    item = t * per_tile + b
+                    if item >= out.shape[1]:
+                        break
+                    acc = 0.0
+                    for j in range(n_item):
+                        q = b * n_item + j
+                        acc += wts[item, j] * (x[q] / np.sqrt(max(y[q], 1e-12)))
+                    out[a, item] = acc
+            else:
+                for q in range(QB):
+                    num[a, q0 + q] = nu[a - a0, q]
+                    n2[a, q0 + q] = nn[a - a0, q]
             if want_local:
                 for b in range(per_tile):
                     item = t * per_tile + b
@@ -195,13 +217,17 @@ def forward(packed, offs, qbt, gram, nvalid, scale, num, n2, fast, qvalid, n_ite
                     for k in range(L):
                         best, at = -np.inf, -1
                         if k < nv:
-                            c = cs[base + k]
-                            for j in range(n_item):
-                                q = b * n_item + j
-                                if qvalid[q0 + q] != 0 and c[q] > best:
-                                    best, at = c[q], q0 + q
+                            c, qv = cs[base + k, b * n_item:(b + 1) * n_item], qvalid[q0 + b * n_item:]
+                            for j in range(n_item):  # a max reduction without a branch: vectorises
+                                best = max(best, c[j] if qv[j] != 0 else -np.inf)
+                            if want_arg:  # the first valid position holding it
+                                for j in range(n_item):
+                                    if qv[j] != 0 and c[j] == best:
+                                        at = q0 + b * n_item + j
+                                        break
                         local[a, k, item] = best if k < nv else 0.0
-                        arg[a, k, item] = at
+                        if want_arg:
+                            arg[a, k, item] = at
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -214,8 +240,8 @@ def backward(packed, offs, order, cstart, qbt, qb, gram, nvalid, scale, u, w, d_
     c + C, ..., so that no two threads write the same d_qb), in blocks of `ablock` anchors. Per tile, rho
     and the softmax are recomputed, rho and d_ab for a whole block in one GEMM each (as in `forward`);
     with beta = Gamma alpha and c_k = u rho_k + 2 w beta_k: d_rho_k = alpha_k (u + scale (c_k - sum_j
-    alpha_j c_j)), d_gram = sum_q w alpha alpha^T, d_ab = d_rho @ qb, d_qb = d_rho^T @ ab (per anchor, in
-    the chunk's order). Positions past nvalid get zero gradients. glocal (A, L, B) (empty: none): the
+    alpha_j c_j)), d_gram = sum_q w alpha alpha^T, d_ab = d_rho @ qb, d_qb = d_rho^T @ ab (one GEMM per block
+    too, summing over its anchors). Positions past nvalid get zero gradients. glocal (A, L, B) (empty: none): the
     gradient of `forward`'s local maxima; each band's share adds up to the cosine, so it reaches every
     band's d_rho at the position arg[a, k, b] of the maximum."""
     G, P2 = packed.shape[0], packed.shape[2]
@@ -235,7 +261,6 @@ def backward(packed, offs, order, cstart, qbt, qb, gram, nvalid, scale, u, w, d_
         tg = np.empty(L * L, dtype=packed.dtype)
         uq = np.empty(QB, dtype=packed.dtype)
         w2 = np.empty(QB, dtype=packed.dtype)
-        bits = np.empty(QB, dtype=np.int32)
         mx = np.empty(QB, dtype=packed.dtype)
         s = np.empty(QB, dtype=packed.dtype)
         tot = np.empty(QB, dtype=packed.dtype)
@@ -262,7 +287,7 @@ def backward(packed, offs, order, cstart, qbt, qb, gram, nvalid, scale, u, w, d_
                         for q in range(QB):
                             uq[q] = u[a, q0 + q]
                             w2[q] = w[a, q0 + q] + w[a, q0 + q]
-                        _softmax_rows(rows, nv, QB, scale, al, bits, mx, s, fast)
+                        _softmax_rows(rows, nv, QB, scale, al, mx, s, fast)
                         o = ((i - p0) * G + g) * L * L
                         np.dot(gm[o:o + nv * nv].reshape((nv, nv)), al[:nv], cc[:nv])  # beta = Gamma alpha
                         for q in range(QB):
@@ -288,12 +313,34 @@ def backward(packed, offs, order, cstart, qbt, qb, gram, nvalid, scale, u, w, d_
                         for k in range(nv):
                             for j in range(nv):
                                 d_gram[g, a, k, j] += tgv[k, j]
-                        np.dot(drt[base:base + nv].T, packed[g, offs[i]:offs[i] + nv], tqb)  # d_qb = d_rho^T @ ab
+                    if r1 > r0:
+                        np.dot(drt[:r1 - r0].T, packed[g, r0:r1], tqb)  # d_qb = d_rho^T @ ab, the block at once
                         for q in range(QB):
                             for p in range(P2):
                                 d_qb[c, g, t, q, p] += tqb[q, p]
-                    if r1 > r0:
                         np.dot(drt[:r1 - r0], qb[g, t], tab[:r1 - r0])  # d_ab = d_rho @ qb, the block at once
                         for r in range(r1 - r0):
                             for p in range(P2):
                                 d_packed[g, r0 + r, p] += tab[r, p]
+
+
+@njit(parallel=True, cache=True)
+def query_tiles(qbands, items, qbt):
+    """qbt (G, T, P2, QB)[g, t, :, :n] = the transpose of tile t's n <= items positions of qbands (G, Q, P2),
+    zero past them: the GEMMs' right-hand operands. A loop of its own because torch's strided copy with
+    the transpose ran at ~3 GB/s, a tenth of the kernel's time in all-pairs scoring; each (band, tile)
+    here fits L1."""
+    G, Q, P2 = qbands.shape
+    T, QB = qbt.shape[1], qbt.shape[3]
+    for task in prange(G * T):
+        g, t = task // T, task % T
+        q0 = t * items
+        n = min(items, Q - q0)
+        dst, src = qbt[g, t], qbands[g]
+        for j in range(n):  # contiguous reads, strided writes: 1.6x faster than the other way round
+            row = src[q0 + j]
+            for p in range(P2):
+                dst[p, j] = row[p]
+        for p in range(P2):
+            for j in range(n, QB):
+                dst[p, j] = 0

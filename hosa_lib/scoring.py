@@ -19,7 +19,7 @@ import functools
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as nnf
@@ -33,13 +33,16 @@ class Side:
     """One side (images or captions) ready for scoring.
 
     glob: (N, d) normalised global vectors; local: (N, n, d) normalised, zero at padding;
-    mask: (N, n) bool; bands: (G, N, n, 2P) band features or None; gram: (G, N, n, n) or None.
+    mask: (N, n) bool; bands: (G, N, n, 2P) band features or None; gram: (G, N, n, n) or None;
+    cache: what a kernel derives from this side and may reuse while the side lives (the flash kernel's
+    anchor layout when scoring without gradients; a slice starts empty).
     """
     glob: torch.Tensor
     local: torch.Tensor
     mask: torch.Tensor
     bands: torch.Tensor | None = None
     gram: torch.Tensor | None = None
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __len__(self) -> int:
         return self.local.shape[0]
@@ -241,8 +244,10 @@ def _high_fused(img: Side, cap: Side, cfg: ScoringConfig, kernel: str,
     scale = cfg.temperature * G
     mean_over = lambda m: m.to(img.bands.dtype) / m.sum(-1, keepdim=True)
     ib, cb = img.bands.reshape(G, Ni * M, -1), cap.bands.reshape(G, Nc * L, -1)  # query sides (G, Q, 2P)
+    opts = lambda anchors: {}
     if kernel == "flash":  # the band shares are computed tile by tile inside the kernel, never whole
         from_bands = fused.reconstruct_flash
+        opts = lambda anchors: {"cache": anchors.cache}  # the anchors' layout, reused by later chunks
     elif kernel == "triton":  # tiles in registers, forward and backward (too wide bands: rho materialised)
         from_bands = fused.reconstruct_triton_flash
     else:  # the band shares of the chunk materialised by one GEMM, then the fused kernel
@@ -254,12 +259,12 @@ def _high_fused(img: Side, cap: Side, cfg: ScoringConfig, kernel: str,
         if fold_local:  # TERAN's local score from the same tiles
             qvalid = torch.ones_like(img.mask) if cfg.padding == "teran" else img.mask
             high, local = fused.flash_with_local(cap.bands, ib, cap.gram, cap.mask, mean_over(img.mask), scale,
-                                                 qvalid, cfg.local_pool)
+                                                 qvalid, cfg.local_pool, cache=cap.cache)
             parts.append(high.T)
         else:
-            parts.append(from_bands(cap.bands, ib, cap.gram, cap.mask, mean_over(img.mask), scale).T)
+            parts.append(from_bands(cap.bands, ib, cap.gram, cap.mask, mean_over(img.mask), scale, **opts(cap)).T)
     if cfg.direction in ("i2t", "both"):
-        parts.append(from_bands(img.bands, cb, img.gram, img.mask, mean_over(cap.mask), scale))
+        parts.append(from_bands(img.bands, cb, img.gram, img.mask, mean_over(cap.mask), scale, **opts(img)))
     high = sum(parts) / len(parts)
     return high if local is None else {"high": high, "local": local.T}
 
