@@ -224,7 +224,7 @@ def _flash_queries(qbands, n_item: int, untransposed: bool = True):
     from . import fused_flash as k
     _threads()
     qbt = qbands.new_empty(G, T, P2, QB)
-    k.query_tiles(qbands.numpy(), items, qbt.numpy())
+    k.query_tiles(qbands.detach().numpy(), items, qbt.numpy())
     if not untransposed:
         return None, qbt, pos, per_tile
     qb = qbands.new_zeros(G, T * QB, P2)
