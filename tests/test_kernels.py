@@ -439,6 +439,23 @@ def test_flash_all_pairs_lays_out_each_caption_chunk_once(monkeypatch):
     torch.testing.assert_close(chunked["total"], full["total"], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("d,bands", [(1024, 16), (33, 3), (32, 17), (64, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_band_features_without_gradients_are_the_same_bits(d, bands, dtype, monkeypatch):
+    """Without gradients band_features gathers the FFT's bins in one numba pass: bit for bit the torch
+    path's features (which training takes, with gradients), for odd and even d, G = 1 and G = F."""
+    from hosa_lib import fused_flash, scoring
+    x = torch.nn.functional.normalize(torch.randn(5, 7, d, dtype=dtype, generator=torch.Generator().manual_seed(d)), dim=-1)
+    calls, real = [], fused_flash.band_gather
+    monkeypatch.setattr(fused_flash, "band_gather", lambda *a: calls.append(1) or real(*a))
+    fast = scoring.band_features(x, bands)
+    assert calls  # the numba pass ran
+    with torch.enable_grad():
+        slow = scoring.band_features(x.clone().requires_grad_(True), bands)
+    assert len(calls) == 1 and slow.requires_grad
+    assert fast.shape == slow.shape and fast.is_contiguous() and torch.equal(fast, slow.detach())
+
+
 def test_flash_gradcheck():
     ab, qb, amask, weight = _flash_inputs(0, G=2, A=3, L=4, B=2, n=3, P2=4)
     gram = (ab @ ab.transpose(-1, -2)).requires_grad_(True)
