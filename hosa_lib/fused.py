@@ -328,6 +328,18 @@ def _flash_scores(abands, qbands, gram, amask, weight, scale, qvalid=None, cache
     return out, (local if qvalid is not None else None)
 
 
+def band_gather(spec: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> bool:
+    """`scoring.band_features` after its FFT, without gradients, in one numba pass (`fused_flash.band_gather`):
+    spec (N, F, 2) the FFT's output as real pairs, idx (G, P) its bands' bins (padding F), weight (F,), out
+    (G, N, 2P). False, out untouched, where numba or SciPy is not installed (the caller gathers in torch)."""
+    if _unavailable("flash", spec.device) is not None:
+        return False
+    from . import fused_flash as k
+    _threads()
+    k.band_gather(spec.numpy(), idx.numpy(), weight.numpy(), out.numpy())
+    return True
+
+
 def _needs_grad(*xs: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
 

@@ -109,21 +109,19 @@ def parseval_weights(d: int, device=None, dtype=torch.float32) -> torch.Tensor:
 
 def band_features(x: torch.Tensor, bands: int) -> torch.Tensor:
     """x (..., n, d) real -> (G, ..., n, 2P) real, so that band dot products are rho(b). On CPU without
-    gradients the gather after the FFT runs in one numba pass (`fused_flash.band_gather`, the same bits)."""
+    gradients the gather after the FFT runs in one numba pass (`fused.band_gather`, the same bits)."""
     d = x.shape[-1]
-    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not (
-            torch.is_grad_enabled() and x.requires_grad) and fused._unavailable("flash", x.device) is None:
-        from . import fused_flash
-        spec = torch.view_as_real(torch.fft.rfft(x.contiguous(), dim=-1))  # (..., n, F, 2)
-        idx = band_index_on(d, bands, x.device)
-        out = x.new_empty(idx.shape[0], *x.shape[:-1], 2 * idx.shape[1])
-        fused._threads()
-        fused_flash.band_gather(spec.reshape(-1, *spec.shape[-2:]).numpy(), idx.numpy(),
-                                parseval_weights(d, x.device, x.dtype).sqrt().numpy(), out.view(len(idx), -1, out.shape[-1]).numpy())
-        return out
-    spec = torch.fft.rfft(x, dim=-1) * parseval_weights(d, x.device, x.dtype).sqrt()  # (..., n, F)
-    spec = torch.cat([spec, torch.zeros_like(spec[..., :1])], dim=-1)  # pad bin
     idx = band_index_on(d, bands, x.device)
+    weight = parseval_weights(d, x.device, x.dtype).sqrt()
+    spec = torch.fft.rfft(x, dim=-1)  # (..., n, F)
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not (
+            torch.is_grad_enabled() and x.requires_grad):
+        out = x.new_empty(len(idx), *x.shape[:-1], 2 * idx.shape[1])
+        if fused.band_gather(torch.view_as_real(spec).reshape(-1, spec.shape[-1], 2), idx, weight,
+                             out.view(len(idx), -1, out.shape[-1])):
+            return out
+    spec = spec * weight
+    spec = torch.cat([spec, torch.zeros_like(spec[..., :1])], dim=-1)  # pad bin
     gathered = spec[..., idx]  # (..., n, G, P) complex
     feats = torch.view_as_real(gathered).flatten(-2)  # (..., n, G, 2P)
     return feats.movedim(-2, 0).contiguous()
