@@ -278,6 +278,17 @@ def _flash_call(k, packed, offs, qbt, gr, nvalid, scale, num, n2, valid, n, per_
                   arg.numpy(), FLASH_AB, weight.numpy(), out.numpy())
 
 
+def _local_buffers(qvalid, pos, qbt, A: int, L: int, with_arg: bool):
+    """The kernel's query mask in tile order (qvalid (B, n) scattered to the tiles' positions; zeros without it)
+    and its local-score outputs: the maxima (A, L, B) and, `with_arg`, where they are; empty without qvalid."""
+    valid = torch.zeros(qbt.shape[1] * qbt.shape[3], dtype=torch.int8)
+    if qvalid is None:
+        return valid, qbt.new_empty(0, L, 0), torch.empty(0, L, 0, dtype=torch.int32)
+    valid[pos] = qvalid.flatten().to(torch.int8)
+    B = qvalid.shape[0]
+    return valid, qbt.new_empty(A, L, B), torch.empty(A if with_arg else 0, L, B, dtype=torch.int32)
+
+
 def _flash_forward(abands, qbands, gram, amask, weight, scale, qvalid=None):
     """(out (A, B), the saved layout, cos and norm (A, Q), and with qvalid (B, n): the local score's
     per-word maxima (A, L, B) (valid words first, 0 past them) and where they are (A, L, B))."""
@@ -288,11 +299,7 @@ def _flash_forward(abands, qbands, gram, amask, weight, scale, qvalid=None):
     ab, gr, qb, qbt, idx, nvalid, pos, per_tile = layout
     T, QB = qb.shape[1], qb.shape[2]
     num, n2 = ab.new_empty(A, T * QB), ab.new_empty(A, T * QB)
-    valid = torch.zeros(T * QB, dtype=torch.int8)
-    local, arg = ab.new_empty(0, L, 0), torch.empty(0, L, 0, dtype=torch.int32)
-    if qvalid is not None:
-        valid[pos] = qvalid.flatten().to(torch.int8)
-        local, arg = ab.new_empty(A, L, B), torch.empty(A, L, B, dtype=torch.int32)
+    valid, local, arg = _local_buffers(qvalid, pos, qbt, A, L, with_arg=True)
     packed, offs = _packed(ab, nvalid)
     _flash_call(k, packed, offs, qbt, gr, nvalid, scale, num, n2, valid, n, per_tile, local, arg,
                 ab.new_empty(0, 0), ab.new_empty(0, 0))
@@ -317,14 +324,10 @@ def _flash_scores(abands, qbands, gram, amask, weight, scale, qvalid=None, cache
             cache["flash_anchors"] = anchors
     packed, offs, gr, nvalid = anchors
     _, qbt, pos, per_tile = _flash_queries(qbands, n, untransposed=False)
-    valid = torch.zeros(qbt.shape[1] * qbt.shape[3], dtype=torch.int8)
-    local = packed.new_empty(0, L, 0)
-    if qvalid is not None:
-        valid[pos] = qvalid.flatten().to(torch.int8)
-        local = packed.new_empty(A, L, B)
+    valid, local, arg = _local_buffers(qvalid, pos, qbt, A, L, with_arg=False)
     out, empty = packed.new_empty(A, B), packed.new_empty(0, 0)
-    _flash_call(k, packed, offs, qbt, gr, nvalid, scale, empty, empty, valid, n, per_tile, local,
-                torch.empty(0, L, 0, dtype=torch.int32), weight.to(packed.dtype).contiguous(), out)
+    _flash_call(k, packed, offs, qbt, gr, nvalid, scale, empty, empty, valid, n, per_tile, local, arg,
+                weight.to(packed.dtype).contiguous(), out)
     return out, (local if qvalid is not None else None)
 
 
@@ -394,9 +397,14 @@ def reconstruct_flash(abands: torch.Tensor, qbands: torch.Tensor, gram: torch.Te
     tile at a time inside the kernel (`fused_flash`), never whole. Differentiable in abands, qbands
     and gram (the backward recomputes each tile). Without gradients the kernel writes the scores
     itself (`_flash_scores`; cache: the anchor side's, see there)."""
+    return _flash(abands, qbands, gram, amask.bool().contiguous(), weight, scale, None, cache)[0]
+
+
+def _flash(abands, qbands, gram, amask, weight, scale, qvalid, cache):
+    """(out, local maxima or None): `_flash_scores` without gradients, else the autograd function."""
     if not _needs_grad(abands, qbands, gram):
-        return _flash_scores(abands, qbands, gram, amask.bool().contiguous(), weight, float(scale), cache=cache)[0]
-    return _Flash.apply(abands, qbands, gram, amask.bool().contiguous(), weight, float(scale), None)[0]
+        return _flash_scores(abands, qbands, gram, amask, weight, float(scale), qvalid, cache)
+    return _Flash.apply(abands, qbands, gram, amask, weight, float(scale), qvalid)
 
 
 def flash_with_local(abands, qbands, gram, amask, weight, scale, qvalid, pool: str, cache: dict | None = None):
@@ -406,10 +414,7 @@ def flash_with_local(abands, qbands, gram, amask, weight, scale, qvalid, pool: s
     mean over the caption's valid words. Both differentiable (the local score's gradient reaches every
     band's share at each word's best region)."""
     amask = amask.bool().contiguous()
-    if not _needs_grad(abands, qbands, gram):
-        out, best = _flash_scores(abands, qbands, gram, amask, weight, float(scale), qvalid.bool(), cache)
-    else:
-        out, best = _Flash.apply(abands, qbands, gram, amask, weight, float(scale), qvalid.bool())
+    out, best = _flash(abands, qbands, gram, amask, weight, scale, qvalid.bool(), cache)
     local = best.sum(1)
     return out, local / amask.sum(1).clamp_min(1).to(local.dtype)[:, None] if pool == "mean" else local
 
@@ -446,8 +451,8 @@ def reconstruct_triton_flash(abands, qbands, gram, amask, weight, scale) -> torc
     shares instead (the fused Triton kernel after one GEMM), with a one-line notice."""
     from . import fused_triton
     amask = amask.bool().contiguous()
-    grads = torch.is_grad_enabled() and (abands.requires_grad or qbands.requires_grad or gram.requires_grad)
-    if grads and fused_triton.flash_backward_launch(abands.shape[2], abands.shape[3]) is None:
+    wide = fused_triton.flash_backward_launch(abands.shape[2], abands.shape[3]) is None
+    if wide and _needs_grad(abands, qbands, gram):
         _notice(f"scoring.kernel=triton: band width {abands.shape[3]} at anchors of {abands.shape[2]} positions "
                 "exceeds the flash backward's register tiles; training reads the materialised band shares")
         rho = torch.matmul(abands.flatten(1, 2), qbands.transpose(1, 2)).view(*abands.shape[:3], -1)

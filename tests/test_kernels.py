@@ -267,6 +267,20 @@ def _contract(rho, gram, amask, scale):
     return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
 
 
+def _contract_scores(ab, qb, gram, amask, scale, weight):
+    """out (A, B) of the contract on rho = ab @ qb^T (eager, differentiable): the explicit reference the
+    flash kernels are held to."""
+    num, n2 = _contract(torch.einsum("galp,gqp->galq", ab, qb), gram, amask, scale)
+    return (num / n2.clamp_min(1e-12).sqrt()).view(len(amask), *weight.shape).mul(weight).sum(-1)
+
+
+def _count_calls(monkeypatch, owner, name):
+    """A list that grows by one at each call of owner.name (which still runs)."""
+    calls, real = [], getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
 def _contract_inputs(seed, G=3, A=4, L=7, Q=10):
     g = torch.Generator().manual_seed(seed)
     rho = torch.randn(G, A, L, Q, generator=g, dtype=torch.float64)
@@ -331,8 +345,7 @@ def test_flash_equals_the_fused_contract_on_rho(B, n, A):                # FLASH
     got = fused.reconstruct_flash(xs[0], xs[1], gram, amask, weight, 2.5)
     rho_ab, rho_qb = (t.clone().requires_grad_(True) for t in (ab, qb))
     gram_ref = gram.detach().clone().requires_grad_(True)
-    num, n2 = _contract(torch.einsum("galp,gqp->galq", rho_ab, rho_qb), gram_ref, amask, 2.5)
-    ref = (num / n2.clamp_min(1e-12).sqrt()).view(len(amask), B, n).mul(weight).sum(-1)
+    ref = _contract_scores(rho_ab, rho_qb, gram_ref, amask, 2.5, weight)
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
     up = torch.randn(got.shape, dtype=got.dtype, generator=torch.Generator().manual_seed(5))
     g_got = torch.autograd.grad((got * up).sum(), (*xs, gram))
@@ -406,21 +419,20 @@ def test_flash_scores_without_gradients_equal_the_training_path(B, n, monkeypatc
     gram = ab @ ab.transpose(-1, -2)
     qvalid = weight > 0
     train = fused.flash_with_local(ab.requires_grad_(True), qb, gram, amask, weight, 2.5, qvalid, "mean")
-    calls, real = [], fused._flash_anchors
-    monkeypatch.setattr(fused, "_flash_anchors", lambda *a: calls.append(1) or real(*a))
+    calls = _count_calls(monkeypatch, fused, "_flash_anchors")
     cache = {}
     with torch.no_grad():
         got = fused.flash_with_local(ab, qb, gram, amask, weight, 2.5, qvalid, "mean", cache=cache)
         assert not got[0].requires_grad and "flash_anchors" in cache
         for a, b in zip(got, train):
             torch.testing.assert_close(a, b.detach(), rtol=1e-12, atol=1e-12)
-        qb2 = torch.randn(qb.shape, dtype=qb.dtype, generator=torch.Generator().manual_seed(1)) * qvalid.flatten()[None, :, None]
+        qb2 = torch.randn(qb.shape, dtype=qb.dtype, generator=torch.Generator().manual_seed(1))
+        qb2 = qb2 * qvalid.flatten()[None, :, None]
         again = fused.reconstruct_flash(ab, qb2, gram, amask, weight, 2.5, cache=cache)
     assert len(calls) == 1  # the second call took the anchors from the cache
     torch.testing.assert_close(again, fused.reconstruct_flash(ab.detach(), qb2, gram, amask, weight, 2.5),
                                rtol=0, atol=0)
-    num, n2 = _contract(torch.einsum("galp,gqp->galq", ab.detach(), qb2), gram, amask, 2.5)
-    ref = (num / n2.clamp_min(1e-12).sqrt()).view(len(amask), B, n).mul(weight).sum(-1)
+    ref = _contract_scores(ab.detach(), qb2, gram, amask, 2.5, weight)
     torch.testing.assert_close(again, ref, rtol=1e-10, atol=1e-10)
 
 
@@ -430,8 +442,7 @@ def test_flash_all_pairs_lays_out_each_caption_chunk_once(monkeypatch):
     cfg = ScoringConfig(bands=4, kernel="flash")
     img, cap = random_side(13, 5, 16, seed=7), random_side(17, 6, 16, seed=8)
     full = score_all_pairs(img, cap, cfg, max_elems=1 << 22)
-    calls, real = [], fused._flash_anchors
-    monkeypatch.setattr(fused, "_flash_anchors", lambda *a: calls.append(1) or real(*a))
+    calls = _count_calls(monkeypatch, fused, "_flash_anchors")
     per_pair = 5 * 6 * 4
     chunked = score_all_pairs(img, cap, cfg, max_elems=per_pair * 20)
     ci, cc = chunk_sizes(13, 17, 5, 6, cfg, per_pair * 20)
@@ -445,9 +456,9 @@ def test_band_features_without_gradients_are_the_same_bits(d, bands, dtype, monk
     """Without gradients band_features gathers the FFT's bins in one numba pass: bit for bit the torch
     path's features (which training takes, with gradients), for odd and even d, G = 1 and G = F."""
     from hosa_lib import fused_flash, scoring
-    x = torch.nn.functional.normalize(torch.randn(5, 7, d, dtype=dtype, generator=torch.Generator().manual_seed(d)), dim=-1)
-    calls, real = [], fused_flash.band_gather
-    monkeypatch.setattr(fused_flash, "band_gather", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(5, 7, d, dtype=dtype, generator=torch.Generator().manual_seed(d))
+    x = torch.nn.functional.normalize(x, dim=-1)
+    calls = _count_calls(monkeypatch, fused_flash, "band_gather")
     fast = scoring.band_features(x, bands)
     assert calls  # the numba pass ran
     with torch.enable_grad():
@@ -492,8 +503,7 @@ def test_flash_folds_the_local_score_into_the_kernel(padding, pool, direction, m
         return out, torch.autograd.grad((out["total"] * up).sum() + out["local"].sum(), (li, lc))
 
     ref, ref_grads = run(override(cfg, {"kernel": "torch"}))
-    calls, real = [], scoring.mrsw
-    monkeypatch.setattr(scoring, "mrsw", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = _count_calls(monkeypatch, scoring, "mrsw")
     got, got_grads = run(cfg)
     assert len(calls) == (1 if direction == "i2t" else 0)
     for k in ("local", "high", "total"):
@@ -542,8 +552,7 @@ def test_triton_flash_training_equals_the_contract(L, P2, dtype, capsys, monkeyp
     xs = [t.clone().requires_grad_(True) for t in (ab, qb, gram)]
     got = fused.reconstruct_triton_flash(*xs, amask, weight, 2.5)
     refs = [t.clone().double().requires_grad_(True) for t in (ab, qb, gram)]
-    num, n2 = _contract(torch.einsum("galp,gqp->galq", refs[0], refs[1]), refs[2], amask, 2.5)
-    ref = (num / n2.clamp_min(1e-12).sqrt()).view(3, 5, 7).mul(weight.double()).sum(-1)
+    ref = _contract_scores(*refs, amask, 2.5, weight.double())
     tol = 1e-9 if dtype == torch.float64 else 2e-5
     torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol)
     up = torch.randn(got.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5)).to(dev)
