@@ -37,6 +37,21 @@ def _f32_from_bits(typingctx, x):
     return types.float32(x), codegen
 
 
+@intrinsic
+def _fmax(typingctx, a, b):
+    """max(a, b) of two floats of one type as LLVM's maxnum. Python's max, and `if x > m: m = x`, reach LLVM
+    as a store of one of two values; its vectoriser then makes that a masked store, which AMD's Zen 2/3
+    run as microcode (a loop of running maxima took 7x longer than with maxnum on Zen 3)."""
+    if not (isinstance(a, types.Float) and a == b):
+        return None
+
+    def codegen(context, builder, signature, args):
+        ty = args[0].type
+        fn = builder.module.declare_intrinsic("llvm.maxnum", [ty], ir.FunctionType(ty, [ty, ty]))
+        return builder.call(fn, args)
+    return a(a, b), codegen
+
+
 @njit(inline="always", fastmath=True)
 def _exp32(t):
     """exp(t) of a float32 t <= 0 as p * 2^k, p a degree-6 polynomial on [-ln 2 / 2, ln 2 / 2] (relative
@@ -59,8 +74,7 @@ def _softmax_rows(rt, nv, n, scale, out, mx, s, fast):
     for k in range(nv):
         row = rt[k]
         for q in range(n):
-            if row[q] > mx[q]:
-                mx[q] = row[q]
+            mx[q] = _fmax(mx[q], row[q])
     for q in range(n):
         s[q] = 0
     for k in range(nv):
@@ -85,14 +99,67 @@ def _softmax_rows(rt, nv, n, scale, out, mx, s, fast):
 
 
 @njit(inline="always", fastmath=True)
+def _sym(gm, k, j):
+    return gm[k, j] + gm[j, k]
+
+
+@njit(inline="always", fastmath=True)
+def _quadratic(gm, e, nv, n, dd):
+    """dd[q] = sum over j, k < nv of gm_kj e_k[q] e_j[q] (= e^T gm e), each pair j < k once as (gm_kj + gm_jk). The
+    rows go in blocks of four and each pair of blocks in one pass over q: 8 loads and 20 multiply-adds per 16
+    pairs, one load and store of dd per pass (row by row, 4 j at a time, it was 3x slower at 12 rows)."""
+    for q in range(n):
+        dd[q] = 0
+    nb = nv // 4
+    for kb in range(nb):
+        k = 4 * kb
+        x0, x1, x2, x3 = e[k], e[k + 1], e[k + 2], e[k + 3]
+        h00, h11, h22, h33 = gm[k, k], gm[k + 1, k + 1], gm[k + 2, k + 2], gm[k + 3, k + 3]
+        h10, h20, h21 = _sym(gm, k + 1, k), _sym(gm, k + 2, k), _sym(gm, k + 2, k + 1)
+        h30, h31, h32 = _sym(gm, k + 3, k), _sym(gm, k + 3, k + 1), _sym(gm, k + 3, k + 2)
+        for q in range(n):  # the ten pairs inside the block
+            z0, z1, z2, z3 = x0[q], x1[q], x2[q], x3[q]
+            dd[q] += (z0 * (h00 * z0) + z1 * (h10 * z0 + h11 * z1) + z2 * (h20 * z0 + h21 * z1 + h22 * z2)
+                      + z3 * (h30 * z0 + h31 * z1 + h32 * z2 + h33 * z3))
+        for j in range(0, k, 4):  # the 16 pairs with each earlier block
+            y0, y1, y2, y3 = e[j], e[j + 1], e[j + 2], e[j + 3]
+            a0, a1, a2, a3 = _sym(gm, k, j), _sym(gm, k, j + 1), _sym(gm, k, j + 2), _sym(gm, k, j + 3)
+            b0, b1, b2, b3 = _sym(gm, k + 1, j), _sym(gm, k + 1, j + 1), _sym(gm, k + 1, j + 2), _sym(gm, k + 1, j + 3)
+            c0, c1, c2, c3 = _sym(gm, k + 2, j), _sym(gm, k + 2, j + 1), _sym(gm, k + 2, j + 2), _sym(gm, k + 2, j + 3)
+            d0, d1, d2, d3 = _sym(gm, k + 3, j), _sym(gm, k + 3, j + 1), _sym(gm, k + 3, j + 2), _sym(gm, k + 3, j + 3)
+            for q in range(n):
+                z0, z1, z2, z3 = y0[q], y1[q], y2[q], y3[q]
+                dd[q] += (x0[q] * (a0 * z0 + a1 * z1 + a2 * z2 + a3 * z3)
+                          + x1[q] * (b0 * z0 + b1 * z1 + b2 * z2 + b3 * z3)
+                          + x2[q] * (c0 * z0 + c1 * z1 + c2 * z2 + c3 * z3)
+                          + x3[q] * (d0 * z0 + d1 * z1 + d2 * z2 + d3 * z3))
+    for k in range(4 * nb, nv):  # the rows past the last block of four: with every earlier row, four at a time
+        x = e[k]
+        j = 0
+        while j + 4 <= k:
+            g0, g1, g2, g3 = _sym(gm, k, j), _sym(gm, k, j + 1), _sym(gm, k, j + 2), _sym(gm, k, j + 3)
+            y0, y1, y2, y3 = e[j], e[j + 1], e[j + 2], e[j + 3]
+            for q in range(n):
+                dd[q] += x[q] * (g0 * y0[q] + g1 * y1[q] + g2 * y2[q] + g3 * y3[q])
+            j += 4
+        while j < k:
+            g0, y0 = _sym(gm, k, j), e[j]
+            for q in range(n):
+                dd[q] += g0 * x[q] * y0[q]
+            j += 1
+        g0 = gm[k, k]
+        for q in range(n):
+            dd[q] += g0 * x[q] * x[q]
+
+
+@njit(inline="always", fastmath=True)
 def _band_terms(rt, base, nv, n, scale, gm, e, mx, s, ne, dd, u, v, fast, cs):
     """One anchor's rows rt[base:base + nv] (its band shares rho, nv x n) of one band: u += sum_k alpha_k rho_k
     and v += alpha^T gm alpha for alpha = softmax over k of scale * rho. The softmax stays unnormalised
     (e = exp, s = sum e) until the end, u += (e . rho) / s and v += (e^T gm e) / s^2, which saves a pass over
-    the tile; the off-diagonal Gram terms, (gm_kj + gm_jk) e_k e_j for j < k, go four j at a time (one load
-    and store of the accumulator per four products). fast (float32): exp as `_exp32`. cs (rows
-    like rt, or empty): the running sum over bands of rho (the local score's cosines), added in the pass
-    that takes the softmax's maximum (one read of the tile for both)."""
+    the tile; e^T gm e as `_quadratic`. fast (float32): exp as `_exp32`. cs (rows like rt, or empty): the
+    running sum over bands of rho (the local score's cosines), added in the pass that takes the softmax's
+    maximum (one read of the tile for both)."""
     for q in range(n):
         mx[q] = -np.inf
     for k in range(nv):
@@ -100,46 +167,29 @@ def _band_terms(rt, base, nv, n, scale, gm, e, mx, s, ne, dd, u, v, fast, cs):
         if cs.shape[0] > 0:
             c = cs[base + k]
             for q in range(n):
-                mx[q] = max(mx[q], r[q])
+                mx[q] = _fmax(mx[q], r[q])
                 c[q] += r[q]
         else:
             for q in range(n):
-                mx[q] = max(mx[q], r[q])
+                mx[q] = _fmax(mx[q], r[q])
     for q in range(n):
         s[q] = 0
         ne[q] = 0
-        dd[q] = 0
     for k in range(nv):
-        r, o, gkk = rt[base + k], e[k], gm[k, k]
+        r, o = rt[base + k], e[k]
         if fast:
             for q in range(n):
                 x = _exp32(scale * (r[q] - mx[q]))
                 o[q] = x
                 s[q] += x
                 ne[q] += x * r[q]
-                dd[q] += gkk * x * x
         else:
             for q in range(n):
                 x = np.exp(scale * (r[q] - mx[q]))
                 o[q] = x
                 s[q] += x
                 ne[q] += x * r[q]
-                dd[q] += gkk * x * x
-    for k in range(1, nv):  # the off-diagonal Gram terms in blocks of up to four rows j < k
-        x = e[k]
-        j = 0
-        while j + 4 <= k:
-            g0, g1 = gm[k, j] + gm[j, k], gm[k, j + 1] + gm[j + 1, k]
-            g2, g3 = gm[k, j + 2] + gm[j + 2, k], gm[k, j + 3] + gm[j + 3, k]
-            y0, y1, y2, y3 = e[j], e[j + 1], e[j + 2], e[j + 3]
-            for q in range(n):
-                dd[q] += x[q] * (g0 * y0[q] + g1 * y1[q] + g2 * y2[q] + g3 * y3[q])
-            j += 4
-        while j < k:
-            g0, y0 = gm[k, j] + gm[j, k], e[j]
-            for q in range(n):
-                dd[q] += g0 * x[q] * y0[q]
-            j += 1
+    _quadratic(gm, e, nv, n, dd)
     for q in range(n):
         i = 1 / s[q]
         u[q] += ne[q] * i
@@ -230,6 +280,28 @@ def forward(packed, offs, qbt, gram, nvalid, scale, num, n2, fast, qvalid, n_ite
                             arg[a, k, item] = at
 
 
+@njit(inline="always", fastmath=True)
+def _matvec_rows(gm, al, nv, n, out):
+    """out[k, q] = sum over j < nv of gm[k, j] al[j, q] for k < nv, four j per pass over q. A BLAS call per
+    (anchor, band, tile) for this 12 x 12 by 12 x 112 product cost more in overhead than it computed."""
+    for k in range(nv):
+        o = out[k]
+        for q in range(n):
+            o[q] = 0
+        j = 0
+        while j + 4 <= nv:
+            g0, g1, g2, g3 = gm[k, j], gm[k, j + 1], gm[k, j + 2], gm[k, j + 3]
+            y0, y1, y2, y3 = al[j], al[j + 1], al[j + 2], al[j + 3]
+            for q in range(n):
+                o[q] += g0 * y0[q] + g1 * y1[q] + g2 * y2[q] + g3 * y3[q]
+            j += 4
+        while j < nv:
+            g0, y0 = gm[k, j], al[j]
+            for q in range(n):
+                o[q] += g0 * y0[q]
+            j += 1
+
+
 @njit(parallel=True, fastmath=True, cache=True)
 def backward(packed, offs, order, cstart, qbt, qb, gram, nvalid, scale, u, w, d_packed, d_qb, d_gram, fast, glocal,
              arg, n_item, per_tile, ablock):
@@ -258,7 +330,6 @@ def backward(packed, offs, order, cstart, qbt, qb, gram, nvalid, scale, u, w, d_
         wal = np.empty((L, QB), dtype=packed.dtype)
         tqb = np.empty((QB, P2), dtype=packed.dtype)
         gm = np.empty(ablock * G * L * L, dtype=packed.dtype)  # each anchor's valid Gram blocks, contiguous
-        tg = np.empty(L * L, dtype=packed.dtype)
         uq = np.empty(QB, dtype=packed.dtype)
         w2 = np.empty(QB, dtype=packed.dtype)
         mx = np.empty(QB, dtype=packed.dtype)
@@ -289,7 +360,7 @@ def backward(packed, offs, order, cstart, qbt, qb, gram, nvalid, scale, u, w, d_
                             w2[q] = w[a, q0 + q] + w[a, q0 + q]
                         _softmax_rows(rows, nv, QB, scale, al, mx, s, fast)
                         o = ((i - p0) * G + g) * L * L
-                        np.dot(gm[o:o + nv * nv].reshape((nv, nv)), al[:nv], cc[:nv])  # beta = Gamma alpha
+                        _matvec_rows(gm[o:o + nv * nv].reshape((nv, nv)), al, nv, QB, cc)  # beta = Gamma alpha
                         for q in range(QB):
                             tot[q] = 0.0
                         for k in range(nv):
@@ -308,11 +379,15 @@ def backward(packed, offs, order, cstart, qbt, qb, gram, nvalid, scale, u, w, d_
                                     item = t * per_tile + b
                                     if item < glocal.shape[2] and arg[a, k, item] >= 0:
                                         dk[arg[a, k, item] - q0] += glocal[a, k, item]
-                        tgv = tg[:nv * nv].reshape((nv, nv))
-                        np.dot(wal[:nv], al[:nv].T, tgv)  # d_gram = sum_q w alpha alpha^T
-                        for k in range(nv):
-                            for j in range(nv):
-                                d_gram[g, a, k, j] += tgv[k, j]
+                        for k in range(nv):  # d_gram = sum_q w alpha alpha^T, symmetric
+                            wk = wal[k]
+                            for j in range(k + 1):
+                                x, acc = al[j], 0.0
+                                for q in range(QB):
+                                    acc += wk[q] * x[q]
+                                d_gram[g, a, k, j] += acc
+                                if j < k:
+                                    d_gram[g, a, j, k] += acc
                     if r1 > r0:
                         np.dot(drt[:r1 - r0].T, packed[g, r0:r1], tqb)  # d_qb = d_rho^T @ ab, the block at once
                         for q in range(QB):

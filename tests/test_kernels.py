@@ -358,6 +358,37 @@ def test_flash_equals_the_fused_contract_on_rho(B, n, A):                # FLASH
     assert (g_got[2][~valid] == 0).all() and (g_got[0][:, ~amask] == 0).all()
 
 
+def test_flash_every_valid_count_up_to_three_blocks_of_words():
+    """Anchors of 13 positions with 0 to 13 of them valid: the kernel's quadratic form (`fused_flash._quadratic`:
+    rows in blocks of four, then the rows left over) and its backward equal the contract for every count,
+    values and gradients (float64). The forward's values hold for any matrix; the backward takes gram as a Gram
+    matrix is, symmetric."""
+    G, A, L, B, n, P2 = 2, 14, 13, 3, 5, 4
+    g = torch.Generator().manual_seed(13)
+    amask = torch.arange(L)[None] < torch.arange(A)[:, None]  # anchor a: its first a positions
+    ab = torch.randn(G, A, L, P2, generator=g, dtype=torch.float64) * amask[None, :, :, None]
+    qb = torch.randn(G, B * n, P2, generator=g, dtype=torch.float64)
+    skew = torch.randn(G, A, L, L, generator=g, dtype=torch.float64)
+    weight = torch.full((B, n), 1.0 / n, dtype=torch.float64)
+    general = skew.abs() + 0.1  # not symmetric
+    torch.testing.assert_close(fused.reconstruct_flash(ab, qb, general, amask, weight, 1.5),
+                               _contract_scores(ab, qb, general, amask, 1.5, weight), rtol=1e-10, atol=1e-10)
+    gram = ab @ ab.transpose(-1, -2) + 0.1
+    xs = [t.clone().requires_grad_(True) for t in (ab, qb, gram)]
+    ref_xs = [t.clone().requires_grad_(True) for t in (ab, qb, gram)]
+    got, ref = fused.reconstruct_flash(*xs, amask, weight, 1.5), _contract_scores(*ref_xs, amask, 1.5, weight)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(fused.reconstruct_flash(ab, qb, gram, amask, weight, 1.5), ref.detach(),
+                               rtol=1e-10, atol=1e-10)  # the scoring road, without gradients
+    up = torch.randn(A, B, generator=g, dtype=torch.float64)
+    g_got = torch.autograd.grad((got * up).sum(), xs)
+    g_ref = torch.autograd.grad((ref * up).sum(), ref_xs)
+    valid = (amask[:, :, None] & amask[:, None, :])[None].expand_as(gram)
+    for name, a, b, keep in zip(("abands", "qbands", "gram"), g_got, g_ref, (None, None, valid)):
+        a, b = (a, b) if keep is None else (a[keep], b[keep])
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=name)
+
+
 def _flash_local_and_grads(ab, qb, gram, amask, weight, scale, up):
     """flash_with_local's high-order and local scores and the gradients of ab, qb and gram of
     (high * up).sum() + local.sum()."""
