@@ -330,12 +330,13 @@ def _flash_inputs(seed, G=3, A=4, L=5, B=3, n=4, P2=6, dtype=torch.float64):
     return ab, qb, amask, weight
 
 
-@pytest.mark.parametrize("B,n,A", [(3, 4, 4), (5, 40, 4), (3, 4, 19)])  # one query tile, and several (Q = 200 >
-def test_flash_equals_the_fused_contract_on_rho(B, n, A):                # FLASH_QB); 19 anchors: 3 blocks of FLASH_AB
+# one query tile, and several (Q = 200 > FLASH_QB); 2 FLASH_AB + 3 anchors: three blocks of FLASH_AB, the last short
+@pytest.mark.parametrize("B,n,A", [(3, 4, 4), (5, 40, 4), (3, 4, 2 * fused.FLASH_AB + 3)])
+def test_flash_equals_the_fused_contract_on_rho(B, n, A):
     """The flash kernel from the band features equals the contract evaluated on rho = ab @ qb^T by
     the eager definition, values and the gradients of all three inputs (float64, masked anchors with
-    valid positions not first, padded query items; with 19 anchors, blocks of uneven row counts split
-    between threads, and an anchor without valid positions)."""
+    valid positions not first, padded query items; with more anchors than a block, blocks of uneven row
+    counts split between threads, and an anchor without valid positions)."""
     ab, qb, amask, weight = _flash_inputs(B * n, A=A, B=B, n=n)
     if A > fused.FLASH_AB:
         amask[A // 2] = False
@@ -417,8 +418,10 @@ def test_flash_blocks_of_anchors_compute_what_one_anchor_at_a_time_does(monkeypa
 @pytest.mark.parametrize("valid_first", [False, True])
 def test_flash_tiles_are_whole_items_padded_to_whole_vectors(valid_first, monkeypatch):
     """The query side's tiles hold whole items and are zero-padded to a multiple of FLASH_LANES positions
-    (36-position items: 3 per tile, 108 -> 112); the padding changes no value or gradient (against tiles
-    without padding, float64), with the anchors' valid positions first (no reorder) or not."""
+    (36-position items in tiles of at most 128 positions: 3 per tile, 108 -> 112); the padding changes no value
+    or gradient (against tiles without padding, float64), with the anchors' valid positions first (no reorder)
+    or not."""
+    monkeypatch.setattr(fused, "FLASH_QB", 128)
     ab, qb, amask, weight = _flash_inputs(11, G=4, A=5, L=6, B=7, n=36, P2=8)
     if valid_first:
         amask = torch.arange(6)[None] < torch.tensor([6, 3, 1, 5, 2])[:, None]
@@ -445,8 +448,8 @@ def test_flash_scores_without_gradients_equal_the_training_path(B, n, monkeypatc
     """Without gradients the kernel writes the scores itself (no (A, Q) arrays), builds only the transposed
     query tiles and keeps the anchors' layout in the caller's cache: the high-order and local scores equal
     the training path's (float64, masked anchors with valid positions not first, padded query items,
-    19 anchors in uneven blocks), and a second query side scored with the cached anchors is right too."""
-    ab, qb, amask, weight = _flash_inputs(B + n, A=19, B=B, n=n)
+    anchors in uneven blocks), and a second query side scored with the cached anchors is right too."""
+    ab, qb, amask, weight = _flash_inputs(B + n, A=fused.FLASH_AB + 3, B=B, n=n)
     gram = ab @ ab.transpose(-1, -2)
     qvalid = weight > 0
     train = fused.flash_with_local(ab.requires_grad_(True), qb, gram, amask, weight, 2.5, qvalid, "mean")
