@@ -230,9 +230,17 @@ def _flash_queries(qbands, n_item: int, untransposed: bool = True):
     k.query_tiles(qbands.detach().numpy(), items, qbt.numpy())
     if not untransposed:
         return None, qbt, pos, per_tile
+    if T * QB == Q:  # no padding anywhere (e.g. four 36-region images per tile): the tiles are qbands itself
+        return qbands.detach().contiguous().view(G, T, QB, P2), qbt, pos, per_tile
     qb = qbands.new_zeros(G, T * QB, P2)
     qb[:, pos] = qbands
     return qb.view(G, T, QB, P2), qbt, pos, per_tile
+
+
+def _at(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """x[:, pos]: the query positions' columns of x (., T * QB, ...) laid out in tiles, x itself where the tiles
+    hold no padding (pos is then 0, 1, ..., Q - 1; a gather of the whole array saved)."""
+    return x if x.shape[1] == len(pos) else x[:, pos]
 
 
 def _flash_layout(abands, qbands, gram, amask, n_item: int):
@@ -306,8 +314,8 @@ def _flash_forward(abands, qbands, gram, amask, weight, scale, qvalid=None):
     packed, offs = _packed(ab, nvalid)
     _flash_call(k, packed, offs, qbt, gr, nvalid, scale, num, n2, valid, n, per_tile, local, arg,
                 ab.new_empty(0, 0), ab.new_empty(0, 0))
-    norm = n2[:, pos].clamp_min(1e-12).sqrt()
-    cos = num[:, pos] / norm
+    norm = _at(n2, pos).clamp_min(1e-12).sqrt()
+    cos = _at(num, pos) / norm
     return (cos.view(A, B, n) * weight).sum(-1), layout, cos, norm, local, arg
 
 
@@ -369,16 +377,17 @@ class _Flash(torch.autograd.Function):
         G, A, L, P2 = ab.shape
         T, QB = qb.shape[1], qb.shape[2]
         g = (grad[..., None] * weight).flatten(1)  # dL/dcos per (a, q)
-        u, w = ab.new_zeros(A, T * QB), ab.new_zeros(A, T * QB)
-        u[:, pos] = g / norm  # dL/dnum
-        w[:, pos] = -g * cos / (2 * norm * norm)  # dL/dn2
+        u, w = g / norm, -g * cos / (2 * norm * norm)  # dL/dnum, dL/dn2 per (a, q)
+        if T * QB != len(pos):  # padded tiles: zero at the padding
+            u, w = (ab.new_zeros(A, T * QB).index_copy_(1, pos, x) for x in (u, w))
         glocal = ab.new_zeros(0, L, 0) if grad_local is None or arg.numel() == 0 else grad_local.contiguous()
         _threads()
         chunks = max(1, min(A, numba.get_num_threads()))
-        # chunk c owns anchors c, c + C, ...: packed in that order, each chunk's anchors are consecutive rows
-        order = torch.cat([torch.arange(c, A, chunks) for c in range(chunks)])
-        cstart = torch.tensor([0] + [len(range(c, A, chunks)) for c in range(chunks)]).cumsum(0)
-        packed, offs = _packed(ab[:, order], nvalid[order])
+        # chunk c owns the anchors cstart[c]:cstart[c + 1], consecutive, about the same number of rows each
+        order = torch.arange(A)
+        packed, offs = _packed(ab, nvalid)
+        cstart = torch.searchsorted(offs, offs[-1] * torch.arange(chunks + 1) // chunks)
+        cstart[0], cstart[-1] = 0, A
         d_packed, d_gram = torch.empty_like(packed), torch.empty_like(gr)
         d_qb = ab.new_empty(chunks, G, T, QB, P2)
         with _one_blas_thread():
@@ -386,10 +395,12 @@ class _Flash(torch.autograd.Function):
                        gr.numpy(), nvalid.long().numpy(), _scalar(ctx.scale, ab), u.numpy(), w.numpy(), d_packed.numpy(),
                        d_qb.numpy(), d_gram.numpy(), ab.dtype == torch.float32, glocal.numpy(), arg.numpy(),
                        weight.shape[1], ctx.per_tile, FLASH_AB)
-        d_perm, d_ab = torch.zeros_like(ab), torch.empty_like(ab)
-        d_perm[:, _valid_rows(ab, nvalid[order])] = d_packed
-        d_ab[:, order] = d_perm
-        d_qbands = d_qb.sum(0).view(G, T * QB, P2)[:, pos]
+        if packed.shape[1] == A * L:  # every position valid: the stacked rows are ab's own
+            d_ab = d_packed.view(G, A, L, P2)
+        else:
+            d_ab = torch.zeros_like(ab)
+            d_ab[:, _valid_rows(ab, nvalid)] = d_packed
+        d_qbands = _at(d_qb.sum(0).view(G, T * QB, P2), pos)
         return _unorder(d_ab, idx, (2,)), d_qbands, _unorder(d_gram, idx, (2, 3)), None, None, None, None
 
 

@@ -308,8 +308,8 @@ def backward(packed, offs, order, cstart, qbt, qb, gram, nvalid, scale, u, w, d_
     """Given u = dL/dnum and w = dL/dn2 per (a, q): d_packed (G, R, P2) (the gradient of packed, row for
     row), d_gram (G, A, L, L) and d_qb (C, G, T, QB, P2), one partial sum per chunk of anchors (the caller
     adds the C chunks). packed holds the anchors' valid rows in the order `order` (position i is anchor
-    order[i], its rows offs[i]:offs[i + 1]); chunk c runs positions cstart[c]:cstart[c + 1] (anchors c,
-    c + C, ..., so that no two threads write the same d_qb), in blocks of `ablock` anchors. Per tile, rho
+    order[i], its rows offs[i]:offs[i + 1]); chunk c runs positions cstart[c]:cstart[c + 1] (one thread each,
+    into its own partial d_qb, so that no two threads write the same memory), in blocks of `ablock` anchors. Per tile, rho
     and the softmax are recomputed, rho and d_ab for a whole block in one GEMM each (as in `forward`);
     with beta = Gamma alpha and c_k = u rho_k + 2 w beta_k: d_rho_k = alpha_k (u + scale (c_k - sum_j
     alpha_j c_j)), d_gram = sum_q w alpha alpha^T, d_ab = d_rho @ qb, d_qb = d_rho^T @ ab (one GEMM per block

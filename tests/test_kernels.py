@@ -359,6 +359,27 @@ def test_flash_equals_the_fused_contract_on_rho(B, n, A):
     assert (g_got[2][~valid] == 0).all() and (g_got[0][:, ~amask] == 0).all()
 
 
+def test_flash_without_any_padding_takes_the_arrays_as_they_are(monkeypatch):
+    """Whole tiles (8 items of 36 positions: two tiles of 144, FLASH_QB) and every anchor position valid: the
+    backward reads qbands itself as its tiles and the stacked gradient rows as d_abands (no gathers or
+    scatters); values and gradients still equal the contract (float64)."""
+    monkeypatch.setattr(fused, "FLASH_QB", 144)
+    ab, qb, _, weight = _flash_inputs(8, G=2, A=5, L=6, B=8, n=36, P2=4)
+    amask = torch.ones(5, 6, dtype=torch.bool)
+    ab = torch.randn(ab.shape, dtype=ab.dtype, generator=torch.Generator().manual_seed(2))
+    qtiles, pos = fused._flash_queries(qb, 36)[0], fused._flash_queries(qb, 36)[2]
+    assert qtiles.data_ptr() == qb.data_ptr() and torch.equal(pos, torch.arange(8 * 36))
+    gram = ab @ ab.transpose(-1, -2)
+    xs = [t.clone().requires_grad_(True) for t in (ab, qb, gram)]
+    ref_xs = [t.clone().requires_grad_(True) for t in (ab, qb, gram)]
+    got, ref = fused.reconstruct_flash(*xs, amask, weight, 2.0), _contract_scores(*ref_xs, amask, 2.0, weight)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+    up = torch.randn(got.shape, dtype=got.dtype, generator=torch.Generator().manual_seed(3))
+    for name, a, b in zip(("abands", "qbands", "gram"), torch.autograd.grad((got * up).sum(), xs),
+                          torch.autograd.grad((ref * up).sum(), ref_xs)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=name)
+
+
 def test_flash_every_valid_count_up_to_three_blocks_of_words():
     """Anchors of 13 positions with 0 to 13 of them valid: the kernel's quadratic form (`fused_flash._quadratic`:
     rows in blocks of four, then the rows left over) and its backward equal the contract for every count,
