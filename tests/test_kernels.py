@@ -380,6 +380,28 @@ def test_flash_without_any_padding_takes_the_arrays_as_they_are(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=name)
 
 
+def test_flash_exponential_is_float32_accurate_over_its_range():
+    """`fused_flash._exp2_32`, the float32 exponential the flash kernels vectorise, is within 2.5e-7 relative
+    error of 2^y over [-126, 0] (whole and half-way exponents included), and clamps below -126."""
+    import numba
+    import numpy as np
+
+    from hosa_lib import fused_flash
+
+    @numba.njit(fastmath=True)
+    def run(y, out):
+        for i in range(len(y)):
+            out[i] = fused_flash._exp2_32(y[i])
+
+    y = np.concatenate([np.linspace(-126, 0, 400_001), np.arange(-126, 1) - 0.5, np.arange(-126, 1)])
+    y = y[y >= -126].astype(np.float32)
+    out = np.empty_like(y)
+    run(y, out)
+    assert np.abs(out / np.exp2(y.astype(np.float64)) - 1).max() < 2.5e-7
+    run(np.array([-200.0, -126.0], dtype=np.float32), out[:2])
+    assert out[0] == out[1] == np.float32(2.0 ** -126)
+
+
 def test_flash_every_valid_count_up_to_three_blocks_of_words():
     """Anchors of 13 positions with 0 to 13 of them valid: the kernel's quadratic form (`fused_flash._quadratic`:
     rows in blocks of four, then the rows left over) and its backward equal the contract for every count,
