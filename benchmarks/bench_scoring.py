@@ -1,13 +1,13 @@
 """Scoring benchmark (issue: model core). Same random inputs for every variant, measured in one run.
 
-    python benchmarks/bench_scoring.py [--images 200 --captions 1000 --d 1024 --bands 16]
+    python benchmarks/bench_scoring.py [--images 200 --captions 1000 --d 1024 --bands 16 --repeat 3]
 
 (a) fp32 matmul peak; (b) TERAN's evaluation pattern for MrSw (per query image, caption batches
 through the alignment tensor expanded to pairs x regions x words); (c) our chunked MrSw;
 (d) our chunked full HOSA score with each kernel (torch: eager; numba: the fused kernel after the
 band-share GEMM; flash: band shares per tile, never whole); (e) one training step (forward + backward
 of the loss on a B x B batch) with MrSw only and with full HOSA; (f) where numba's time goes. Times
-are medians of 3 calls. Ratios are printed last.
+are medians of 3 calls (--repeat N for more). Ratios are printed last.
 """
 from __future__ import annotations
 
@@ -43,13 +43,17 @@ class PeakRSS:
         self.t.join()
 
 
-def timed(fn, repeat=3):
-    """(median time of `repeat` calls, peak RSS growth of the first (cold) call: later calls reuse the
-    allocator's freed buffers). The median, because single runs on a shared 2-core machine swing widely."""
+REPEAT = 3  # timed calls per variant (--repeat)
+
+
+def timed(fn, repeat=None):
+    """(median time of `repeat` (default REPEAT) calls, peak RSS growth of the first (cold) call: later calls
+    reuse the allocator's freed buffers). The median, because single runs on a shared 2-core machine swing
+    widely."""
     with PeakRSS() as mem:
         fn()
     times = []
-    for _ in range(repeat):
+    for _ in range(repeat or REPEAT):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
@@ -137,6 +141,7 @@ def phases(img, cap, bi, bc, args, res):
 
 
 def main():
+    global REPEAT
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=200)
     ap.add_argument("--captions", type=int, default=1000)
@@ -148,7 +153,10 @@ def main():
     ap.add_argument("--kernels", default="torch,numba,flash", help="scoring.kernel values to time, comma-separated "
                     "(numba: today's fused kernel after the band-share GEMM; flash: band shares per tile)")
     ap.add_argument("--no-tune", action="store_true", help="keep glibc's default allocator settings")
+    ap.add_argument("--repeat", type=int, default=REPEAT, help="timed calls per variant, their median reported "
+                    "(more on a machine whose speed swings)")
     args = ap.parse_args()
+    REPEAT = args.repeat
     tuned = False if args.no_tune else tune_cpu_allocator()
     torch.manual_seed(0)
     print(f"threads={torch.get_num_threads()} images={args.images} captions={args.captions} d={args.d} "
