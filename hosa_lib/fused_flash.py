@@ -300,7 +300,7 @@ def forward(packed, offs, qbt, gram, nvalid, scale, num, n2, fast, qvalid, n_ite
 @njit(inline="always", fastmath=True)
 def _matvec_rows(gm, al, nv, n, out):
     """out[k, q] = sum over j < nv of gm[k, j] al[j, q] for k < nv, four j per pass over q. A BLAS call per
-    (anchor, band, tile) for this 12 x 12 by 12 x 112 product cost more in overhead than it computed."""
+    (anchor, band, tile) for this 12 x 12 by 12 x 144 product cost more in overhead than it computed."""
     for k in range(nv):
         o = out[k]
         for q in range(n):
