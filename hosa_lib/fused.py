@@ -301,7 +301,8 @@ def _local_buffers(qvalid, pos, qbt, A: int, L: int, with_arg: bool):
 
 
 def _flash_forward(abands, qbands, gram, amask, weight, scale, qvalid=None):
-    """(out (A, B), the saved layout, cos and norm (A, Q), and with qvalid (B, n): the local score's
+    """(out (A, B), what the backward reads (`_flash_layout`'s arrays, then the stacked anchors and their offsets,
+    then per_tile), cos and norm (A, Q), and with qvalid (B, n): the local score's
     per-word maxima (A, L, B) (valid words first, 0 past them) and where they are (A, L, B))."""
     from . import fused_flash as k
     _flash_check(abands, qbands, gram)
@@ -316,7 +317,7 @@ def _flash_forward(abands, qbands, gram, amask, weight, scale, qvalid=None):
                 ab.new_empty(0, 0), ab.new_empty(0, 0))
     norm = _at(n2, pos).clamp_min(1e-12).sqrt()
     cos = _at(num, pos) / norm
-    return (cos.view(A, B, n) * weight).sum(-1), layout, cos, norm, local, arg
+    return (cos.view(A, B, n) * weight).sum(-1), (*layout[:-1], packed, offs, layout[-1]), cos, norm, local, arg
 
 
 def _flash_scores(abands, qbands, gram, amask, weight, scale, qvalid=None, cache: dict | None = None):
@@ -373,7 +374,7 @@ class _Flash(torch.autograd.Function):
         import numba
 
         from . import fused_flash as k
-        ab, gr, qb, qbt, idx, nvalid, pos, cos, norm, weight, arg = ctx.saved_tensors
+        ab, gr, qb, qbt, idx, nvalid, pos, packed, offs, cos, norm, weight, arg = ctx.saved_tensors
         G, A, L, P2 = ab.shape
         T, QB = qb.shape[1], qb.shape[2]
         g = (grad[..., None] * weight).flatten(1)  # dL/dcos per (a, q)
@@ -384,14 +385,12 @@ class _Flash(torch.autograd.Function):
         _threads()
         chunks = max(1, min(A, numba.get_num_threads()))
         # chunk c owns the anchors cstart[c]:cstart[c + 1], consecutive, about the same number of rows each
-        order = torch.arange(A)
-        packed, offs = _packed(ab, nvalid)
         cstart = torch.searchsorted(offs, offs[-1] * torch.arange(chunks + 1) // chunks)
         cstart[0], cstart[-1] = 0, A
         d_packed, d_gram = torch.empty_like(packed), torch.empty_like(gr)
         d_qb = ab.new_empty(chunks, G, T, QB, P2)
         with _one_blas_thread():
-            k.backward(packed.numpy(), offs.numpy(), order.numpy(), cstart.numpy(), qbt.numpy(), qb.numpy(),
+            k.backward(packed.numpy(), offs.numpy(), cstart.numpy(), qbt.numpy(), qb.numpy(),
                        gr.numpy(), nvalid.long().numpy(), _scalar(ctx.scale, ab), u.numpy(), w.numpy(), d_packed.numpy(),
                        d_qb.numpy(), d_gram.numpy(), ab.dtype == torch.float32, glocal.numpy(), arg.numpy(),
                        weight.shape[1], ctx.per_tile, FLASH_AB)

@@ -320,13 +320,13 @@ def _matvec_rows(gm, al, nv, n, out):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def backward(packed, offs, order, cstart, qbt, qb, gram, nvalid, scale, u, w, d_packed, d_qb, d_gram, fast, glocal,
+def backward(packed, offs, cstart, qbt, qb, gram, nvalid, scale, u, w, d_packed, d_qb, d_gram, fast, glocal,
              arg, n_item, per_tile, ablock):
     """Given u = dL/dnum and w = dL/dn2 per (a, q): d_packed (G, R, P2) (the gradient of packed, row for
     row), d_gram (G, A, L, L) and d_qb (C, G, T, QB, P2), one partial sum per chunk of anchors (the caller
-    adds the C chunks). packed holds the anchors' valid rows in the order `order` (position i is anchor
-    order[i], its rows offs[i]:offs[i + 1]); chunk c runs positions cstart[c]:cstart[c + 1] (one thread each,
-    into its own partial d_qb, so that no two threads write the same memory), in blocks of `ablock` anchors. Per tile, rho
+    adds the C chunks). packed holds the anchors' valid rows (anchor a's rows offs[a]:offs[a + 1]); chunk c
+    runs the consecutive anchors cstart[c]:cstart[c + 1] (one thread each, into its own partial d_qb, so that no
+    two threads write the same memory), in blocks of `ablock` anchors. Per tile, rho
     and the softmax are recomputed, rho and d_ab for a whole block in one GEMM each (as in `forward`);
     with beta = Gamma alpha and c_k = u rho_k + 2 w beta_k: d_rho_k = alpha_k (u + scale (c_k - sum_j
     alpha_j c_j)), d_gram = sum_q w alpha alpha^T, d_ab = d_rho @ qb, d_qb = d_rho^T @ ab (one GEMM per block
@@ -358,7 +358,7 @@ def backward(packed, offs, order, cstart, qbt, qb, gram, nvalid, scale, u, w, d_
             r0, r1 = offs[p0], offs[p1]
             d_packed[:, r0:r1] = 0.0
             for i in range(p0, p1):
-                a, nv = order[i], nvalid[order[i]]
+                a, nv = i, nvalid[i]
                 d_gram[:, a] = 0.0
                 for g in range(G):
                     o = ((i - p0) * G + g) * L * L
@@ -369,7 +369,7 @@ def backward(packed, offs, order, cstart, qbt, qb, gram, nvalid, scale, u, w, d_
                     if r1 > r0:
                         np.dot(packed[g, r0:r1], qbt[g, t], rt[:r1 - r0])
                     for i in range(p0, p1):
-                        a, base = order[i], offs[i] - r0
+                        a, base = i, offs[i] - r0
                         nv = nvalid[a]
                         rows = rt[base:base + nv]
                         for q in range(QB):
