@@ -216,7 +216,8 @@ def _flash_anchors(abands, gram, amask):
 def _flash_queries(qbands, n_item: int, untransposed: bool = True):
     """The query side in tiles of per_tile whole items (n_item positions each), each tile zero-padded to QB
     positions (a multiple of FLASH_LANES): (qb (G, T, QB, P2) or None when not `untransposed` (only the
-    backward reads it), qbt (G, T, P2, QB), pos (Q,): each query position's place in the tiles, per_tile)."""
+    backward reads it), qbt (G, T, P2, QB), pos (Q,): each query position's place in the tiles, per_tile,
+    qnorm (G, T): the largest squared norm of a tile's positions per band, the kernels' bound on rho)."""
     G, Q, P2 = qbands.shape
     per_tile = max(1, FLASH_QB // n_item)
     items = per_tile * n_item  # positions of items per tile
@@ -226,15 +227,15 @@ def _flash_queries(qbands, n_item: int, untransposed: bool = True):
     pos = (q // items) * QB + q % items
     from . import fused_flash as k
     _threads()
-    qbt = qbands.new_empty(G, T, P2, QB)
-    k.query_tiles(qbands.detach().numpy(), items, qbt.numpy())
+    qbt, qnorm = qbands.new_empty(G, T, P2, QB), qbands.new_empty(G, T)
+    k.query_tiles(qbands.detach().numpy(), items, qbt.numpy(), qnorm.numpy())
     if not untransposed:
-        return None, qbt, pos, per_tile
+        return None, qbt, pos, per_tile, qnorm
     if T * QB == Q:  # no padding anywhere (e.g. four 36-region images per tile): the tiles are qbands itself
-        return qbands.detach().contiguous().view(G, T, QB, P2), qbt, pos, per_tile
+        return qbands.detach().contiguous().view(G, T, QB, P2), qbt, pos, per_tile, qnorm
     qb = qbands.new_zeros(G, T * QB, P2)
     qb[:, pos] = qbands
-    return qb.view(G, T, QB, P2), qbt, pos, per_tile
+    return qb.view(G, T, QB, P2), qbt, pos, per_tile, qnorm
 
 
 def _at(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -245,10 +246,10 @@ def _at(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
 
 def _flash_layout(abands, qbands, gram, amask, n_item: int):
     """Both sides as the kernels read them (`_flash_anchors`, `_flash_queries`): (ab, gram, qb, qbt, idx,
-    nvalid, pos, per_tile)."""
+    nvalid, pos, per_tile, qnorm)."""
     ab, gr, idx, nvalid = _flash_anchors(abands, gram, amask)
-    qb, qbt, pos, per_tile = _flash_queries(qbands, n_item)
-    return ab, gr, qb, qbt, idx, nvalid, pos, per_tile
+    qb, qbt, pos, per_tile, qnorm = _flash_queries(qbands, n_item)
+    return ab, gr, qb, qbt, idx, nvalid, pos, per_tile, qnorm
 
 
 def _unorder(x: torch.Tensor, idx: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
@@ -263,12 +264,14 @@ def _unorder(x: torch.Tensor, idx: torch.Tensor, dims: tuple[int, ...]) -> torch
     return x
 
 
-def _packed(ab: torch.Tensor, nvalid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _packed(ab: torch.Tensor, nvalid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The anchors' valid rows of ab (G, A, L, P2) stacked: (G, sum of nvalid, P2), the i-th anchor's rows
-    at offs[i]:offs[i + 1] (the flash kernels' block GEMMs read a block of anchors as one matrix)."""
+    at offs[i]:offs[i + 1] (the flash kernels' block GEMMs read a block of anchors as one matrix), offs, and
+    each stacked row's squared norm (G, sum of nvalid) (the kernels' bound on rho)."""
     offs = torch.zeros(ab.shape[1] + 1, dtype=torch.int64)
     offs[1:] = nvalid.long().cumsum(0)
-    return ab[:, _valid_rows(ab, nvalid)].contiguous(), offs
+    packed = ab[:, _valid_rows(ab, nvalid)].contiguous()
+    return packed, offs, torch.linalg.vector_norm(packed, dim=-1).square_()
 
 
 def _valid_rows(ab: torch.Tensor, nvalid: torch.Tensor) -> torch.Tensor:
@@ -281,12 +284,13 @@ def _flash_check(abands, qbands, gram):
                          f"{qbands.dtype} and {gram.dtype}; use kernel torch for other dtypes")
 
 
-def _flash_call(k, packed, offs, qbt, gr, nvalid, scale, num, n2, valid, n, per_tile, local, arg, weight, out):
+def _flash_call(k, packed, offs, qbt, gr, nvalid, scale, num, n2, valid, n, per_tile, local, arg, weight, out,
+                anorm, qnorm):
     _threads()
     with _one_blas_thread():
         k.forward(packed.numpy(), offs.numpy(), qbt.numpy(), gr.numpy(), nvalid.numpy(), _scalar(scale, packed),
                   num.numpy(), n2.numpy(), packed.dtype == torch.float32, valid.numpy(), n, per_tile, local.numpy(),
-                  arg.numpy(), FLASH_AB, weight.numpy(), out.numpy())
+                  arg.numpy(), FLASH_AB, weight.numpy(), out.numpy(), anorm.numpy(), qnorm.numpy())
 
 
 def _local_buffers(qvalid, pos, qbt, A: int, L: int, with_arg: bool):
@@ -301,23 +305,23 @@ def _local_buffers(qvalid, pos, qbt, A: int, L: int, with_arg: bool):
 
 
 def _flash_forward(abands, qbands, gram, amask, weight, scale, qvalid=None):
-    """(out (A, B), what the backward reads (`_flash_layout`'s arrays, then the stacked anchors and their offsets,
-    then per_tile), cos and norm (A, Q), and with qvalid (B, n): the local score's
+    """(out (A, B), what the backward reads (`_flash_layout`'s tensors, then the stacked anchors, their offsets
+    and squared norms), per_tile, cos and norm (A, Q), and with qvalid (B, n): the local score's
     per-word maxima (A, L, B) (valid words first, 0 past them) and where they are (A, L, B))."""
     from . import fused_flash as k
     _flash_check(abands, qbands, gram)
     (A, L, Q), (B, n) = (abands.shape[1], abands.shape[2], qbands.shape[1]), weight.shape
-    layout = _flash_layout(abands, qbands, gram, amask, n)
-    ab, gr, qb, qbt, idx, nvalid, pos, per_tile = layout
+    ab, gr, qb, qbt, idx, nvalid, pos, per_tile, qnorm = _flash_layout(abands, qbands, gram, amask, n)
     T, QB = qb.shape[1], qb.shape[2]
     num, n2 = ab.new_empty(A, T * QB), ab.new_empty(A, T * QB)
     valid, local, arg = _local_buffers(qvalid, pos, qbt, A, L, with_arg=True)
-    packed, offs = _packed(ab, nvalid)
+    packed, offs, anorm = _packed(ab, nvalid)
     _flash_call(k, packed, offs, qbt, gr, nvalid, scale, num, n2, valid, n, per_tile, local, arg,
-                ab.new_empty(0, 0), ab.new_empty(0, 0))
+                ab.new_empty(0, 0), ab.new_empty(0, 0), anorm, qnorm)
     norm = _at(n2, pos).clamp_min(1e-12).sqrt()
     cos = _at(num, pos) / norm
-    return (cos.view(A, B, n) * weight).sum(-1), (*layout[:-1], packed, offs, layout[-1]), cos, norm, local, arg
+    saved = (ab, gr, qb, qbt, idx, nvalid, pos, packed, offs, anorm, qnorm)
+    return (cos.view(A, B, n) * weight).sum(-1), saved, per_tile, cos, norm, local, arg
 
 
 def _flash_scores(abands, qbands, gram, amask, weight, scale, qvalid=None, cache: dict | None = None):
@@ -334,12 +338,12 @@ def _flash_scores(abands, qbands, gram, amask, weight, scale, qvalid=None, cache
         anchors = (*_packed(ab, nvalid), gr, nvalid)
         if cache is not None:
             cache["flash_anchors"] = anchors
-    packed, offs, gr, nvalid = anchors
-    _, qbt, pos, per_tile = _flash_queries(qbands, n, untransposed=False)
+    packed, offs, anorm, gr, nvalid = anchors
+    _, qbt, pos, per_tile, qnorm = _flash_queries(qbands, n, untransposed=False)
     valid, local, arg = _local_buffers(qvalid, pos, qbt, A, L, with_arg=False)
     out, empty = packed.new_empty(A, B), packed.new_empty(0, 0)
     _flash_call(k, packed, offs, qbt, gr, nvalid, scale, empty, empty, valid, n, per_tile, local, arg,
-                weight.to(packed.dtype).contiguous(), out)
+                weight.to(packed.dtype).contiguous(), out, anorm, qnorm)
     return out, (local if qvalid is not None else None)
 
 
@@ -362,10 +366,10 @@ def _needs_grad(*xs: torch.Tensor) -> bool:
 class _Flash(torch.autograd.Function):
     @staticmethod
     def forward(ctx, abands, qbands, gram, amask, weight, scale, qvalid):
-        out, layout, cos, norm, local, arg = _flash_forward(abands, qbands, gram, amask, weight, scale, qvalid)
+        out, saved, per_tile, cos, norm, local, arg = _flash_forward(abands, qbands, gram, amask, weight, scale, qvalid)
         if any(ctx.needs_input_grad[:3]):
-            ctx.save_for_backward(*layout[:-1], cos, norm, weight, arg)
-            ctx.scale, ctx.per_tile = scale, layout[-1]
+            ctx.save_for_backward(*saved, cos, norm, weight, arg)
+            ctx.scale, ctx.per_tile = scale, per_tile
         ctx.mark_non_differentiable(arg)
         return out, local
 
@@ -374,7 +378,7 @@ class _Flash(torch.autograd.Function):
         import numba
 
         from . import fused_flash as k
-        ab, gr, qb, qbt, idx, nvalid, pos, packed, offs, cos, norm, weight, arg = ctx.saved_tensors
+        ab, gr, qb, qbt, idx, nvalid, pos, packed, offs, anorm, qnorm, cos, norm, weight, arg = ctx.saved_tensors
         G, A, L, P2 = ab.shape
         T, QB = qb.shape[1], qb.shape[2]
         g = (grad[..., None] * weight).flatten(1)  # dL/dcos per (a, q)
@@ -393,7 +397,7 @@ class _Flash(torch.autograd.Function):
             k.backward(packed.numpy(), offs.numpy(), cstart.numpy(), qbt.numpy(), qb.numpy(),
                        gr.numpy(), nvalid.long().numpy(), _scalar(ctx.scale, ab), u.numpy(), w.numpy(), d_packed.numpy(),
                        d_qb.numpy(), d_gram.numpy(), ab.dtype == torch.float32, glocal.numpy(), arg.numpy(),
-                       weight.shape[1], ctx.per_tile, FLASH_AB)
+                       weight.shape[1], ctx.per_tile, FLASH_AB, anorm.numpy(), qnorm.numpy())
         if packed.shape[1] == A * L:  # every position valid: the stacked rows are ab's own
             d_ab = d_packed.view(G, A, L, P2)
         else:

@@ -75,25 +75,37 @@ def _exp2_32(y):
 
 
 @njit(inline="always", fastmath=True)
-def _softmax_rows(rt, nv, n, scale, out, mx, s, fast):
-    """out[k, :n] = softmax over k < nv of scale * rt[k, :n]. fast (float32): exp as `_exp2_32`, as the forward
-    (`_band_terms`) takes it."""
-    for q in range(n):
-        mx[q] = -np.inf
-    for k in range(nv):
-        row = rt[k]
-        for q in range(n):
-            mx[q] = _fmax(mx[q], row[q])
+def _exp_rows(rt, nv, n, scale, out, mx, s, fast, free, one):
+    """The softmax over k < nv of scale * rt[k, :n], left unnormalised: out[k] = exp(scale (rt[k] - m)) and
+    s = 1 / sum_k out[k], m the largest over k, or 0 where `free` (see `forward`). fast (float32): exp as
+    `_exp2_32`, as the forward (`_band_terms`) takes it."""
+    c = scale * LOG2E
     for q in range(n):
         s[q] = 0
-    c = scale * LOG2E
-    if fast:
+    if not free:
         for q in range(n):
-            mx[q] *= c
+            mx[q] = -np.inf
+        for k in range(nv):
+            row = rt[k]
+            for q in range(n):
+                mx[q] = _fmax(mx[q], row[q])
+        if fast:
+            for q in range(n):
+                mx[q] *= c
     for k in range(nv):
         row = rt[k]
         o = out[k]
-        if fast:
+        if free and fast:
+            for q in range(n):
+                e = _exp2_32(row[q] * c)
+                o[q] = e
+                s[q] += e
+        elif free:
+            for q in range(n):
+                e = np.exp(scale * row[q])
+                o[q] = e
+                s[q] += e
+        elif fast:
             for q in range(n):
                 e = _exp2_32(row[q] * c - mx[q])
                 o[q] = e
@@ -104,11 +116,7 @@ def _softmax_rows(rt, nv, n, scale, out, mx, s, fast):
                 o[q] = e
                 s[q] += e
     for q in range(n):
-        s[q] = 1.0 / s[q]
-    for k in range(nv):
-        o = out[k]
-        for q in range(n):
-            o[q] *= s[q]
+        s[q] = one / s[q]
 
 
 @njit(inline="always", fastmath=True)
@@ -166,35 +174,63 @@ def _quadratic(gm, e, nv, n, dd):
 
 
 @njit(inline="always", fastmath=True)
-def _band_terms(rt, base, nv, n, scale, gm, e, mx, s, ne, dd, u, v, fast, cs):
+def _band_terms(rt, base, nv, n, scale, gm, e, mx, s, ne, dd, u, v, fast, cs, free, one):
     """One anchor's rows rt[base:base + nv] (its band shares rho, nv x n) of one band: u += sum_k alpha_k rho_k
     and v += alpha^T gm alpha for alpha = softmax over k of scale * rho. The softmax stays unnormalised
     (e = exp, s = sum e) until the end, u += (e . rho) / s and v += (e^T gm e) / s^2, which saves a pass over
     the tile; e^T gm e as `_quadratic`. fast (float32): exp as `_exp2_32`. cs (rows like rt, or empty): the
-    running sum over bands of rho (the local score's cosines), added in the pass that takes the softmax's
-    maximum (one read of the tile for both)."""
-    for q in range(n):
-        mx[q] = -np.inf
-    for k in range(nv):
-        r = rt[base + k]
-        if cs.shape[0] > 0:
-            c = cs[base + k]
+    running sum over bands of rho (the local score's cosines). free (see `forward`): exp(scale rho) needs no
+    shift by the largest rho, and the pass that finds it is skipped (cs is then added in the exponential's
+    pass; otherwise in the maximum's: one read of the tile for both either way). one: 1 in rt's dtype (a
+    literal 1 would make the division float64)."""
+    want = cs.shape[0] > 0
+    c = scale * LOG2E
+    if not free:
+        for q in range(n):
+            mx[q] = -np.inf
+        for k in range(nv):
+            r = rt[base + k]
+            if want:
+                cc = cs[base + k]
+                for q in range(n):
+                    mx[q] = _fmax(mx[q], r[q])
+                    cc[q] += r[q]
+            else:
+                for q in range(n):
+                    mx[q] = _fmax(mx[q], r[q])
+        if fast:
             for q in range(n):
-                mx[q] = _fmax(mx[q], r[q])
-                c[q] += r[q]
-        else:
-            for q in range(n):
-                mx[q] = _fmax(mx[q], r[q])
+                mx[q] *= c
     for q in range(n):
         s[q] = 0
         ne[q] = 0
-    c = scale * LOG2E
-    if fast:
-        for q in range(n):
-            mx[q] *= c
     for k in range(nv):
         r, o = rt[base + k], e[k]
-        if fast:
+        if free and fast and want:
+            cc = cs[base + k]
+            for q in range(n):
+                x = _exp2_32(r[q] * c)
+                o[q] = x
+                s[q] += x
+                ne[q] += x * r[q]
+                cc[q] += r[q]
+        elif free and fast:
+            for q in range(n):
+                x = _exp2_32(r[q] * c)
+                o[q] = x
+                s[q] += x
+                ne[q] += x * r[q]
+        elif free:
+            for q in range(n):
+                x = np.exp(scale * r[q])
+                o[q] = x
+                s[q] += x
+                ne[q] += x * r[q]
+            if want:
+                cc = cs[base + k]
+                for q in range(n):
+                    cc[q] += r[q]
+        elif fast:
             for q in range(n):
                 x = _exp2_32(r[q] * c - mx[q])
                 o[q] = x
@@ -208,14 +244,37 @@ def _band_terms(rt, base, nv, n, scale, gm, e, mx, s, ne, dd, u, v, fast, cs):
                 ne[q] += x * r[q]
     _quadratic(gm, e, nv, n, dd)
     for q in range(n):
-        i = 1 / s[q]
+        i = one / s[q]
         u[q] += ne[q] * i
         v[q] += dd[q] * i * i
 
 
+# |scale rho| <= FREE_EXP: exp(scale rho) and its square stay normal float32 numbers (e^60 * L^2 < 3.4e38 for
+# L < 10^6 words; e^-60 > 1.2e-38) without the softmax's shift by its largest argument
+FREE_EXP = 30.0
+
+
+@njit(inline="always")
+def _consts(dtype):
+    """1, 0, 1e-12 and -inf in `dtype`: a Python literal would make float32 arithmetic float64 (numba types
+    float32 op float64 as float64), e.g. 1 / x in float64 with a scalar division."""
+    c = np.empty(4, dtype=dtype)
+    c[0], c[1], c[2], c[3] = 1.0, 0.0, 1e-12, -np.inf
+    return c[0], c[1], c[2], c[3]
+
+
+@njit(inline="always")
+def _bounded(anorm, qn, limit):
+    """Whether the largest of anorm (squared norms of a block's rows) times qn is at most limit."""
+    m = qn - qn
+    for i in range(anorm.shape[0]):
+        m = max(m, anorm[i])
+    return m * qn <= limit
+
+
 @njit(parallel=True, fastmath=True, cache=True)
 def forward(packed, offs, qbt, gram, nvalid, scale, num, n2, fast, qvalid, n_item, per_tile, local, arg, ablock, wts,
-            out):
+            out, anorm, qnorm):
     """num[a, q] = sum_g sum_k alpha_k rho_k and n2[a, q] = sum_g alpha^T Gamma alpha, one (block of
     `ablock` anchors, query tile) per task, rho_g of the tile computed in a private buffer. With out (A, B)
     not empty (scoring, nothing saved for a backward) the kernel writes the scores instead, out[a, b] =
@@ -231,12 +290,21 @@ def forward(packed, offs, qbt, gram, nvalid, scale, num, n2, fast, qvalid, n_ite
     largest over item b's positions (n_item per item, tiles hold whole items) of word k's cosine,
     over the valid positions (qvalid != 0) or, where qvalid is all ones, TERAN's padding rule (a
     padded position's cosine is 0); arg[a, k, b] (empty: not wanted) = the first query position holding
-    that largest (for the backward)."""
+    that largest (for the backward).
+
+    anorm (G, R): the squared norm of each stacked anchor row in each band; qnorm (G, T): the largest squared
+    norm of a tile's query positions in each band (`query_tiles`). By Cauchy-Schwarz |rho| <= the product of
+    the norms, so where scale * sqrt(max anorm of the block * qnorm) <= FREE_EXP the softmax's exponentials
+    exp(scale rho) lie in [e^-FREE_EXP, e^FREE_EXP], their squares (in e^T Gamma e) too in float32's normal
+    range, and the softmax needs no shift by the largest rho: the pass that finds it is skipped for that
+    (block, tile, band). The result is the same softmax (up to rounding)."""
     G, P2 = packed.shape[0], packed.shape[2]
     A, L = gram.shape[1], gram.shape[2]
     T, QB = qbt.shape[1], qbt.shape[3]
     want_local, want_arg, want_out = local.shape[0] > 0, arg.shape[0] > 0, out.shape[0] > 0
     NB = (A + ablock - 1) // ablock
+    one, zero, tiny, ninf = _consts(packed.dtype)
+    limit = (FREE_EXP / scale) ** 2  # bound^2 below which a band's softmax needs no shift
     for task in prange(NB * T):
         blk, t = task // T, task % T
         a0, a1 = blk * ablock, min(A, blk * ablock + ablock)
@@ -254,11 +322,12 @@ def forward(packed, offs, qbt, gram, nvalid, scale, num, n2, fast, qvalid, n_ite
         for g in range(G):
             if r1 > r0:
                 np.dot(packed[g, r0:r1], qbt[g, t], rt[:r1 - r0])
+            free = _bounded(anorm[g, r0:r1], qnorm[g, t], limit)
             for a in range(a0, a1):
                 nv, base = nvalid[a], offs[a] - r0
                 if nv > 0:
                     _band_terms(rt, base, nv, QB, scale, gram[g, a], e, mx, s, ne, dd, nu[a - a0], nn[a - a0],
-                                fast, cs)
+                                fast, cs, free, one)
         for a in range(a0, a1):
             nv, base = nvalid[a], offs[a] - r0
             if want_out:
@@ -267,10 +336,10 @@ def forward(packed, offs, qbt, gram, nvalid, scale, num, n2, fast, qvalid, n_ite
                     item = t * per_tile + b
                     if item >= out.shape[1]:
                         break
-                    acc = 0.0
+                    acc = zero
                     for j in range(n_item):
                         q = b * n_item + j
-                        acc += wts[item, j] * (x[q] / np.sqrt(max(y[q], 1e-12)))
+                        acc += wts[item, j] * (x[q] / np.sqrt(max(y[q], tiny)))
                     out[a, item] = acc
             else:
                 for q in range(QB):
@@ -282,11 +351,11 @@ def forward(packed, offs, qbt, gram, nvalid, scale, num, n2, fast, qvalid, n_ite
                     if item >= local.shape[2]:
                         break
                     for k in range(L):
-                        best, at = -np.inf, -1
+                        best, at = ninf, -1
                         if k < nv:
                             c, qv = cs[base + k, b * n_item:(b + 1) * n_item], qvalid[q0 + b * n_item:]
                             for j in range(n_item):  # a max reduction without a branch: vectorises
-                                best = max(best, c[j] if qv[j] != 0 else -np.inf)
+                                best = max(best, c[j] if qv[j] != 0 else ninf)
                             if want_arg:  # the first valid position holding it
                                 for j in range(n_item):
                                     if qv[j] != 0 and c[j] == best:
@@ -319,9 +388,44 @@ def _matvec_rows(gm, al, nv, n, out):
             j += 1
 
 
+@njit(inline="always", fastmath=True)
+def _outer_sym(x, y, nv, n, d, zero):
+    """d[k, j] += sum over q of x[k, q] y[j, q] for j <= k < nv, mirrored to d[j, k] (x is y scaled per position,
+    so the sums are symmetric): two rows of each side per pass over q, four float32 sums (an accumulator
+    started at Python's 0.0 summed in float64: 3.5x slower for these 12 x 12 x 144)."""
+    for k in range(0, nv, 2):
+        k2 = k + 1 < nv
+        xa, xb = x[k], x[k + 1 if k2 else k]
+        for j in range(0, k + 1, 2):
+            ya, yb = y[j], y[j + 1 if j + 1 < nv else j]
+            s00, s01, s10, s11 = zero, zero, zero, zero
+            for q in range(n):
+                a0, a1, b0, b1 = xa[q], xb[q], ya[q], yb[q]
+                s00 += a0 * b0
+                s01 += a0 * b1
+                s10 += a1 * b0
+                s11 += a1 * b1
+            if j < k:  # a block below the diagonal (j + 1 < k)
+                d[k, j] += s00
+                d[j, k] += s00
+                d[k, j + 1] += s01
+                d[j + 1, k] += s01
+                if k2:
+                    d[k + 1, j] += s10
+                    d[j, k + 1] += s10
+                    d[k + 1, j + 1] += s11
+                    d[j + 1, k + 1] += s11
+            else:  # the diagonal block: (k, k), (k + 1, k) mirrored, (k + 1, k + 1)
+                d[k, k] += s00
+                if k2:
+                    d[k + 1, k] += s10
+                    d[k, k + 1] += s10
+                    d[k + 1, k + 1] += s11
+
+
 @njit(parallel=True, fastmath=True, cache=True)
 def backward(packed, offs, cstart, qbt, qb, gram, nvalid, scale, u, w, d_packed, d_qb, d_gram, fast, glocal,
-             arg, n_item, per_tile, ablock):
+             arg, n_item, per_tile, ablock, anorm, qnorm):
     """Given u = dL/dnum and w = dL/dn2 per (a, q): d_packed (G, R, P2) (the gradient of packed, row for
     row), d_gram (G, A, L, L) and d_qb (C, G, T, QB, P2), one partial sum per chunk of anchors (the caller
     adds the C chunks). packed holds the anchors' valid rows (anchor a's rows offs[a]:offs[a + 1]); chunk c
@@ -332,12 +436,16 @@ def backward(packed, offs, cstart, qbt, qb, gram, nvalid, scale, u, w, d_packed,
     alpha_j c_j)), d_gram = sum_q w alpha alpha^T, d_ab = d_rho @ qb, d_qb = d_rho^T @ ab (one GEMM per block
     too, summing over its anchors). Positions past nvalid get zero gradients. glocal (A, L, B) (empty: none): the
     gradient of `forward`'s local maxima; each band's share adds up to the cosine, so it reaches every
-    band's d_rho at the position arg[a, k, b] of the maximum."""
+    band's d_rho at the position arg[a, k, b] of the maximum. The softmax stays unnormalised as in `forward`
+    (e and 1 / sum e = i per position; beta' = Gamma e): c_k = u rho_k + 2 w i beta'_k, d_rho_k = e_k i (u +
+    scale (c_k - i sum_j e_j c_j)) and d_gram = sum_q w i^2 e e^T; anorm, qnorm: as in `forward`."""
     G, P2 = packed.shape[0], packed.shape[2]
     L = gram.shape[2]
     T, QB = qbt.shape[1], qbt.shape[3]
     C = d_qb.shape[0]
     want_local = glocal.shape[0] > 0
+    one, zero = _consts(packed.dtype)[:2]
+    limit = (FREE_EXP / scale) ** 2
     for c in prange(C):
         rt = np.empty((ablock * L, QB), dtype=packed.dtype)
         drt = np.empty((ablock * L, QB), dtype=packed.dtype)
@@ -352,6 +460,7 @@ def backward(packed, offs, cstart, qbt, qb, gram, nvalid, scale, u, w, d_packed,
         mx = np.empty(QB, dtype=packed.dtype)
         s = np.empty(QB, dtype=packed.dtype)
         tot = np.empty(QB, dtype=packed.dtype)
+        wi = np.empty(QB, dtype=packed.dtype)
         d_qb[c] = 0.0
         for p0 in range(cstart[c], cstart[c + 1], ablock):
             p1 = min(p0 + ablock, cstart[c + 1])
@@ -368,43 +477,41 @@ def backward(packed, offs, cstart, qbt, qb, gram, nvalid, scale, u, w, d_packed,
                 for g in range(G):
                     if r1 > r0:
                         np.dot(packed[g, r0:r1], qbt[g, t], rt[:r1 - r0])
+                    free = _bounded(anorm[g, r0:r1], qnorm[g, t], limit)
                     for i in range(p0, p1):
                         a, base = i, offs[i] - r0
                         nv = nvalid[a]
                         rows = rt[base:base + nv]
-                        for q in range(QB):
-                            uq[q] = u[a, q0 + q]
-                            w2[q] = w[a, q0 + q] + w[a, q0 + q]
-                        _softmax_rows(rows, nv, QB, scale, al, mx, s, fast)
+                        _exp_rows(rows, nv, QB, scale, al, mx, s, fast, free, one)  # al = e, s = 1 / sum e
                         o = ((i - p0) * G + g) * L * L
-                        _matvec_rows(gm[o:o + nv * nv].reshape((nv, nv)), al, nv, QB, cc)  # beta = Gamma alpha
+                        _matvec_rows(gm[o:o + nv * nv].reshape((nv, nv)), al, nv, QB, cc)  # beta' = Gamma e
                         for q in range(QB):
-                            tot[q] = 0.0
+                            iq, wq = s[q], w[a, q0 + q]
+                            uq[q] = u[a, q0 + q]
+                            w2[q] = (wq + wq) * iq
+                            wi[q] = wq * iq * iq
+                            tot[q] = 0
                         for k in range(nv):
                             ck, x, r, wk = cc[k], al[k], rows[k], wal[k]
                             for q in range(QB):
                                 v = uq[q] * r[q] + w2[q] * ck[q]  # c_k
                                 ck[q] = v
                                 tot[q] += x[q] * v
-                                wk[q] = w[a, q0 + q] * x[q]
+                                wk[q] = wi[q] * x[q]
+                        for q in range(QB):  # d_rho_k = e_k (tot + w2 c_k)
+                            iq = s[q]
+                            tot[q] = iq * (uq[q] - scale * iq * tot[q])
+                            w2[q] = scale * iq
                         for k in range(nv):
                             ck, x, dk = cc[k], al[k], drt[base + k]
                             for q in range(QB):
-                                dk[q] = x[q] * (uq[q] + scale * (ck[q] - tot[q]))
+                                dk[q] = x[q] * (tot[q] + w2[q] * ck[q])
                             if want_local:
                                 for b in range(per_tile):
                                     item = t * per_tile + b
                                     if item < glocal.shape[2] and arg[a, k, item] >= 0:
                                         dk[arg[a, k, item] - q0] += glocal[a, k, item]
-                        for k in range(nv):  # d_gram = sum_q w alpha alpha^T, symmetric
-                            wk = wal[k]
-                            for j in range(k + 1):
-                                x, acc = al[j], 0.0
-                                for q in range(QB):
-                                    acc += wk[q] * x[q]
-                                d_gram[g, a, k, j] += acc
-                                if j < k:
-                                    d_gram[g, a, j, k] += acc
+                        _outer_sym(wal, al, nv, QB, d_gram[g, a], zero)  # d_gram = sum_q w i^2 e e^T
                     if r1 > r0:
                         np.dot(drt[:r1 - r0].T, packed[g, r0:r1], tqb)  # d_qb = d_rho^T @ ab, the block at once
                         for q in range(QB):
@@ -417,13 +524,15 @@ def backward(packed, offs, cstart, qbt, qb, gram, nvalid, scale, u, w, d_packed,
 
 
 @njit(parallel=True, cache=True)
-def query_tiles(qbands, items, qbt):
+def query_tiles(qbands, items, qbt, qnorm):
     """qbt (G, T, P2, QB)[g, t, :, :n] = the transpose of tile t's n <= items positions of qbands (G, Q, P2),
-    zero past them: the GEMMs' right-hand operands. A loop of its own because torch's strided copy with
+    zero past them: the GEMMs' right-hand operands; qnorm (G, T) = the largest squared norm of tile t's positions
+    in band g (`forward`'s bound). A loop of its own because torch's strided copy with
     the transpose ran at ~3 GB/s, a tenth of the kernel's time in all-pairs scoring; each (band, tile)
     here fits L1."""
     G, Q, P2 = qbands.shape
     T, QB = qbt.shape[1], qbt.shape[3]
+    zero = _consts(qbands.dtype)[1]
     for task in prange(G * T):
         g, t = task // T, task % T
         q0 = t * items
@@ -433,6 +542,14 @@ def query_tiles(qbands, items, qbt):
             row = src[q0 + j]
             for p in range(P2):
                 dst[p, j] = row[p]
+        sq = np.zeros(n, dtype=qbt.dtype)  # the squared norms, summed across the copy's rows: vectorises
+        for p in range(P2):
+            for j in range(n):
+                sq[j] += dst[p, j] * dst[p, j]
+        big = zero
+        for j in range(n):
+            big = max(big, sq[j])
+        qnorm[g, t] = big
         for p in range(P2):
             for j in range(n, QB):
                 dst[p, j] = 0

@@ -359,6 +359,36 @@ def test_flash_equals_the_fused_contract_on_rho(B, n, A):
     assert (g_got[2][~valid] == 0).all() and (g_got[0][:, ~amask] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_flash_softmax_skips_its_shift_only_where_rho_is_bounded(dtype):
+    """The kernels leave out the softmax's shift by its largest argument for a (block, tile, band) whose
+    Cauchy-Schwarz bound scale |ab| |qb| is at most FREE_EXP. Three bands on both sides of that bound (one far
+    past it, where exp(scale rho) overflows float32 without the shift) give the contract's values and
+    gradients, float32 within float32 tolerance."""
+    from hosa_lib import fused_flash
+    ab, qb, amask, weight = _flash_inputs(11, G=3, A=2 * fused.FLASH_AB + 3, L=7, B=5, n=40, P2=6)
+    size = torch.tensor([0.1, 1.0, 6.0], dtype=ab.dtype)  # per band
+    ab, qb, scale = ab * size[:, None, None, None], qb * size[:, None, None], 8.0
+    bound = scale * ab.norm(dim=-1).flatten(1).amax(1) * qb.norm(dim=-1).amax(1)
+    assert bound[0] < fused_flash.FREE_EXP < bound[1] and bound[2] > 88  # e^88 > float32's largest
+    gram = ab @ ab.transpose(-1, -2)
+    xs = [t.to(dtype).requires_grad_(True) for t in (ab, qb, gram)]
+    got = fused.reconstruct_flash(*xs, amask, weight.to(dtype), scale)
+    refs = [t.clone().requires_grad_(True) for t in (ab, qb, gram)]
+    ref = _contract_scores(*refs, amask, scale, weight)
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol)
+    up = torch.randn(got.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    g_got = torch.autograd.grad((got * up.to(dtype)).sum(), xs)
+    g_ref = torch.autograd.grad((ref * up).sum(), refs)
+    valid = (amask[:, :, None] & amask[:, None, :])[None].expand_as(gram)
+    for name, a, b in zip(("abands", "qbands", "gram"), g_got, g_ref):
+        if name == "gram":
+            a, b = a[valid], b[valid]
+        assert b.abs().sum() > 0 and torch.isfinite(a).all()
+        torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol * b.abs().max().item(), msg=name)
+
+
 def test_flash_without_any_padding_takes_the_arrays_as_they_are(monkeypatch):
     """Whole tiles (8 items of 36 positions: two tiles of 144, FLASH_QB) and every anchor position valid: the
     backward reads qbands itself as its tiles and the stacked gradient rows as d_abands (no gathers or
