@@ -7,7 +7,9 @@ through the alignment tensor expanded to pairs x regions x words); (c) our chunk
 (d) our chunked full HOSA score with each kernel (torch: eager; numba: the fused kernel after the
 band-share GEMM; flash: band shares per tile, never whole); (e) one training step (forward + backward
 of the loss on a B x B batch) with MrSw only and with full HOSA; (f) where numba's time goes. Times
-are medians of 3 calls (--repeat N for more). Ratios are printed last.
+are medians of 3 calls (--repeat N for more). Ratios are printed last: those of the table's medians, then
+the paired ratios, the median of --pairs (7) back-to-back timings of MrSw and HOSA, which a machine whose
+speed swings over seconds disturbs far less.
 """
 from __future__ import annotations
 
@@ -58,6 +60,21 @@ def timed(fn, repeat=None):
         fn()
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2], mem.peak / 2**20
+
+
+def paired_ratios(base, other, rounds: int) -> list[float]:
+    """other's time / base's time, each round timing the two back to back (in alternating order, so a steady
+    drift favours neither): sorted. On a shared machine whose speed swings by tens of percent over seconds, the
+    ratio of two medians taken a minute apart swings as much; back-to-back pairs see the same speed."""
+    out = []
+    for r in range(rounds):
+        t = {}
+        for name, fn in ((("b", base), ("o", other)) if r % 2 == 0 else (("o", other), ("b", base))):
+            t0 = time.perf_counter()
+            fn()
+            t[name] = time.perf_counter() - t0
+        out.append(t["o"] / t["b"])
+    return sorted(out)
 
 
 def peak_in_fresh_process(expr: str, args) -> float:
@@ -155,6 +172,7 @@ def main():
     ap.add_argument("--no-tune", action="store_true", help="keep glibc's default allocator settings")
     ap.add_argument("--repeat", type=int, default=REPEAT, help="timed calls per variant, their median reported "
                     "(more on a machine whose speed swings)")
+    ap.add_argument("--pairs", type=int, default=7, help="back-to-back (MrSw, HOSA) timings for the paired ratios")
     args = ap.parse_args()
     REPEAT = args.repeat
     tuned = False if args.no_tune else tune_cpu_allocator()
@@ -193,6 +211,10 @@ def main():
         t, _ = timed(lambda: step(cfg))
         res[f"(e2) train step HOSA G={args.bands} {k}"] = (t, step_flops / t / 1e9, peak_in_fresh_process(
             f"b.train_step(bi, bc, ScoringConfig(bands={args.bands}, kernel='{k}'), {b})", args))
+    paired = {k: (paired_ratios(lambda: score_all_pairs(img, cap, mrsw_cfg), lambda: score_all_pairs(img, cap, cfg),
+                                args.pairs),
+                  paired_ratios(lambda: step(override(mrsw_cfg, {"w_global": 1.0})), lambda: step(cfg), args.pairs))
+              for k, cfg in hosa.items()}
     phases(img, cap, bi, bc, args, res)
     print(f"{'variant':40s} {'time s':>9s} {'GFLOP/s*':>9s} {'peak MiB':>9s}")
     for k, (t, gf, m) in res.items():
@@ -208,6 +230,12 @@ def main():
         print(f"  (d) {k:6s} time / (c) time       = {d[0] / r['(c)'][0]:.2f}   (target <= 1.5)")
         print(f"  (e2) {k:6s} time / (e1) time     = {e2[0] / r['(e1'][0]:.2f}   (target <= 2.5)")
         print(f"  (d) {k:6s} peak memory          = {d[2]:.0f} MiB (target < 2048); (e2) {e2[2]:.0f} MiB")
+    print(f"paired ratios (median of {args.pairs} back-to-back pairs [smallest, largest]; steadier than the above "
+          "on a machine whose speed swings):")
+    for k, (sc, st) in paired.items():
+        mid = lambda r: r[len(r) // 2]
+        print(f"  (d)/(c)   {k:6s} scoring            = {mid(sc):.2f} [{sc[0]:.2f}, {sc[-1]:.2f}]   (target <= 1.5)")
+        print(f"  (e2)/(e1) {k:6s} training step      = {mid(st):.2f} [{st[0]:.2f}, {st[-1]:.2f}]   (target <= 2.5)")
 
 if __name__ == "__main__":
     main()
