@@ -77,8 +77,8 @@ def _exp2_32(y):
 @njit(inline="always", fastmath=True)
 def _exp_rows(rt, nv, n, scale, out, mx, s, fast, free, one):
     """The softmax over k < nv of scale * rt[k, :n], left unnormalised: out[k] = exp(scale (rt[k] - m)) and
-    s = 1 / sum_k out[k], m the largest over k, or 0 where `free` (see `forward`). fast (float32): exp as
-    `_exp2_32`, as the forward (`_band_terms`) takes it."""
+    s = 1 / sum_k out[k], m the largest over k, or 0 where `free` (float32 only; see `forward`). fast (float32):
+    exp as `_exp2_32`, as the forward (`_band_terms`) takes it."""
     c = scale * LOG2E
     for q in range(n):
         s[q] = 0
@@ -95,14 +95,9 @@ def _exp_rows(rt, nv, n, scale, out, mx, s, fast, free, one):
     for k in range(nv):
         row = rt[k]
         o = out[k]
-        if free and fast:
+        if free:
             for q in range(n):
                 e = _exp2_32(row[q] * c)
-                o[q] = e
-                s[q] += e
-        elif free:
-            for q in range(n):
-                e = np.exp(scale * row[q])
                 o[q] = e
                 s[q] += e
         elif fast:
@@ -179,8 +174,8 @@ def _band_terms(rt, base, nv, n, scale, gm, e, mx, s, ne, dd, u, v, fast, cs, fr
     and v += alpha^T gm alpha for alpha = softmax over k of scale * rho. The softmax stays unnormalised
     (e = exp, s = sum e) until the end, u += (e . rho) / s and v += (e^T gm e) / s^2, which saves a pass over
     the tile; e^T gm e as `_quadratic`. fast (float32): exp as `_exp2_32`. cs (rows like rt, or empty): the
-    running sum over bands of rho (the local score's cosines). free (see `forward`): exp(scale rho) needs no
-    shift by the largest rho, and the pass that finds it is skipped (cs is then added in the exponential's
+    running sum over bands of rho (the local score's cosines). free (float32 only; see `forward`): exp(scale
+    rho) needs no shift by the largest rho, and the pass that finds it is skipped (cs is then added in the exponential's
     pass; otherwise in the maximum's: one read of the tile for both either way). one: 1 in rt's dtype (a
     literal 1 would make the division float64)."""
     want = cs.shape[0] > 0
@@ -206,7 +201,7 @@ def _band_terms(rt, base, nv, n, scale, gm, e, mx, s, ne, dd, u, v, fast, cs, fr
         ne[q] = 0
     for k in range(nv):
         r, o = rt[base + k], e[k]
-        if free and fast and want:
+        if free and want:
             cc = cs[base + k]
             for q in range(n):
                 x = _exp2_32(r[q] * c)
@@ -214,22 +209,12 @@ def _band_terms(rt, base, nv, n, scale, gm, e, mx, s, ne, dd, u, v, fast, cs, fr
                 s[q] += x
                 ne[q] += x * r[q]
                 cc[q] += r[q]
-        elif free and fast:
+        elif free:
             for q in range(n):
                 x = _exp2_32(r[q] * c)
                 o[q] = x
                 s[q] += x
                 ne[q] += x * r[q]
-        elif free:
-            for q in range(n):
-                x = np.exp(scale * r[q])
-                o[q] = x
-                s[q] += x
-                ne[q] += x * r[q]
-            if want:
-                cc = cs[base + k]
-                for q in range(n):
-                    cc[q] += r[q]
         elif fast:
             for q in range(n):
                 x = _exp2_32(r[q] * c - mx[q])
@@ -297,7 +282,8 @@ def forward(packed, offs, qbt, gram, nvalid, scale, num, n2, fast, qvalid, n_ite
     the norms, so where scale * sqrt(max anorm of the block * qnorm) <= FREE_EXP the softmax's exponentials
     exp(scale rho) lie in [e^-FREE_EXP, e^FREE_EXP], their squares (in e^T Gamma e) too in float32's normal
     range, and the softmax needs no shift by the largest rho: the pass that finds it is skipped for that
-    (block, tile, band). The result is the same softmax (up to rounding)."""
+    (block, tile, band). The result is the same softmax (up to rounding). float32 only (`fast`): float64 inputs
+    (the tests' reference road) keep the shift, so the loops need no float64 copy."""
     G, P2 = packed.shape[0], packed.shape[2]
     A, L = gram.shape[1], gram.shape[2]
     T, QB = qbt.shape[1], qbt.shape[3]
@@ -322,7 +308,7 @@ def forward(packed, offs, qbt, gram, nvalid, scale, num, n2, fast, qvalid, n_ite
         for g in range(G):
             if r1 > r0:
                 np.dot(packed[g, r0:r1], qbt[g, t], rt[:r1 - r0])
-            free = _bounded(anorm[g, r0:r1], qnorm[g, t], limit)
+            free = fast and _bounded(anorm[g, r0:r1], qnorm[g, t], limit)
             for a in range(a0, a1):
                 nv, base = nvalid[a], offs[a] - r0
                 if nv > 0:
@@ -477,7 +463,7 @@ def backward(packed, offs, cstart, qbt, qb, gram, nvalid, scale, u, w, d_packed,
                 for g in range(G):
                     if r1 > r0:
                         np.dot(packed[g, r0:r1], qbt[g, t], rt[:r1 - r0])
-                    free = _bounded(anorm[g, r0:r1], qnorm[g, t], limit)
+                    free = fast and _bounded(anorm[g, r0:r1], qnorm[g, t], limit)
                     for i in range(p0, p1):
                         a, base = i, offs[i] - r0
                         nv = nvalid[a]

@@ -364,7 +364,7 @@ def test_flash_softmax_skips_its_shift_only_where_rho_is_bounded(dtype):
     """The kernels leave out the softmax's shift by its largest argument for a (block, tile, band) whose
     Cauchy-Schwarz bound scale |ab| |qb| is at most FREE_EXP. Three bands on both sides of that bound (one far
     past it, where exp(scale rho) overflows float32 without the shift) give the contract's values and
-    gradients, float32 within float32 tolerance."""
+    gradients, float32 within float32 tolerance (float64 keeps the shift everywhere: the same contract)."""
     from hosa_lib import fused_flash
     ab, qb, amask, weight = _flash_inputs(11, G=3, A=2 * fused.FLASH_AB + 3, L=7, B=5, n=40, P2=6)
     size = torch.tensor([0.1, 1.0, 6.0], dtype=ab.dtype)  # per band
