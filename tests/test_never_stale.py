@@ -29,7 +29,9 @@ def project_copy(smoke_project, tmp_path) -> tuple[Path, Path, dict]:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     copy = tmp_path / "project"
     shutil.copytree(root, copy, symlinks=True)
-    shutil.copytree(REPO / "hosa_lib", copy / "hosa_lib", ignore=shutil.ignore_patterns("__pycache__"))
+    # __pycache__ comes along: numba's cache there is keyed by each source file's digest, so the copy's
+    # unedited kernels load compiled (a minute of compiling saved) and an edited file compiles anew
+    shutil.copytree(REPO / "hosa_lib", copy / "hosa_lib")
     shutil.rmtree(copy / "notebooks")
     shutil.copytree(REPO / "notebooks", copy / "notebooks")
     run_dir = copy / "outputs" / Path(proc.stdout.strip().splitlines()[-1].split("report: ")[1]).parent.name
