@@ -37,6 +37,13 @@ from .config import find_params, load, project_root
 from .metrics import report_keys
 from .runs import PROGRESS_LOG, digest as _digest, portable_config, run_dir_for
 
+# papermill and nbconvert read notebooks through nbformat, which validates them with jsonschema; its format
+# checkers import `rfc3987_syntax` when installed (Jupyter's jsonschema[format-nongpl] extra installs it),
+# and that module compiles ~40 Lark grammars on import: 2 s of every pipeline command on 2 cores
+# (python-jsonschema/jsonschema#1428). No notebook schema uses the `iri` formats it checks, so this process
+# goes without it: None in sys.modules makes its import an ImportError, which jsonschema skips.
+sys.modules.setdefault("rfc3987_syntax", None)
+
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO / "notebooks"
 
