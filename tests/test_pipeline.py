@@ -126,6 +126,9 @@ def test_notebooks_run_as_jupyterlab_opens_them(smoke_project):
         client = NotebookClient(nb, kernel_name="python3", timeout=300,
                                 resources={"metadata": {"path": str(root / "notebooks")}})
         client.execute()  # raises CellExecutionError naming the cell on any error
+        kept = root / "executed_as_jupyterlab"  # each cell's start and end times in its metadata (nbclient's)
+        kept.mkdir(exist_ok=True)
+        nbformat.write(nb, kept / path.name)
         errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
         assert not errors, f"{path.name}: {errors}"
         last = "".join(o.get("text", "") for o in nb.cells[-1].outputs)
