@@ -194,10 +194,11 @@ def reconstruct(rho: torch.Tensor, gram: torch.Tensor, amask: torch.Tensor, weig
 FLASH_QB = 144  # query positions per tile (rounded down to whole query items): four items of 36 regions, no
                 # padding; an (L, 144) float32 tile of rho is 7 KiB at L = 12
 FLASH_LANES = 16  # tiles padded to a multiple of this many positions: one AVX-512 vector of float32 (two AVX2)
-FLASH_AB = 16  # anchors per block: their valid rows make one band-share GEMM (up to 192 x 144 floats at L = 12,
-               # 108 KiB, in L2). 144 / 16 against 128 / 8 (3 items of 36 padded to 112): scoring 14 % and a
-               # training step 9 % faster on Zen 3 (medians of 11 and 7 alternating runs), the GEMMs at 77-78
-               # GFLOP/s a core where 96 x 66 x 112 ran at 57-68
+FLASH_AB = 16  # the backward's anchors per block: their valid rows make one band-share GEMM (up to 192 x 144
+               # floats at L = 12, 108 KiB, in L2). 144 / 16 against 128 / 8 (3 items of 36 padded to 112): scoring
+               # 14 % and a training step 9 % faster on Zen 3 (medians of 11 and 7 alternating runs), the GEMMs at
+               # 77-78 GFLOP/s a core where 96 x 66 x 112 ran at 57-68
+FLASH_ROWS = 384  # the forward's stacked anchor rows per block, at most (`_anchor_blocks`)
 
 
 def _flash_anchors(abands, gram, amask):
@@ -284,13 +285,33 @@ def _flash_check(abands, qbands, gram):
                          f"{qbands.dtype} and {gram.dtype}; use kernel torch for other dtypes")
 
 
+def _anchor_blocks(offs: torch.Tensor, tiles: int, threads: int) -> torch.Tensor:
+    """The forward's blocks of anchors, as boundaries (nb + 1 anchor indices; offs: the stacked rows' offsets):
+    nb blocks of about the same number of rows, at most FLASH_ROWS where whole anchors allow, nb raised (up to
+    the number of anchors) until the nb x tiles tasks split evenly over the threads. numba's prange hands each
+    thread one contiguous range of tasks, so uneven work is waited for: with fixed blocks of 16 anchors, a
+    98-caption scoring chunk made 6 full blocks and one of 2, and one thread did 21 tasks' work while the
+    other did 15 (13 % of the kernel's time). Fewer, larger blocks also run the GEMM faster (384 x 66 x 144
+    against 192 x 66 x 144: ~5 % of the kernel at 2P = 66)."""
+    A, R = len(offs) - 1, int(offs[-1])
+    nb = min(max(1, A), max(1, -(-R // FLASH_ROWS)))
+    while (nb * tiles) % threads and nb < A:
+        nb += 1
+    bounds = torch.searchsorted(offs, R * torch.arange(nb + 1) // nb)
+    bounds[0], bounds[-1] = 0, A
+    return bounds
+
+
 def _flash_call(k, packed, offs, qbt, gr, nvalid, scale, num, n2, valid, n, per_tile, local, arg, weight, out,
                 anorm, qnorm):
+    import numba
+
     _threads()
+    blocks = _anchor_blocks(offs, qbt.shape[1], numba.get_num_threads())
     with _one_blas_thread():
         k.forward(packed.numpy(), offs.numpy(), qbt.numpy(), gr.numpy(), nvalid.numpy(), _scalar(scale, packed),
                   num.numpy(), n2.numpy(), packed.dtype == torch.float32, valid.numpy(), n, per_tile, local.numpy(),
-                  arg.numpy(), FLASH_AB, weight.numpy(), out.numpy(), anorm.numpy(), qnorm.numpy())
+                  arg.numpy(), blocks.numpy(), weight.numpy(), out.numpy(), anorm.numpy(), qnorm.numpy())
 
 
 def _local_buffers(qvalid, pos, qbt, A: int, L: int, with_arg: bool):

@@ -268,10 +268,10 @@ def _bounded(anorm, qn, limit):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def forward(packed, offs, qbt, gram, nvalid, scale, num, n2, fast, qvalid, n_item, per_tile, local, arg, ablock, wts,
+def forward(packed, offs, qbt, gram, nvalid, scale, num, n2, fast, qvalid, n_item, per_tile, local, arg, blocks, wts,
             out, anorm, qnorm):
     """num[a, q] = sum_g sum_k alpha_k rho_k and n2[a, q] = sum_g alpha^T Gamma alpha, one (block of
-    `ablock` anchors, query tile) per task, rho_g of the tile computed in a private buffer. With out (A, B)
+    anchors blocks[i]:blocks[i + 1], query tile) per task, rho_g of the tile computed in a private buffer. With out (A, B)
     not empty (scoring, nothing saved for a backward) the kernel writes the scores instead, out[a, b] =
     sum_j wts[b, j] num / sqrt(max(n2, 1e-12)) over item b's positions j, and num and n2 may be empty.
 
@@ -298,12 +298,12 @@ def forward(packed, offs, qbt, gram, nvalid, scale, num, n2, fast, qvalid, n_ite
     A, L = gram.shape[1], gram.shape[2]
     T, QB = qbt.shape[1], qbt.shape[3]
     want_local, want_arg, want_out = local.shape[0] > 0, arg.shape[0] > 0, out.shape[0] > 0
-    NB = (A + ablock - 1) // ablock
+    NB = blocks.shape[0] - 1
     one, zero, tiny, ninf = _consts(packed.dtype)
     limit = (FREE_EXP / scale) ** 2  # bound^2 below which a band's softmax needs no shift
     for task in prange(NB * T):
         blk, t = task // T, task % T
-        a0, a1 = blk * ablock, min(A, blk * ablock + ablock)
+        a0, a1 = blocks[blk], blocks[blk + 1]
         r0, r1 = offs[a0], offs[a1]
         q0 = t * QB
         rt = np.empty((max(r1 - r0, 1), QB), dtype=packed.dtype)

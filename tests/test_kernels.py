@@ -330,13 +330,15 @@ def _flash_inputs(seed, G=3, A=4, L=5, B=3, n=4, P2=6, dtype=torch.float64):
     return ab, qb, amask, weight
 
 
-# one query tile, and several (Q = 200 > FLASH_QB); 2 FLASH_AB + 3 anchors: three blocks of FLASH_AB, the last short
+# one query tile, and several (Q = 200 > FLASH_QB); 2 FLASH_AB + 3 anchors: three blocks of FLASH_AB in the backward,
+# the last short, and forward blocks of at most 12 rows
 @pytest.mark.parametrize("B,n,A", [(3, 4, 4), (5, 40, 4), (3, 4, 2 * fused.FLASH_AB + 3)])
-def test_flash_equals_the_fused_contract_on_rho(B, n, A):
+def test_flash_equals_the_fused_contract_on_rho(B, n, A, monkeypatch):
     """The flash kernel from the band features equals the contract evaluated on rho = ab @ qb^T by
     the eager definition, values and the gradients of all three inputs (float64, masked anchors with
     valid positions not first, padded query items; with more anchors than a block, blocks of uneven row
     counts split between threads, and an anchor without valid positions)."""
+    monkeypatch.setattr(fused, "FLASH_ROWS", 12)
     ab, qb, amask, weight = _flash_inputs(B * n, A=A, B=B, n=n)
     if A > fused.FLASH_AB:
         amask[A // 2] = False
@@ -483,9 +485,34 @@ def test_flash_blocks_of_anchors_compute_what_one_anchor_at_a_time_does(monkeypa
     run = lambda: _flash_local_and_grads(ab, qb, gram, amask, weight, 10.0, up)
     blocked = run()
     monkeypatch.setattr(fused, "FLASH_AB", 1)
+    monkeypatch.setattr(fused, "FLASH_ROWS", 1)
     for name, a, b in zip(("high", "local", "d_abands", "d_qbands", "d_gram"), blocked, run()):
         tol = 1e-5 * float(b.abs().max()) if name == "d_qbands" else 1e-6
         torch.testing.assert_close(a, b, rtol=1e-6, atol=tol, msg=name)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 4])
+def test_flash_forward_blocks_split_rows_evenly_over_whole_tasks(threads, monkeypatch):
+    """The forward's blocks of anchors (`_anchor_blocks`) cover every anchor once, in order, hold at most
+    FLASH_ROWS rows where whole anchors allow and about the same number each, and make a number of tasks
+    (blocks x tiles) that the threads split evenly wherever there are anchors enough: a 98-caption scoring
+    chunk in blocks of 16 anchors had left one thread 21 tasks' work and the other 15."""
+    monkeypatch.setattr(fused, "FLASH_ROWS", 40)
+    g = torch.Generator().manual_seed(threads)
+    for A, tiles in [(98, 6), (98, 1), (7, 1), (3, 5), (1, 1), (40, 3)]:
+        rows = torch.randint(0, 13, (A,), generator=g)
+        offs = torch.cat([torch.zeros(1, dtype=torch.int64), rows.cumsum(0)])
+        bounds = fused._anchor_blocks(offs, tiles, threads)
+        nb = len(bounds) - 1
+        assert bounds[0] == 0 and bounds[-1] == A and bool((bounds[1:] >= bounds[:-1]).all())
+        sizes = offs[bounds[1:]] - offs[bounds[:-1]]
+        assert int(sizes.sum()) == int(offs[-1])
+        if nb < A:  # otherwise one anchor per block already
+            assert (nb * tiles) % threads == 0, (A, tiles, threads, nb)
+            assert int(sizes.max()) <= max(40, int(offs[-1]) // nb) + 12  # a whole anchor past the even share at most
+        if A >= threads and nb == -(-int(offs[-1]) // 40) and nb > 1:  # not raised for the threads: <= FLASH_ROWS
+            assert int(sizes.max()) <= 40 + 12
+    assert fused._anchor_blocks(torch.zeros(1, dtype=torch.int64), 1, threads).tolist() == [0, 0]  # no anchors
 
 
 @pytest.mark.parametrize("valid_first", [False, True])
