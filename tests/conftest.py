@@ -10,6 +10,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+if "TRITON_INTERPRET" not in os.environ:  # no GPU: Triton's CPU interpreter, set before anything imports triton
+    import torch  # (@triton.jit reads it when a kernel is defined; transformers imports triton at its own import)
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
 
 
 @pytest.fixture(scope="session")

@@ -378,6 +378,7 @@ def test_learning_rate_schedule_is_terans():
             warm = min(1.0, (i + 2) / 50)  # LinearWarmup built (step 0 consumed), then one dampen per step
             assert f(i) == pytest.approx(step_lr.get_last_lr()[0] * warm), (epoch, i)
             i += 1
+        opt.step()  # TERAN's order (an optimizer step before the scheduler's; torch warns otherwise)
         step_lr.step()
     assert f(7 * spe) == pytest.approx(0.5 ** 2)  # decayed at epochs 3 and 6, not only once
 
