@@ -297,8 +297,14 @@ def _anchor_blocks(offs: torch.Tensor, tiles: int, threads: int) -> torch.Tensor
     nb = min(max(1, A), max(1, -(-R // FLASH_ROWS)))
     while (nb * tiles) % threads and nb < A:
         nb += 1
-    bounds = torch.searchsorted(offs, R * torch.arange(nb + 1) // nb)
-    bounds[0], bounds[-1] = 0, A
+    return _row_split(offs, nb)
+
+
+def _row_split(offs: torch.Tensor, parts: int) -> torch.Tensor:
+    """Boundaries (parts + 1 anchor indices) of `parts` runs of consecutive anchors with about the same number
+    of stacked rows each (offs: the rows' offsets, one more than the anchors)."""
+    bounds = torch.searchsorted(offs, offs[-1] * torch.arange(parts + 1) // parts)
+    bounds[0], bounds[-1] = 0, len(offs) - 1
     return bounds
 
 
@@ -418,9 +424,7 @@ class _Flash(torch.autograd.Function):
         glocal = ab.new_zeros(0, L, 0) if grad_local is None or arg.numel() == 0 else grad_local.contiguous()
         _threads()
         chunks = max(1, min(A, numba.get_num_threads()))
-        # chunk c owns the anchors cstart[c]:cstart[c + 1], consecutive, about the same number of rows each
-        cstart = torch.searchsorted(offs, offs[-1] * torch.arange(chunks + 1) // chunks)
-        cstart[0], cstart[-1] = 0, A
+        cstart = _row_split(offs, chunks)  # chunk c owns the anchors cstart[c]:cstart[c + 1]
         d_packed, d_gram = torch.empty_like(packed), torch.empty_like(gr)
         d_qb = ab.new_empty(chunks, G, T, QB, P2)
         with _one_blas_thread():

@@ -6,14 +6,12 @@ import os
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # must precede the kernels' import: @triton.jit reads it then
-    os.environ["TRITON_INTERPRET"] = "1"
-
-from hosa_lib import fused  # noqa: E402
-from hosa_lib.config import ScoringConfig, override  # noqa: E402
-from hosa_lib.reference import pair_scores_reference  # noqa: E402
-from hosa_lib.scoring import chunk_sizes, make_side, pair_scores, score_all_pairs  # noqa: E402
-from test_scoring import random_side  # noqa: E402
+# Without a GPU, conftest.py sets TRITON_INTERPRET=1 before anything imports triton (@triton.jit reads it then)
+from hosa_lib import fused
+from hosa_lib.config import ScoringConfig, override
+from hosa_lib.reference import pair_scores_reference
+from hosa_lib.scoring import chunk_sizes, make_side, pair_scores, score_all_pairs
+from test_scoring import random_side
 
 KERNELS = ["torch", "numba", "flash", pytest.param("triton", marks=pytest.mark.skipif(
     fused._unavailable("triton", torch.device("cuda" if torch.cuda.is_available() else "cpu")) is not None,
@@ -236,7 +234,7 @@ def test_triton_kernels_compile_ahead_of_time_within_h100_and_a100_limits(tmp_pa
     import sys
     from pathlib import Path
     repo = Path(__file__).resolve().parent.parent
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # this module set it for itself
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # conftest set it for the tests
     out = subprocess.run([sys.executable, str(repo / "benchmarks" / "triton_aot.py"), "--dtypes", "float32", "--json",
                           str(tmp_path / "aot.json")], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
