@@ -194,7 +194,7 @@ def reconstruct(rho: torch.Tensor, gram: torch.Tensor, amask: torch.Tensor, weig
 FLASH_QB = 144  # query positions per tile (rounded down to whole query items): four items of 36 regions, no
                 # padding; an (L, 144) float32 tile of rho is 7 KiB at L = 12
 FLASH_LANES = 16  # tiles padded to a multiple of this many positions: one AVX-512 vector of float32 (two AVX2)
-FLASH_AB = 16  # the backward's anchors per block: their valid rows make one band-share GEMM (up to 192 x 144
+FLASH_AB = 16  # training's anchors per block (forward and backward): their valid rows make one band-share GEMM (up to 192 x 144
                # floats at L = 12, 108 KiB, in L2). 144 / 16 against 128 / 8 (3 items of 36 padded to 112): scoring
                # 14 % and a training step 9 % faster on Zen 3 (medians of 11 and 7 alternating runs), the GEMMs at
                # 77-78 GFLOP/s a core where 96 x 66 x 112 ran at 57-68

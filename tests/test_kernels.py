@@ -348,6 +348,9 @@ def test_flash_equals_the_fused_contract_on_rho(B, n, A, monkeypatch):
     gram_ref = gram.detach().clone().requires_grad_(True)
     ref = _contract_scores(rho_ab, rho_qb, gram_ref, amask, 2.5, weight)
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+    with torch.no_grad():  # the scoring road: the forward's own blocks (`_anchor_blocks`, here of at most 12 rows)
+        torch.testing.assert_close(fused.reconstruct_flash(ab, qb, gram.detach(), amask, weight, 2.5), ref.detach(),
+                                   rtol=1e-10, atol=1e-10)
     up = torch.randn(got.shape, dtype=got.dtype, generator=torch.Generator().manual_seed(5))
     g_got = torch.autograd.grad((got * up).sum(), (*xs, gram))
     g_ref = torch.autograd.grad((ref * up).sum(), (rho_ab, rho_qb, gram_ref))
@@ -471,20 +474,29 @@ def _flash_local_and_grads(ab, qb, gram, amask, weight, scale, up):
     return (hi, lo, *torch.autograd.grad((hi * up).sum() + lo.sum(), xs))
 
 
+def _flash_scoring(ab, qb, gram, amask, weight, scale):
+    """flash_with_local's high-order and local scores without gradients (the scoring road's blocks)."""
+    with torch.no_grad():
+        return fused.flash_with_local(ab, qb, gram, amask, weight, scale, weight > 0, "sum")
+
+
 def test_flash_blocks_of_anchors_compute_what_one_anchor_at_a_time_does(monkeypatch):
-    """The forward and backward GEMMs run over blocks of FLASH_AB anchors' stacked rows: values and all
-    three gradients equal those of one anchor per block (float32, the demo's shapes: G 16, L 12, 2P 64).
+    """The forward and backward GEMMs run over blocks of anchors' stacked rows (training: FLASH_AB anchors;
+    scoring without gradients: `_anchor_blocks` of at most FLASH_ROWS rows): values and all three gradients
+    equal those of one anchor per block (float32, the demo's shapes: G 16, L 12, 2P 64).
     Values, local maxima and the anchors' gradients to float32 rounding (OpenBLAS computes a row alike
     whatever rows surround it); the query side's gradient sums the block's anchors inside one GEMM, in
     another order than anchor by anchor: to float32 summation error relative to its largest entry."""
     ab, qb, amask, weight = _flash_inputs(7, G=16, A=21, L=12, B=6, n=36, P2=64, dtype=torch.float32)
     gram = ab @ ab.transpose(-1, -2)
     up = torch.randn(21, 6, generator=torch.Generator().manual_seed(1))
-    run = lambda: _flash_local_and_grads(ab, qb, gram, amask, weight, 10.0, up)
+    run = lambda: (*_flash_local_and_grads(ab, qb, gram, amask, weight, 10.0, up),
+                   *_flash_scoring(ab, qb, gram, amask, weight, 10.0))
     blocked = run()
-    monkeypatch.setattr(fused, "FLASH_AB", 1)
-    monkeypatch.setattr(fused, "FLASH_ROWS", 1)
-    for name, a, b in zip(("high", "local", "d_abands", "d_qbands", "d_gram"), blocked, run()):
+    monkeypatch.setattr(fused, "FLASH_AB", 1)  # training's blocks
+    monkeypatch.setattr(fused, "FLASH_ROWS", 1)  # scoring's blocks
+    names = ("high", "local", "d_abands", "d_qbands", "d_gram", "scoring high", "scoring local")
+    for name, a, b in zip(names, blocked, run(), strict=True):
         tol = 1e-5 * float(b.abs().max()) if name == "d_qbands" else 1e-6
         torch.testing.assert_close(a, b, rtol=1e-6, atol=tol, msg=name)
 
