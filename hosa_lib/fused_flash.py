@@ -554,7 +554,7 @@ def query_tiles(qbands, items, qbt, qnorm):
 @njit(parallel=True, cache=True)
 def band_gather(spec, idx, w, out):
     """out (G, N, 2P)[g, i, 2p : 2p + 2] = the real and imaginary parts of spec[i, f] * w[f] for f = idx[g, p], zero
-    where idx[g, p] is the padding value F: `scoring.band_features` after its FFT, without gradients. spec
+    where idx[g, p] is the padding value F: `scoring.band_features` after its FFT (`fused.band_features`). spec
     (N, F, 2) is the FFT's output viewed as real pairs. One pass where torch's weighting, padding, complex
     gather and band-major copy took four (three quarters of band_features' time); the same products, so
     the same bits."""
@@ -572,3 +572,26 @@ def band_gather(spec, idx, w, out):
                 else:
                     o[2 * p] = 0
                     o[2 * p + 1] = 0
+
+
+@njit(parallel=True, cache=True)
+def band_scatter(g, idx, w, full):
+    """The adjoint of `band_gather` into the full-length spectrum: full (N, D, 2)[i, f] = g (G, N, 2P)[band of f, i,
+    its place 2p : 2p + 2] * w[f] for the F = w.shape[0] bins, zero for f >= F, all of them written (the bands
+    partition the bins). Then an inverse FFT of full gives the gradient of band_features' input, as torch's rfft
+    backward computes it (`fused.band_features`). The same products as torch's chain of backwards (view, gather,
+    pad, weight), so the same bits, in one pass where those took five."""
+    D, F = full.shape[1], w.shape[0]
+    G, P = idx.shape
+    for i in prange(full.shape[0]):
+        o = full[i]
+        for f in range(F, D):
+            o[f, 0] = 0
+            o[f, 1] = 0
+        for b in range(G):
+            row = g[b, i]
+            for p in range(P):
+                f = idx[b, p]
+                if f < F:
+                    o[f, 0] = row[2 * p] * w[f]
+                    o[f, 1] = row[2 * p + 1] * w[f]

@@ -108,19 +108,23 @@ def parseval_weights(d: int, device=None, dtype=torch.float32) -> torch.Tensor:
 
 
 def band_features(x: torch.Tensor, bands: int) -> torch.Tensor:
-    """x (..., n, d) real -> (G, ..., n, 2P) real, so that band dot products are rho(b). On CPU without
-    gradients the gather after the FFT runs in one numba pass (`fused.band_gather`, the same bits)."""
+    """x (..., n, d) real -> (G, ..., n, 2P) real, so that band dot products are rho(b). On CPU (float32/64)
+    the gather after the FFT and its backward run in numba (`fused.band_features`, the same bits as
+    `band_features_torch`, which runs elsewhere)."""
     d = x.shape[-1]
     idx = band_index_on(d, bands, x.device)
     weight = parseval_weights(d, x.device, x.dtype).sqrt()
-    spec = torch.fft.rfft(x, dim=-1)  # (..., n, F)
-    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not (
-            torch.is_grad_enabled() and x.requires_grad):
-        out = x.new_empty(len(idx), *x.shape[:-1], 2 * idx.shape[1])
-        if fused.band_gather(torch.view_as_real(spec).reshape(-1, spec.shape[-1], 2), idx, weight,
-                             out.view(len(idx), -1, out.shape[-1])):
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        out = fused.band_features(x, idx, weight)
+        if out is not None:
             return out
-    spec = spec * weight
+    return band_features_torch(x, idx, weight)
+
+
+def band_features_torch(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """band_features in torch operations (the GPU's path, and the reference of the numba one): idx and
+    weight from band_index and parseval_weights(...).sqrt()."""
+    spec = torch.fft.rfft(x, dim=-1) * weight  # (..., n, F)
     spec = torch.cat([spec, torch.zeros_like(spec[..., :1])], dim=-1)  # pad bin
     gathered = spec[..., idx]  # (..., n, G, P) complex
     feats = torch.view_as_real(gathered).flatten(-2)  # (..., n, G, 2P)

@@ -596,19 +596,39 @@ def test_flash_all_pairs_lays_out_each_caption_chunk_once(monkeypatch):
 
 @pytest.mark.parametrize("d,bands", [(1024, 16), (33, 3), (32, 17), (64, 1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_band_features_without_gradients_are_the_same_bits(d, bands, dtype, monkeypatch):
-    """Without gradients band_features gathers the FFT's bins in one numba pass: bit for bit the torch
-    path's features (which training takes, with gradients), for odd and even d, G = 1 and G = F."""
+def test_band_features_and_their_gradients_are_the_torch_paths_bits(d, bands, dtype, monkeypatch):
+    """On CPU band_features gathers the FFT's bins in one numba pass and scatters the gradient back in one
+    (`fused._BandFeatures`): bit for bit the torch path's features and input gradients (the GPU's path),
+    for odd and even d, G = 1 and G = F, with and without gradients, and for a strided input."""
     from hosa_lib import fused_flash, scoring
-    x = torch.randn(5, 7, d, dtype=dtype, generator=torch.Generator().manual_seed(d))
-    x = torch.nn.functional.normalize(x, dim=-1)
-    calls = _count_calls(monkeypatch, fused_flash, "band_gather")
+    g = torch.Generator().manual_seed(d)
+    x = torch.nn.functional.normalize(torch.randn(5, 7, d, dtype=dtype, generator=g), dim=-1)
+    idx, w = scoring.band_index(d, bands), scoring.parseval_weights(d, dtype=dtype).sqrt()
+    gathers = _count_calls(monkeypatch, fused_flash, "band_gather")
+    scatters = _count_calls(monkeypatch, fused_flash, "band_scatter")
     fast = scoring.band_features(x, bands)
-    assert calls  # the numba pass ran
-    with torch.enable_grad():
-        slow = scoring.band_features(x.clone().requires_grad_(True), bands)
-    assert len(calls) == 1 and slow.requires_grad
-    assert fast.shape == slow.shape and fast.is_contiguous() and torch.equal(fast, slow.detach())
+    assert len(gathers) == 1 and not scatters  # the numba pass ran
+    ref = scoring.band_features_torch(x, idx, w)
+    assert fast.shape == ref.shape and fast.is_contiguous() and torch.equal(fast, ref)
+    up = torch.randn(ref.shape, dtype=dtype, generator=g)  # the gradient arriving from above
+    for inp in (x, x.transpose(0, 1)):  # contiguous and strided
+        a, b = inp.detach().clone().requires_grad_(True), inp.detach().clone().requires_grad_(True)
+        got = scoring.band_features(a, bands)
+        want = scoring.band_features_torch(b, idx, w)
+        assert torch.equal(got.detach(), want.detach())
+        u = up if inp is x else up.transpose(1, 2)
+        got.backward(u)
+        want.backward(u)
+        assert torch.equal(a.grad, b.grad), (a.grad - b.grad).abs().max()
+    assert len(scatters) == 2
+    with torch.enable_grad():  # and with nothing to differentiate, no graph
+        assert not scoring.band_features(x, bands).requires_grad
+
+
+def test_band_features_gradcheck():
+    from hosa_lib import scoring
+    x = torch.randn(2, 3, 10, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v: scoring.band_features(v, 4), (x,))
 
 
 def test_flash_gradcheck():
