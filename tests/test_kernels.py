@@ -625,6 +625,19 @@ def test_band_features_and_their_gradients_are_the_torch_paths_bits(d, bands, dt
         assert not scoring.band_features(x, bands).requires_grad
 
 
+def test_band_features_without_numba_take_the_torch_path(monkeypatch):
+    from hosa_lib import fused_flash, scoring
+    x = torch.randn(3, 4, 20, generator=torch.Generator().manual_seed(1))
+    want = scoring.band_features(x, 3)
+    real = fused.importlib.import_module
+    monkeypatch.setattr(fused.importlib, "import_module",
+                        lambda n: (_ for _ in ()).throw(ImportError(n)) if n == "numba" else real(n))
+    gathers = _count_calls(monkeypatch, fused_flash, "band_gather")
+    got = scoring.band_features(x.clone().requires_grad_(True), 3)
+    assert not gathers and got.grad_fn is not None and "BandFeatures" not in type(got.grad_fn).__name__
+    assert torch.equal(got.detach(), want)
+
+
 def test_band_features_gradcheck():
     from hosa_lib import scoring
     x = torch.randn(2, 3, 10, dtype=torch.float64, requires_grad=True)
